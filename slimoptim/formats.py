@@ -1,0 +1,208 @@
+"""The numeric formats of slimoptim, as pure PyTorch functions.
+
+This module is the reference: the Triton kernels must reproduce its bits. Every
+function works on flat float32 tensors and uses only operations whose result is
+fixed by IEEE-754 (add, multiply, divide, sqrt, floor, integer bit tricks), so
+the same inputs give the same bits on any backend.
+
+Two formats live here:
+
+* Master-weight split. A float32 master ``w`` is stored as its round-to-nearest
+  low-precision value ``b`` (the bf16/fp16 parameter) plus a signed integer
+  ``code`` of ``n`` bits holding ``w - b`` in units of ``ulp(b) / 2**n``. Because
+  ``|w - b| <= ulp(b) / 2`` the code fits, and because the scale is a power of
+  two, both the split and the rebuild are exact float32 arithmetic.
+* Group-quantized 8-bit states. Each run of ``group_size`` values shares one
+  bf16 scale (rounded up, so normalised values never exceed 1). Momentum is
+  companded with a signed square root and rounded stochastically (so a decaying
+  state reaches zero as in float32); the second moment is stored as the fourth
+  root of ``sqrt(v)`` normalised by its group max, rounded to nearest.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Relative level below which a momentum code cannot resolve a value: the
+# smallest non-zero code of the signed-square-root code is (1/127)**2 of the
+# group scale. The second-moment denominator is floored at the same fraction of
+# its own group scale, which keeps every element's update bounded (NUMERICS.md).
+MOMENTUM_LEVELS = 127
+VARIANCE_LEVELS = 255
+DENOM_FLOOR = 1.0 / MOMENTUM_LEVELS**2
+
+# (mantissa bits, smallest normal unbiased exponent) of each low-precision dtype
+_LOW_PRECISION = {torch.bfloat16: (7, -126), torch.float16: (10, -14)}
+CODE_DTYPES = {8: torch.int8, 16: torch.int16}
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().view(torch.int32)
+
+
+def _float(bits: torch.Tensor) -> torch.Tensor:
+    return bits.view(torch.float32)
+
+
+def pow2(k: torch.Tensor) -> torch.Tensor:
+    """2**k as float32 for integer tensors k in [-126, 127], built from bits."""
+    return _float(((k + 127) << 23).to(torch.int32))
+
+
+def round_to_bf16(x: torch.Tensor) -> torch.Tensor:
+    """Round float32 to the nearest bf16 (ties to even); result kept in float32.
+
+    Done with integer arithmetic because Triton's CPU interpreter truncates
+    float32 -> bf16 casts; this way every backend gives the same bits.
+    """
+    u = _bits(x)
+    lsb = (u >> 16) & 1
+    rounded = (u + 0x7FFF + lsb) & -65536
+    return torch.where(torch.isnan(x), x, _float(rounded))
+
+
+def round_to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round float32 ``x`` to nearest ``dtype`` value, returned as float32."""
+    if dtype == torch.bfloat16:
+        return round_to_bf16(x)
+    if dtype == torch.float16:
+        return x.to(torch.float16).float()
+    return x
+
+
+def _code_shift(b: torch.Tensor, dtype: torch.dtype, code_bits: int) -> torch.Tensor:
+    """The power of two s such that (w - b) * 2**s spans [-2**(n-1), 2**(n-1)]."""
+    mantissa, min_exp = _LOW_PRECISION[dtype]
+    exponent = ((_bits(b) >> 23) & 0xFF) - 127
+    exponent = torch.clamp(exponent, min=min_exp)  # zero and subnormals
+    return code_bits + mantissa - exponent
+
+
+def _scale_by_pow2(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+    # shift may reach +-150, beyond one float32 power of two: apply it in halves.
+    half = shift >> 1
+    return x * pow2(half) * pow2(shift - half)
+
+
+def split_master(w: torch.Tensor, dtype: torch.dtype, code_bits: int):
+    """Split float32 master ``w`` into (low-precision value as float32, int code)."""
+    b = round_to_dtype(w, dtype)
+    scaled = _scale_by_pow2(w - b, _code_shift(b, dtype, code_bits))
+    limit = 2 ** (code_bits - 1)
+    code = torch.clamp(torch.floor(scaled + 0.5), -limit, limit - 1)
+    code = torch.where(torch.isfinite(scaled), code, torch.zeros_like(code))
+    return b, code.to(CODE_DTYPES[code_bits])
+
+
+def join_master(b: torch.Tensor, code: torch.Tensor, dtype: torch.dtype, code_bits: int):
+    """Rebuild the float32 master from the low-precision value ``b`` (float32) and its code."""
+    shift = _code_shift(b, dtype, code_bits)
+    return b + _scale_by_pow2(code.float(), -shift)
+
+
+# ---------------------------------------------------------------- group scales
+
+
+def num_groups(numel: int, group_size: int) -> int:
+    return (numel + group_size - 1) // group_size
+
+
+def group_view(x: torch.Tensor, group_size: int, fill: float = 0.0) -> torch.Tensor:
+    """(groups, group_size) view of flat ``x``, the partial last group padded with ``fill``."""
+    pad = (-x.numel()) % group_size
+    if pad:
+        x = torch.cat([x, x.new_full((pad,), fill)])
+    return x.view(-1, group_size)
+
+
+def per_element(group_values: torch.Tensor, group_size: int, numel: int) -> torch.Tensor:
+    """Broadcast one value per group back to the ``numel`` elements."""
+    return group_values.repeat_interleave(group_size)[:numel]
+
+
+def round_up_to_bf16(x: torch.Tensor) -> torch.Tensor:
+    """Smallest bf16 value >= x for finite x >= 0, capped at the largest finite bf16."""
+    u = _bits(x)
+    rounded = torch.clamp((u + 0xFFFF) & -65536, max=0x7F7F0000)
+    return _float(rounded)
+
+
+def group_scale(magnitude: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per-group bf16 scale (as float32) >= the group's largest ``magnitude``."""
+    return round_up_to_bf16(group_view(magnitude, group_size).amax(dim=1))
+
+
+def _safe_divide(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return torch.where(scale > 0, x / torch.where(scale > 0, scale, 1.0), 0.0)
+
+
+# ----------------------------------------------------------- stochastic dither
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    # Integer hash on 32-bit values held in int64. Multipliers stay below 2**31
+    # so products fit in int64 exactly; Triton uses uint32 and gets the same bits.
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x1B873593) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+def dither(numel: int, step: torch.Tensor, device=None) -> torch.Tensor:
+    """Uniform [0, 1) float32 per element, a fixed function of (element index, step)."""
+    index = torch.arange(numel, device=device, dtype=torch.int64)
+    key = _mix32((step.to(torch.int64) * 0x9E3779B1) & 0xFFFFFFFF)
+    h = _mix32(index ^ key)
+    return (h >> 8).to(torch.float32) * (1.0 / 16777216.0)
+
+
+# ------------------------------------------------------------ momentum (signed)
+
+
+def quantize_momentum(m: torch.Tensor, group_size: int, noise: torch.Tensor):
+    """Signed 8-bit code of ``m``: sign(x) * sqrt(|x|) for x = m / group scale.
+
+    ``noise`` (uniform [0, 1), see :func:`dither`) makes the rounding stochastic
+    and unbiased, so a state that decays by beta each step reaches zero.
+    """
+    scale = group_scale(m.abs(), group_size)
+    x = _safe_divide(m, per_element(scale, group_size, m.numel()))
+    y = torch.sqrt(x.abs()) * MOMENTUM_LEVELS
+    y = torch.where(x < 0, -y, y)
+    code = torch.clamp(torch.floor(y + noise), -MOMENTUM_LEVELS, MOMENTUM_LEVELS)
+    return code.to(torch.int8), scale.to(torch.bfloat16)
+
+
+def dequantize_momentum(code: torch.Tensor, scale: torch.Tensor, group_size: int):
+    y = code.float() / MOMENTUM_LEVELS
+    return y * y.abs() * per_element(scale.float(), group_size, code.numel())
+
+
+# --------------------------------------------------------- variance (non-neg.)
+
+
+def quantize_variance(v: torch.Tensor, group_size: int):
+    """Unsigned 8-bit code of ``v`` >= 0: t = (sqrt(v) / group max) ** (1/4), 255 levels.
+
+    Storing a root of sqrt(v) spends codes on the small values where a linear
+    code would decode to zero; the fourth root resolves 1e-4 of the group max
+    to ~4% and 1.0 to 0.4%.
+    """
+    root = torch.sqrt(v)
+    scale = group_scale(root, group_size)
+    t = torch.sqrt(torch.sqrt(_safe_divide(root, per_element(scale, group_size, v.numel()))))
+    code = torch.clamp(torch.floor(t * VARIANCE_LEVELS + 0.5), 0, VARIANCE_LEVELS)
+    return code.to(torch.uint8), scale.to(torch.bfloat16)
+
+
+def dequantize_variance(code: torch.Tensor, scale: torch.Tensor, group_size: int):
+    t = code.float() / VARIANCE_LEVELS
+    t2 = t * t
+    root = t2 * t2 * per_element(scale.float(), group_size, code.numel())
+    return root * root
+
+
+def variance_floor(scale: torch.Tensor, group_size: int, numel: int) -> torch.Tensor:
+    """Per-element floor for sqrt(v) in the update denominator (see DENOM_FLOOR)."""
+    return per_element(scale.float(), group_size, numel) * DENOM_FLOOR

@@ -1,0 +1,302 @@
+"""Shared machinery of slimoptim's optimizers: options, state layout, step loop.
+
+A subclass declares its states and supplies ``_update``, a pure function on
+float32 tensors; this class rebuilds the master weight and the states from
+their compact storage, calls the update, and stores the results back.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable
+
+import torch
+
+from .. import formats
+
+MASTER_WEIGHT_BITS = (24, 32, None)
+STATE_BITS = (8, 32)
+FORMAT_VERSION = 1
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The shard this rank owns for a DTensor (FSDP2), the tensor itself otherwise."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def correction_bits(param: torch.Tensor, master_weight_bits: int | None) -> int | None:
+    """Bits of the stored master-weight correction for ``param``, None when none is kept."""
+    if param.dtype not in LOW_PRECISION or master_weight_bits is None:
+        return None
+    return master_weight_bits - 16
+
+
+def _check_group_options(group: dict) -> None:
+    if group["master_weight_bits"] not in MASTER_WEIGHT_BITS:
+        raise ValueError(
+            f"master_weight_bits must be 24, 32 or None, got {group['master_weight_bits']!r}: "
+            "24 keeps an int8 correction, 32 an int16 one, None keeps none."
+        )
+    if group["state_bits"] not in STATE_BITS:
+        raise ValueError(
+            f"state_bits must be 8 or 32, got {group['state_bits']!r}: 8 stores companded "
+            "8-bit states with group scales, 32 stores float32 states."
+        )
+    size = group["group_size"]
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"group_size must be a positive int, got {size!r}.")
+    for p in group["params"]:
+        if not (p.is_floating_point() and p.dtype in (torch.float32, *LOW_PRECISION)):
+            raise TypeError(
+                f"slimoptim optimizers step float32, bfloat16 or float16 parameters; got a "
+                f"{p.dtype} parameter of shape {tuple(p.shape)}. Cast it (slimoptim.cast_model) "
+                "or leave it out of the optimizer."
+            )
+
+
+def _check_grad(p: torch.Tensor, grad: torch.Tensor) -> None:
+    if grad.is_sparse:
+        raise TypeError(
+            f"slimoptim does not support sparse gradients (parameter of shape {tuple(p.shape)}); "
+            "use dense embeddings (sparse=False) or torch.optim.SparseAdam for that parameter."
+        )
+    if grad.is_complex() or p.is_complex():
+        raise TypeError(
+            f"slimoptim does not support complex parameters or gradients (shape {tuple(p.shape)}); "
+            "view them as real with torch.view_as_real."
+        )
+    if grad.shape != p.shape:
+        raise ValueError(
+            f"gradient of shape {tuple(grad.shape)} does not match its parameter {tuple(p.shape)}."
+        )
+
+
+class StateSpec:
+    """A named optimizer state (e.g. ``exp_avg``) and how 8-bit storage codes it."""
+
+    def __init__(self, name: str, signed: bool):
+        self.name = name
+        self.signed = signed
+
+    @property
+    def scale_name(self) -> str:
+        return f"{self.name}_scale"
+
+
+class SlimOptimizer(torch.optim.Optimizer):
+    """Base class: compact master weights and states around a pure update rule."""
+
+    # Subclasses set these.
+    state_specs: tuple[StateSpec, ...] = ()
+    # GradScaler hands us grad_scale and found_inf instead of unscaling fp16 grads.
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self, params: Iterable, defaults: dict, *, master_weight_bits, state_bits, group_size, fused
+    ):
+        defaults = dict(
+            defaults,
+            master_weight_bits=master_weight_bits,
+            state_bits=state_bits,
+            group_size=group_size,
+        )
+        if fused not in (None, True, False):
+            raise ValueError(f"fused must be None, True or False, got {fused!r}.")
+        self.fused = fused
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _check_group_options(group)
+            self._check_hyperparameters(group)
+        except (ValueError, TypeError):
+            self.param_groups.pop()
+            raise
+
+    def _check_hyperparameters(self, group: dict) -> None:
+        """Raise ValueError for invalid hyper-parameters (subclasses extend)."""
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor) and lr.numel() != 1:
+            raise ValueError("lr as a Tensor must have exactly one element.")
+        if not 0.0 <= float(lr):
+            raise ValueError(f"Invalid learning rate: {float(lr)}")
+        if not 0.0 <= group["weight_decay"]:
+            raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
+
+    # ------------------------------------------------------------ state layout
+
+    def _specs_for(self, group: dict) -> tuple[StateSpec, ...]:
+        return self.state_specs
+
+    def _ensure_state(self, p: torch.Tensor, group: dict) -> dict:
+        """The state of ``p``, with any missing tensor created at zero (lazily, as torch does)."""
+        device = local_tensor(p).device
+        state = self.state[p]
+        for name, (dtype, shape) in self._expected_state(p, group).items():
+            if name not in state:
+                state[name] = torch.zeros(shape, dtype=dtype, device=device)
+        return state
+
+    def master_weight(self, p: torch.Tensor) -> torch.Tensor:
+        """The float32 master value of parameter ``p`` (its local shard for a DTensor)."""
+        local = local_tensor(p)
+        group = self._group_of(p)
+        state = self.state.get(p, {})
+        flat = local.detach().reshape(-1).float()
+        if "correction" not in state:
+            return flat.view(local.shape)
+        bits = correction_bits(p, group["master_weight_bits"])
+        return formats.join_master(flat, state["correction"], p.dtype, bits).view(local.shape)
+
+    def _group_of(self, p: torch.Tensor) -> dict:
+        for group in self.param_groups:
+            if any(q is p for q in group["params"]):
+                return group
+        raise KeyError("this parameter is not managed by the optimizer")
+
+    def _load_states(self, state: dict, group: dict, numel: int) -> dict[str, torch.Tensor]:
+        values = {}
+        for spec in self._specs_for(group):
+            if group["state_bits"] == 32:
+                values[spec.name] = state[spec.name]
+                continue
+            decode = formats.dequantize_momentum if spec.signed else formats.dequantize_variance
+            values[spec.name] = decode(
+                state[spec.name], state[spec.scale_name], group["group_size"]
+            )
+        return values
+
+    def _store_states(
+        self, state: dict, group: dict, values: dict, ok: torch.Tensor, ok_groups: torch.Tensor
+    ) -> None:
+        size = group["group_size"]
+        for spec in self._specs_for(group):
+            new = values[spec.name]
+            if group["state_bits"] == 32:
+                state[spec.name].copy_(torch.where(ok, new, state[spec.name]))
+                continue
+            if spec.signed:
+                code, scale = formats.quantize_momentum(
+                    new, size, formats.dither(new.numel(), state["step"], new.device)
+                )
+            else:
+                code, scale = formats.quantize_variance(new, size)
+            state[spec.name].copy_(torch.where(ok, code, state[spec.name]))
+            scale_name = spec.scale_name
+            state[scale_name].copy_(torch.where(ok_groups, scale, state[scale_name]))
+
+    # -------------------------------------------------------------- the step
+
+    def _update(self, w, g, states, group, scalars, denom_floor):
+        """Pure update rule on float32 tensors: returns (new_w, new_states)."""
+        raise NotImplementedError
+
+    def _scalars(self, group: dict, step: torch.Tensor) -> dict:
+        """Per-step scalars derived from the group and the step counter (tensors, no sync)."""
+        return {}
+
+    def _params_with_grads(self):
+        seen = set()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None or id(p) in seen:
+                    continue
+                seen.add(id(p))
+                _check_grad(p, p.grad)
+                yield group, p
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for group, p in self._params_with_grads():
+            self._step_reference(p, group, grad_scale, found_inf)
+        return loss
+
+    def _step_reference(self, p, group, grad_scale, found_inf) -> None:
+        state = self._ensure_state(p, group)
+        local, grad = local_tensor(p), local_tensor(p.grad)
+        numel, size = local.numel(), group["group_size"]
+        g = grad.detach().reshape(-1).float()
+        if grad_scale is not None:
+            g = g / grad_scale.to(g.device)
+        if group.get("maximize", False):
+            g = -g
+        # A group of `group_size` elements whose gradient is not finite is left as
+        # it was; every other group steps. GradScaler's found_inf skips them all.
+        ok_groups = formats.group_view(torch.isfinite(g), size, fill=True).all(dim=1)
+        if found_inf is not None:
+            ok_groups = ok_groups & (found_inf.to(g.device) == 0)
+        ok = formats.per_element(ok_groups, size, numel)
+        state["step"] += ok_groups.any().to(torch.float32)
+        g = torch.where(ok, g, 0.0)
+
+        w = self.master_weight(p).reshape(-1)
+        states = self._load_states(state, group, numel)
+        floor = None
+        if group["state_bits"] == 8 and "exp_avg_sq" in state:
+            floor = formats.variance_floor(state["exp_avg_sq_scale"], size, numel)
+        new_w, new_states = self._update(
+            w, g, states, group, self._scalars(group, state["step"]), floor
+        )
+        new_w = torch.where(ok, new_w, w)
+        self._store_weight(p, state, group, new_w)
+        self._store_states(state, group, new_states, ok, ok_groups)
+
+    def _store_weight(self, p, state, group, w: torch.Tensor) -> None:
+        local = local_tensor(p)
+        bits = correction_bits(p, group["master_weight_bits"])
+        if bits is None:
+            b = formats.round_to_dtype(w, p.dtype)
+        else:
+            b, code = formats.split_master(w, p.dtype, bits)
+            state["correction"].copy_(code)
+        local.detach().copy_(b.view(local.shape))
+
+    # ------------------------------------------------------------ state dict
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["slimoptim"] = {"optimizer": type(self).__name__, "format_version": FORMAT_VERSION}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a state_dict of this optimizer type and mode, exactly, without casts.
+
+        Everything is checked before anything changes: a failed load leaves the
+        optimizer as it was.
+        """
+        from ..state_io import load_into  # noqa: PLC0415  (keeps this module small)
+
+        load_into(self, state_dict)
+
+    def _expected_state(self, p: torch.Tensor, group: dict) -> dict[str, tuple]:
+        """(dtype, shape) of every state tensor ``p`` holds once stepped."""
+        numel = local_tensor(p).numel()
+        out = {"step": (torch.float32, ())}
+        bits = correction_bits(p, group["master_weight_bits"])
+        if bits is not None:
+            out["correction"] = (formats.CODE_DTYPES[bits], (numel,))
+        for spec in self._specs_for(group):
+            if group["state_bits"] == 32:
+                out[spec.name] = (torch.float32, (numel,))
+            else:
+                out[spec.name] = (torch.int8 if spec.signed else torch.uint8, (numel,))
+                out[spec.scale_name] = (
+                    torch.bfloat16,
+                    (formats.num_groups(numel, group["group_size"]),),
+                )
+        return out
+
+
+def warn_once(message: str, _seen: set = set()) -> None:  # noqa: B006 (deliberate cache)
+    if message not in _seen:
+        _seen.add(message)
+        warnings.warn(message, stacklevel=3)

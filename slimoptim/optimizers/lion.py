@@ -1,0 +1,65 @@
+"""Lion (Chen et al., 2023) on compact master weights and an 8-bit momentum."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import SlimOptimizer, StateSpec
+
+
+def lion_update(w, g, exp_avg, *, lr, beta1, beta2, weight_decay):
+    """One Lion step on float32 tensors: signed interpolated update, then the EMA."""
+    if weight_decay != 0:
+        w = w * (1 - lr * weight_decay)
+    direction = exp_avg * beta1 + g * (1 - beta1)
+    w = w - torch.sign(direction) * lr
+    exp_avg = exp_avg * beta2 + g * (1 - beta2)
+    return w, exp_avg
+
+
+class Lion(SlimOptimizer):
+    """Lion with decoupled weight decay; ``betas=(0.9, 0.99)`` as in the paper."""
+
+    state_specs = (StateSpec("exp_avg", signed=True),)
+
+    def __init__(
+        self,
+        params,
+        lr=1e-4,
+        betas=(0.9, 0.99),
+        weight_decay=0.0,
+        *,
+        maximize=False,
+        master_weight_bits=24,
+        state_bits=8,
+        group_size=32,
+        fused=None,
+    ):
+        defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
+        super().__init__(
+            params,
+            defaults,
+            master_weight_bits=master_weight_bits,
+            state_bits=state_bits,
+            group_size=group_size,
+            fused=fused,
+        )
+
+    def _check_hyperparameters(self, group):
+        super()._check_hyperparameters(group)
+        for i, beta in enumerate(group["betas"]):
+            if not 0.0 <= beta <= 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+
+    def _update(self, w, g, states, group, scalars, denom_floor):
+        beta1, beta2 = group["betas"]
+        w, m = lion_update(
+            w,
+            g,
+            states["exp_avg"],
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=group["weight_decay"],
+        )
+        return w, {"exp_avg": m}
