@@ -214,11 +214,20 @@ class SlimOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self.step_params(list(self._params_with_grads()))
+        return loss
+
+    @torch.no_grad()
+    def step_params(self, items: list[tuple[dict, torch.Tensor]]) -> None:
+        """Step the given ``(param_group, param)`` pairs; every param must have a grad.
+
+        ``step()`` calls this with every param that has a gradient; gradient
+        release calls it with the params whose gradients are ready.
+        """
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        for group, p in self._params_with_grads():
+        for group, p in items:
             self._step_reference(p, group, grad_scale, found_inf)
-        return loss
 
     def _step_reference(self, p, group, grad_scale, found_inf) -> None:
         state = self._ensure_state(p, group)
