@@ -241,10 +241,13 @@ class SlimOptimizer(torch.optim.Optimizer):
         # A group of `group_size` elements whose gradient is not finite is left as
         # it was; every other group steps. GradScaler's found_inf skips them all.
         ok_groups = formats.group_view(torch.isfinite(g), size, fill=True).all(dim=1)
-        if found_inf is not None:
-            ok_groups = ok_groups & (found_inf.to(g.device) == 0)
+        if found_inf is None:
+            state["step"] += 1
+        else:
+            skip = (found_inf.to(g.device) != 0).reshape(())
+            ok_groups = ok_groups & ~skip
+            state["step"] += (~skip).to(torch.float32)
         ok = formats.per_element(ok_groups, size, numel)
-        state["step"] += ok_groups.any().to(torch.float32)
         g = torch.where(ok, g, 0.0)
 
         w = self.master_weight(p).reshape(-1)
