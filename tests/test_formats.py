@@ -1,0 +1,197 @@
+"""Property tests of the numeric formats against float64 arithmetic."""
+
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from slimoptim import formats
+
+GROUP = 32
+
+
+def _bf16_values(draw_bits):
+    bits = torch.tensor(draw_bits, dtype=torch.int32)
+    return bits.view(torch.float32)
+
+
+# Every float32 bit pattern that is finite: all exponents (bf16 shares them), both signs,
+# subnormals, zero and powers of two all appear.
+finite_f32 = st.integers(min_value=-(2**31), max_value=2**31 - 1).filter(
+    lambda b: ((b >> 23) & 0xFF) != 0xFF
+)
+special_f32 = st.sampled_from(
+    [0.0, -0.0, 1.0, 2.0, 0.5, 2.0**-126, 2.0**-133, 2.0**-149, 2.0**127, 3.3895e38, -(2.0**-140)]
+)
+
+
+def _ulp(b64: torch.Tensor, mantissa: int, min_exp: int) -> torch.Tensor:
+    exp = torch.floor(torch.log2(b64.abs().clamp_min(2.0**-200))).clamp_min(min_exp)
+    return torch.pow(2.0, exp - mantissa)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(finite_f32, min_size=1, max_size=200), st.lists(special_f32, max_size=10))
+def test_bf16_rounding_matches_torch_round_to_nearest_even(bits, specials):
+    x = torch.cat([_bf16_values(bits), torch.tensor(specials, dtype=torch.float32)])
+    expected = x.to(torch.bfloat16).float()  # CPU torch rounds to nearest even
+    got = formats.round_to_bf16(x)
+    assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(finite_f32, min_size=1, max_size=200),
+    st.lists(special_f32, max_size=10),
+    st.sampled_from([8, 16]),
+)
+def test_bf16_split_round_trip_is_within_half_a_code_step(bits, specials, code_bits):
+    w = torch.cat([_bf16_values(bits), torch.tensor(specials, dtype=torch.float32)])
+    w = w[w.abs() < 3.38e38]  # beyond bf16's max the value rounds to inf
+    b, code = formats.split_master(w, torch.bfloat16, code_bits)
+    assert code.dtype == formats.CODE_DTYPES[code_bits]
+    assert torch.equal(b, w.to(torch.bfloat16).float())
+    rebuilt = formats.join_master(b, code, torch.bfloat16, code_bits).double()
+    step = _ulp(b.double(), 7, -126) / 2.0**code_bits
+    # Half a step from rounding; the one clamped code (+2**(n-1)) costs a full step.
+    assert torch.all((rebuilt - w.double()).abs() <= step)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(-65000, 65000, width=32), min_size=1, max_size=200))
+def test_fp16_split_round_trip(values):
+    w = torch.tensor(values, dtype=torch.float32)
+    for code_bits in (8, 16):
+        b, code = formats.split_master(w, torch.float16, code_bits)
+        assert torch.equal(b, w.half().float())
+        rebuilt = formats.join_master(b, code, torch.float16, code_bits).double()
+        step = _ulp(b.double(), 10, -14) / 2.0**code_bits
+        assert torch.all((rebuilt - w.double()).abs() <= step)
+
+
+def test_24_bit_master_carries_16_significant_bits_and_32_bit_is_exact_for_normals():
+    w = torch.randn(100_000) * torch.exp(4 * torch.randn(100_000))
+    b, code = formats.split_master(w, torch.bfloat16, 8)
+    rel = ((formats.join_master(b, code, torch.bfloat16, 8) - w) / w).abs()
+    assert rel.max() <= 2.0**-15  # 2**-16 normally, 2**-15 just below a power of two
+    b, code = formats.split_master(w, torch.bfloat16, 16)
+    rebuilt = formats.join_master(b, code, torch.bfloat16, 16)
+    same_binade = torch.floor(torch.log2(w.abs())) == torch.floor(torch.log2(b.abs()))
+    assert torch.equal(rebuilt[same_binade], w[same_binade])
+
+
+def test_non_finite_masters_survive_the_split():
+    w = torch.tensor([math.inf, -math.inf, math.nan, 1.0])
+    b, code = formats.split_master(w, torch.bfloat16, 8)
+    assert code[:3].eq(0).all()
+    rebuilt = formats.join_master(b, code, torch.bfloat16, 8)
+    assert rebuilt[0] == math.inf and rebuilt[1] == -math.inf and rebuilt[2].isnan()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(finite_f32, min_size=1, max_size=300))
+def test_group_scale_is_the_smallest_bf16_at_or_above_the_group_max(bits):
+    x = _bf16_values(bits).abs()
+    x = x[x < 3.3e38]
+    if x.numel() == 0:
+        return
+    scale = formats.group_scale(x, GROUP)
+    group_max = formats.group_view(x, GROUP).amax(1)
+    assert torch.all(scale >= group_max)
+    assert torch.equal(scale, formats.round_to_bf16(scale))  # representable in bf16
+    below = formats._float(formats._bits(scale) - 65536)  # next bf16 down
+    assert torch.all((below < group_max) | (scale == 0))
+
+
+def _heavy_tailed(n, generator=None):
+    sign = torch.randn(n, generator=generator).sign()
+    return sign * torch.exp(2 * torch.randn(n, generator=generator))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 300), st.integers(0, 2**31 - 1), st.sampled_from([1, 7, 32, 64]))
+def test_momentum_code_error_is_within_one_code(numel, seed, group_size):
+    gen = torch.Generator().manual_seed(seed)
+    m = _heavy_tailed(numel, gen) * 1e-3
+    code, scale = formats.quantize_momentum(m, group_size, torch.rand(numel, generator=gen))
+    assert code.dtype == torch.int8 and scale.dtype == torch.bfloat16
+    assert scale.numel() == formats.num_groups(numel, group_size)
+    decoded = formats.dequantize_momentum(code, scale, group_size).double()
+    s = formats.per_element(scale.double(), group_size, numel)
+    y = (m.double().abs() / s).sqrt() * 127  # exact code position
+    bound = (2 * y + 1) / 127**2 * s  # one code either side, in value units
+    assert torch.all((decoded - m.double()).abs() <= bound * (1 + 1e-6))
+    assert torch.all(torch.sign(decoded) * torch.sign(m) >= 0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 300), st.integers(0, 2**31 - 1), st.sampled_from([1, 5, 32]))
+def test_variance_code_error_is_within_half_a_code(numel, seed, group_size):
+    gen = torch.Generator().manual_seed(seed)
+    v = _heavy_tailed(numel, gen) ** 2 * 1e-6
+    code, scale = formats.quantize_variance(v, group_size)
+    assert code.dtype == torch.uint8
+    decoded = formats.dequantize_variance(code, scale, group_size).double()
+    s = formats.per_element(scale.double(), group_size, numel)
+    t = (v.double().sqrt() / s) ** 0.25
+    upper = ((t + 0.5 / 255) ** 4 * s) ** 2
+    lower = ((t - 0.5 / 255).clamp_min(0) ** 4 * s) ** 2
+    assert torch.all(decoded <= upper * (1 + 1e-5))
+    assert torch.all(decoded >= lower * (1 - 1e-5))
+
+
+def test_zero_and_partial_groups_decode_to_zero():
+    for numel in (1, 31, 33):
+        z = torch.zeros(numel)
+        code, scale = formats.quantize_momentum(z, GROUP, torch.rand(numel))
+        assert torch.equal(formats.dequantize_momentum(code, scale, GROUP), z)
+        code, scale = formats.quantize_variance(z, GROUP)
+        assert torch.equal(formats.dequantize_variance(code, scale, GROUP), z)
+
+
+def test_stochastic_rounding_is_unbiased():
+    m = torch.rand(64) * 2 - 1
+    m[0] = 1.0  # pin the scale
+    total = torch.zeros(64, dtype=torch.float64)
+    trials = 2000
+    for step in range(trials):
+        noise = formats.dither(64, torch.tensor(float(step)))
+        code, _ = formats.quantize_momentum(m, 64, noise)
+        total += code.double()
+    y = m.double().sign() * m.double().abs().sqrt() * 127
+    # each code is y rounded up or down at random: mean error ~ 0.5/sqrt(trials)
+    assert torch.all((total / trials - y).abs() < 0.05)
+
+
+def test_dither_is_uniform_and_changes_with_step():
+    a = formats.dither(100_000, torch.tensor(1.0))
+    b = formats.dither(100_000, torch.tensor(2.0))
+    assert 0 <= a.min() and a.max() < 1
+    assert abs(a.mean().item() - 0.5) < 0.01 and abs(a.var().item() - 1 / 12) < 0.005
+    assert (a == b).float().mean() < 0.01
+    assert torch.equal(a, formats.dither(100_000, torch.tensor(1.0)))
+
+
+def _linear_int8(x, signed):
+    """Plain absmax linear int8 (255 levels on sqrt(v) for v) for comparison."""
+    if signed:
+        s = formats.per_element(formats.group_view(x.abs(), GROUP).amax(1), GROUP, x.numel())
+        return torch.round(x / s * 127) / 127 * s
+    s = formats.per_element(formats.group_view(x, GROUP).amax(1), GROUP, x.numel())
+    return (torch.round((x / s).sqrt() * 255) / 255) ** 2 * s
+
+
+def test_companded_codes_beat_linear_int8_on_heavy_tailed_states():
+    gen = torch.Generator().manual_seed(0)
+    m = _heavy_tailed(GROUP * 4096, gen)
+    v = _heavy_tailed(GROUP * 4096, gen) ** 2
+    code, scale = formats.quantize_momentum(m, GROUP, formats.dither(m.numel(), torch.tensor(3)))
+    m_err = ((formats.dequantize_momentum(code, scale, GROUP) - m) / m).abs().median()
+    m_lin = ((_linear_int8(m, True) - m) / m).abs().median()
+    code, scale = formats.quantize_variance(v, GROUP)
+    decoded_v = formats.dequantize_variance(code, scale, GROUP)
+    v_err = ((decoded_v - v) / v).abs().median()
+    v_lin = ((_linear_int8(v, False) - v) / v).abs().median()
+    assert m_err < m_lin / 2 and v_err < v_lin / 3
+    assert (decoded_v == 0).sum() == 0 and (_linear_int8(v, False) == 0).sum() > 0
