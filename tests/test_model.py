@@ -1,0 +1,54 @@
+"""cast_model: low-precision params with chosen layers kept in float32."""
+
+import pytest
+import torch
+from torch import nn
+
+import slimoptim
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+        self.norm = nn.LayerNorm(10)
+
+    def forward(self, x):
+        return self.norm(self.head(torch.relu(self.bn(self.conv(x)))))
+
+
+def test_defaults_keep_batchnorm_fp32_and_still_run():
+    model = slimoptim.cast_model(Net(), torch.bfloat16)
+    assert model.conv.weight.dtype == torch.bfloat16
+    assert model.bn.weight.dtype == torch.float32 and model.bn.running_mean.dtype == torch.float32
+    assert model.bn.num_batches_tracked.dtype == torch.int64  # integer buffers untouched
+    out = model(torch.randn(2, 3, 8, 8, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 10)
+    out.float().sum().backward()
+    assert model.bn.weight.grad.dtype == torch.float32
+
+
+def test_name_patterns_and_module_types_select_fp32_layers():
+    model = slimoptim.cast_model(Net(), torch.float16, keep_fp32=("head.*", nn.LayerNorm))
+    assert model.head[1].weight.dtype == torch.float32
+    assert model.norm.weight.dtype == torch.float32
+    assert model.bn.weight.dtype == torch.float16  # not in this keep list
+    assert model(torch.randn(2, 3, 8, 8, dtype=torch.float16)).dtype == torch.float16
+
+
+def test_optimizer_over_a_mixed_model_matches_reference_per_dtype():
+    model = slimoptim.cast_model(Net(), torch.bfloat16)
+    opt = slimoptim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 3, 8, 8, dtype=torch.bfloat16)).float().sum().backward()
+    opt.step()
+    assert "correction" in opt.state[model.conv.weight]
+    assert "correction" not in opt.state[model.bn.weight]  # fp32 params are their own master
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="dtype"):
+        slimoptim.cast_model(Net(), torch.int8)
+    with pytest.raises(TypeError, match="keep_fp32"):
+        slimoptim.cast_model(Net(), keep_fp32=(3,))
