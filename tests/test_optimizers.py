@@ -80,9 +80,12 @@ def test_default_compact_mode_tracks_fp32_closely(name):
     gen = torch.Generator().manual_seed(3)
     w0 = torch.randn(N, generator=gen).bfloat16().float()
     ref, ours = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(w0.clone().bfloat16())
-    ref_opt = (torch.optim.AdamW if name == "AdamW" else slimoptim.__dict__[name])
-    ref_opt = ref_opt([ref], **kwargs) if name == "AdamW" else ref_opt(
-        [ref], master_weight_bits=32, state_bits=32, **kwargs)
+    ref_opt = torch.optim.AdamW if name == "AdamW" else slimoptim.__dict__[name]
+    ref_opt = (
+        ref_opt([ref], **kwargs)
+        if name == "AdamW"
+        else ref_opt([ref], master_weight_bits=32, state_bits=32, **kwargs)
+    )
     opt = getattr(slimoptim, name)([ours], **kwargs)
     for _ in range(STEPS):
         g = _bf16_grad(N, gen) + 0.3  # a consistent direction the trajectory must follow
@@ -128,8 +131,9 @@ def test_24_bit_master_closes_the_gap_that_bf16_without_master_leaves():
     slim = _mlp(0, torch.bfloat16)
     slim_loss = _train(slim, slimoptim.AdamW(slim.parameters(), lr=2e-4), x, y)
     bare = _mlp(0, torch.bfloat16)
-    bare_loss = _train(bare, slimoptim.AdamW(bare.parameters(), lr=2e-4,
-                                             master_weight_bits=None), x, y)
+    bare_loss = _train(
+        bare, slimoptim.AdamW(bare.parameters(), lr=2e-4, master_weight_bits=None), x, y
+    )
     assert abs(slim_loss - fp32_loss) < 0.05 * fp32_loss
     assert bare_loss > 1.2 * fp32_loss
 
@@ -174,7 +178,8 @@ def test_small_momentum_decays_to_zero_as_in_fp32():
         p.grad = g.bfloat16()
         opt.step()
     buf = slimoptim.formats.dequantize_momentum(
-        opt.state[p]["momentum_buffer"], opt.state[p]["momentum_buffer_scale"], 32)
+        opt.state[p]["momentum_buffer"], opt.state[p]["momentum_buffer_scale"], 32
+    )
     quiet = torch.ones(n, dtype=torch.bool)
     quiet[::32] = False
     assert buf[quiet].abs().max() == 0  # fp32: 0.9**300 ~ 2e-14 of the start

@@ -140,10 +140,10 @@ class SlimOptimizer(torch.optim.Optimizer):
                 state[name] = torch.zeros(shape, dtype=dtype, device=device)
         return state
 
-    def master_weight(self, p: torch.Tensor) -> torch.Tensor:
+    def master_weight(self, p: torch.Tensor, group: dict | None = None) -> torch.Tensor:
         """The float32 master value of parameter ``p`` (its local shard for a DTensor)."""
         local = local_tensor(p)
-        group = self._group_of(p)
+        group = self._group_of(p) if group is None else group
         state = self.state.get(p, {})
         flat = local.detach().reshape(-1).float()
         if "correction" not in state:
@@ -250,7 +250,7 @@ class SlimOptimizer(torch.optim.Optimizer):
         ok = formats.per_element(ok_groups, size, numel)
         g = torch.where(ok, g, 0.0)
 
-        w = self.master_weight(p).reshape(-1)
+        w = self.master_weight(p, group).reshape(-1)
         states = self._load_states(state, group, numel)
         floor = None
         if group["state_bits"] == 8 and "exp_avg_sq" in state:
