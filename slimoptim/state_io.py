@@ -1,36 +1,95 @@
-"""Validated, all-or-nothing loading of slimoptim state_dicts."""
+"""Validated, all-or-nothing loading of slimoptim state_dicts.
+
+A slimoptim state_dict is torch's (``state`` keyed by parameter index,
+``param_groups``) holding the optimizer's native tensors: int8/int16 weight
+corrections, int8/uint8 state codes with bf16 group scales (or float32 states),
+and a float32 ``step`` per parameter. Nothing is cast on the way in or out.
+
+A ``slimoptim`` header names the optimizer and the format version. It sits at
+the top level and is repeated in every saved parameter group, because
+``torch.distributed.checkpoint``'s ``get_optimizer_state_dict`` keeps only
+``state`` and ``param_groups`` (and re-keys both by parameter name).
+
+Loading checks everything first, builds the new state on the side and only
+then swaps it in, so a failed load leaves the optimizer exactly as it was.
+"""
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 
 import torch
 
-from .optimizers.base import FORMAT_VERSION
+from .optimizers.base import FORMAT_VERSION, local_tensor
 
+HEADER_KEY = "slimoptim"
 _GROUP_MODE_KEYS = ("master_weight_bits", "state_bits", "group_size")
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded into this model or optimizer; says what mismatches."""
+
+
 def _fail(message: str):
-    raise ValueError(f"cannot load optimizer state_dict: {message}")
+    raise CheckpointError(f"cannot load optimizer state_dict: {message}")
+
+
+# ------------------------------------------------------------------ saving
+
+
+def header_of(opt) -> dict:
+    return {"optimizer": type(opt).__name__, "format_version": FORMAT_VERSION}
+
+
+def with_header(opt, state_dict: dict) -> dict:
+    """Add the header to a torch-made optimizer state_dict, at the top and in every group."""
+    header = header_of(opt)
+    state_dict[HEADER_KEY] = header
+    for group in state_dict["param_groups"]:
+        group[HEADER_KEY] = dict(header)
+    return state_dict
+
+
+# ------------------------------------------------------------------ checking
+
+
+def _is_dcp_flattened(sd: dict) -> bool:
+    """True for what DCP's flatten_optimizer_state_dict=True path hands back to load.
+
+    That path rebuilds each group from the live optimizer's group keys, so the
+    header we saved in the groups is dropped; the state is keyed by names (str).
+    """
+    ids = [pid for group in sd["param_groups"] for pid in group.get("params", [])]
+    return bool(ids) and all(isinstance(pid, str) for pid in ids)
 
 
 def _check_header(opt, sd: dict) -> None:
     if not isinstance(sd, dict) or "state" not in sd or "param_groups" not in sd:
         _fail("expected a dict with 'state' and 'param_groups' (from optimizer.state_dict()).")
-    header = sd.get("slimoptim")
-    if header is None:
+    groups = sd["param_groups"]
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        _fail("'param_groups' must be a list of dicts.")
+    headers = [sd.get(HEADER_KEY)] + [g.get(HEADER_KEY) for g in groups]
+    headers = [h for h in headers if h is not None]
+    if not headers:
+        if _is_dcp_flattened(sd) and all(k in g for g in groups for k in _GROUP_MODE_KEYS):
+            return  # checked structurally below: group keys, mode, every tensor's dtype/shape
         _fail(
-            f"it was not written by a slimoptim optimizer (no 'slimoptim' entry); to start "
-            f"{type(opt).__name__} from a torch.optim checkpoint, convert it first."
+            f"it was not written by a slimoptim optimizer (no '{HEADER_KEY}' entry); to start "
+            f"{type(opt).__name__} from a torch.optim checkpoint use "
+            "slimoptim.checkpoint.from_torch_state_dict."
         )
-    if header.get("format_version") != FORMAT_VERSION:
-        _fail(
-            f"format_version {header.get('format_version')!r} is not supported "
-            f"(this slimoptim reads version {FORMAT_VERSION})."
-        )
-    if header.get("optimizer") != type(opt).__name__:
-        _fail(f"it belongs to a {header.get('optimizer')} optimizer, not {type(opt).__name__}.")
+    for header in headers:
+        if not isinstance(header, dict):
+            _fail(f"the '{HEADER_KEY}' entry is a {type(header).__name__}, expected a dict.")
+        if header.get("format_version") != FORMAT_VERSION:
+            _fail(
+                f"format_version {header.get('format_version')!r} is not supported "
+                f"(this slimoptim reads version {FORMAT_VERSION})."
+            )
+        if header.get("optimizer") != type(opt).__name__:
+            _fail(f"it belongs to a {header.get('optimizer')} optimizer, not {type(opt).__name__}.")
 
 
 def _check_groups(opt, sd: dict) -> list[tuple[torch.Tensor, dict, object]]:
@@ -43,15 +102,18 @@ def _check_groups(opt, sd: dict) -> list[tuple[torch.Tensor, dict, object]]:
         )
     pairs = []
     for i, (group, saved) in enumerate(zip(opt.param_groups, saved_groups, strict=True)):
+        missing = [k for k in ("params", *opt.defaults) if k not in saved]
+        if missing:
+            _fail(f"parameter group {i} has no {missing} (a {type(opt).__name__} group has them).")
         if len(group["params"]) != len(saved["params"]):
             _fail(
                 f"parameter group {i} has {len(saved['params'])} parameters in the "
                 f"checkpoint and {len(group['params'])} in the optimizer."
             )
         for key in _GROUP_MODE_KEYS:
-            if saved.get(key) != group[key]:
+            if saved[key] != group[key]:
                 _fail(
-                    f"parameter group {i} was saved with {key}={saved.get(key)!r} but the "
+                    f"parameter group {i} was saved with {key}={saved[key]!r} but the "
                     f"optimizer uses {key}={group[key]!r}; build the optimizer with the same "
                     "mode."
                 )
@@ -62,47 +124,80 @@ def _check_groups(opt, sd: dict) -> list[tuple[torch.Tensor, dict, object]]:
     return pairs
 
 
-def _check_state(opt, p, group, saved_id, saved_state: dict) -> None:
+def _check_state(opt, p, group, saved_id, saved_state) -> None:
+    if not isinstance(saved_state, dict):
+        _fail(f"state of parameter {saved_id!r} is a {type(saved_state).__name__}, not a dict.")
     expected = opt._expected_state(p, group)
     unexpected = set(saved_state) - set(expected)
     if unexpected:
-        _fail(f"state of parameter {saved_id} has unexpected entries {sorted(unexpected)}.")
+        _fail(f"state of parameter {saved_id!r} has unexpected entries {sorted(unexpected)}.")
+    # A stepped parameter holds every tensor; a partial state would silently
+    # restart the missing ones at zero.
+    missing = set(expected) - set(saved_state)
+    if saved_state and missing:
+        _fail(f"state of parameter {saved_id!r} (shape {tuple(p.shape)}) has no {sorted(missing)}.")
     for name, value in saved_state.items():
         dtype, shape = expected[name]
         if not isinstance(value, torch.Tensor):
             _fail(
-                f"state '{name}' of parameter {saved_id} is a {type(value).__name__}, "
+                f"state '{name}' of parameter {saved_id!r} is a {type(value).__name__}, "
                 "expected a tensor."
             )
         if value.dtype != dtype or tuple(value.shape) != tuple(shape):
             _fail(
-                f"state '{name}' of parameter {saved_id} is {value.dtype} of shape "
+                f"state '{name}' of parameter {saved_id!r} is {value.dtype} of shape "
                 f"{tuple(value.shape)}, expected {dtype} of shape {tuple(shape)} for a "
                 f"parameter of shape {tuple(p.shape)} ({p.dtype})."
             )
-    if saved_state and "step" not in saved_state:
-        _fail(f"state of parameter {saved_id} has no 'step'.")
 
 
-def load_into(opt, state_dict: dict) -> None:
+@dataclass
+class LoadPlan:
+    """A checked state_dict, ready to swap in: new per-param state and group values."""
+
+    optimizer: torch.optim.Optimizer
+    state: dict
+    group_values: list[dict]
+
+
+def check(opt, state_dict: dict) -> LoadPlan:
+    """Check ``state_dict`` against ``opt`` and prepare it; changes nothing in ``opt``."""
     _check_header(opt, state_dict)
     pairs = _check_groups(opt, state_dict)
     saved = state_dict["state"]
+    if not isinstance(saved, dict):
+        _fail(f"'state' is a {type(saved).__name__}, expected a dict.")
+    known = {saved_id for _, _, saved_id in pairs}
+    unknown = set(saved) - known
+    if unknown:
+        _fail(f"state for unknown parameter ids {sorted(unknown, key=str)}.")
     for p, group, saved_id in pairs:
         if saved_id in saved:
             _check_state(opt, p, group, saved_id, saved[saved_id])
-    known = {saved_id for _, _, saved_id in pairs}
-    if set(saved) - known:
-        _fail(f"state for unknown parameter ids {sorted(set(saved) - known)}.")
-    # Everything checked: now replace, copying tensors to the parameter's device as-is.
+    # Copies go to the parameter's device with their own dtype: torch.optim's
+    # load_state_dict would cast them to the param dtype and lose the codes.
     new_state = {}
     for p, _, saved_id in pairs:
-        if saved_id in saved:
-            device = p.device if not hasattr(p, "to_local") else p.to_local().device
-            new_state[p] = {k: v.detach().clone().to(device) for k, v in saved[saved_id].items()}
-    for group, saved_group in zip(opt.param_groups, state_dict["param_groups"], strict=True):
-        for key, value in saved_group.items():
-            if key != "params":
-                group[key] = copy.deepcopy(value)
+        if saved.get(saved_id):
+            device = local_tensor(p).device
+            new_state[p] = {
+                k: v.detach().to(device=device, copy=True) for k, v in saved[saved_id].items()
+            }
+    group_values = [
+        {k: copy.deepcopy(v) for k, v in saved.items() if k not in ("params", HEADER_KEY)}
+        for saved in state_dict["param_groups"]
+    ]
+    return LoadPlan(opt, new_state, group_values)
+
+
+def apply(plan: LoadPlan) -> None:
+    """Swap a checked plan into its optimizer (cannot fail half-way)."""
+    opt = plan.optimizer
+    for group, values in zip(opt.param_groups, plan.group_values, strict=True):
+        group.update(values)
     opt.state.clear()
-    opt.state.update(new_state)
+    opt.state.update(plan.state)
+
+
+def load_into(opt, state_dict: dict) -> None:
+    apply(check(opt, state_dict))

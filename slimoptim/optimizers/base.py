@@ -275,9 +275,10 @@ class SlimOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------ state dict
 
     def state_dict(self) -> dict:
-        sd = super().state_dict()
-        sd["slimoptim"] = {"optimizer": type(self).__name__, "format_version": FORMAT_VERSION}
-        return sd
+        """torch's state_dict (native compact tensors) plus a ``slimoptim`` header."""
+        from ..state_io import with_header  # noqa: PLC0415  (state_io imports this module)
+
+        return with_header(self, super().state_dict())
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state_dict of this optimizer type and mode, exactly, without casts.
