@@ -22,13 +22,14 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .optimizers.base import SlimOptimizer, _check_grad
+from .optimizers.base import SlimOptimizer, _check_grad, local_tensor
 
 DEFAULT_BUCKET_BYTES = 32 * 2**20
 
 
 def _grad_nbytes(p: torch.Tensor) -> int:
-    return p.grad.numel() * p.grad.element_size()
+    grad = local_tensor(p.grad)  # this rank's shard under FSDP2
+    return grad.numel() * grad.element_size()
 
 
 def _reject_data_parallel_wrappers(model: nn.Module) -> None:
