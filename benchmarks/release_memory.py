@@ -149,7 +149,8 @@ def nbytes(tensors) -> int:
 def build(config: str, shape: GPTShape, device, args):
     """Model, optimizer, release handle (or None) and autocast context for a config."""
     torch.manual_seed(0)
-    model = GPT(shape, args.checkpoint).to(device)
+    with device:  # initialise on the device: much faster than on the CPU for 355M params
+        model = GPT(shape, args.checkpoint)
     adamw = dict(lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
     if config == "torch_adamw_fp32_autocast":
         opt = torch.optim.AdamW(model.parameters(), fused=True, **adamw)
