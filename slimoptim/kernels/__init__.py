@@ -1,0 +1,56 @@
+"""Fused Triton step kernels (optional: Triton is imported only when a step needs it).
+
+``fused_step`` is what :meth:`SlimOptimizer.step_params` calls; see docs/kernels.md.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401, PLC0415
+    except ImportError:
+        return False
+    return True
+
+
+@torch.compiler.disable  # opaque to torch.compile: raw pointers and Triton launches
+def fused_step(opt, items, grad_scale, found_inf) -> list:
+    """Step what the kernels can step; return the (group, param) items left to the reference.
+
+    ``opt.fused``: None uses the kernels for CUDA params when Triton imports; True
+    forces them (CPU params only under TRITON_INTERPRET=1, else an error); False
+    never calls this.
+    """
+    if not items:
+        return items
+    if not triton_available():
+        if opt.fused:
+            raise RuntimeError(
+                "fused=True needs Triton (pip install 'slimoptim[triton]', Linux only); "
+                "use fused=None or fused=False for the pure-PyTorch path."
+            )
+        if items[0][1].is_cuda:
+            from ..optimizers.base import warn_once  # noqa: PLC0415
+
+            warn_once(
+                "slimoptim: Triton is not installed, so CUDA params are stepped by the slower "
+                "pure-PyTorch reference path (pip install 'slimoptim[triton]')."
+            )
+        return items
+    from .dispatch import step_fused  # noqa: PLC0415
+
+    return step_fused(opt, items, grad_scale, found_inf)
+
+
+def refresh_hyperparameters(opt) -> None:
+    """Upload the param groups' hyper-parameters for a CUDA-graph replay (docs/kernels.md)."""
+    if triton_available():
+        from .dispatch import refresh_hyperparameters as refresh  # noqa: PLC0415
+
+        refresh(opt)

@@ -1,0 +1,323 @@
+"""Multi-tensor launch of the step kernels: buckets, cached tables, per-step uploads.
+
+Parameters that share everything a kernel is compiled for (update rule, param and
+grad dtype, master/state format, group size, flags) form a bucket, stepped by one
+launch whatever the number of tensors. A plan (the buckets of one set of
+parameters) is built once and cached on the optimizer; it holds on the device:
+
+* a pointer table (param, correction, step counter, states and their scales),
+* the element counts and a block -> (tensor, first element) map,
+* one buffer that every step refreshes with a single host-to-device copy from
+  pinned memory: the gradient addresses (which change when grads are set to
+  None) and the param groups' hyper-parameters (which schedulers change).
+
+Per step, per bucket: one tiny Triton launch advances the step counters (no
+host sync: a skipped GradScaler step adds 0), a few vectorised torch ops turn
+counters and hyper-parameters into per-tensor scalars, and one launch steps
+every element.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import triton
+
+from ..optimizers.base import correction_bits
+from . import common as cm
+from .adamw import AdamWRule
+from .lion import LionRule
+from .sgd import SGDRule
+
+# Elements per program (rounded to whole quantization groups) and warps per program.
+# The interpreter runs programs one by one in numpy: small blocks keep tests quick
+# while still giving several blocks per tensor.
+CONFIG = {"block": 2048, "num_warps": 8}
+INTERPRETER_BLOCK = 2048
+MAX_PLANS = 256  # distinct parameter subsets cached per optimizer (gradient release steps subsets)
+
+KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def rule_for(opt):
+    from ..optimizers import SGD, AdamW, Lion  # noqa: PLC0415 (circular at import time)
+
+    for cls, rule in ((AdamW, AdamWRule), (SGD, SGDRule), (Lion, LionRule)):
+        if isinstance(opt, cls):
+            return rule
+    return None
+
+
+def _aligned(t: torch.Tensor) -> bool:
+    return t.data_ptr() % 16 == 0
+
+
+class Bucket:
+    """Tensors stepped by one launch, and the device tables that launch reads."""
+
+    def __init__(self, key, rule, members, device, first):
+        self.flags = dict(key[-1])
+        (self.param_kind, self.grad_kind, self.code_bits, self.state_bits, self.g) = key[:5]
+        self.maximize = key[5]
+        self.params = [p for p, _, _ in members]
+        self.n = len(members)
+        self.first = first  # offset of this bucket's gradients in the plan's gradient array
+        block = INTERPRETER_BLOCK if interpreting() else CONFIG["block"]
+        self.rows = max(1, block // self.g)
+        per_block = self.rows * self.g
+
+        table = torch.zeros(cm.N_FIELDS, self.n, dtype=torch.int64)
+        for i, (p, _, state) in enumerate(members):
+            table[cm.PARAM.value, i] = p.data_ptr()
+            table[cm.STEP.value, i] = state["step"].data_ptr()
+            if "correction" in state:
+                table[cm.CORRECTION.value, i] = state["correction"].data_ptr()
+            for field, name in zip(
+                (cm.STATE0.value, cm.STATE1.value), rule.state_names, strict=False
+            ):
+                if name in state:
+                    table[field, i] = state[name].data_ptr()
+                    if f"{name}_scale" in state:
+                        table[field + 1, i] = state[f"{name}_scale"].data_ptr()
+        numels = torch.tensor([p.numel() for p in self.params], dtype=torch.int32)
+        blocks = (numels.long() + per_block - 1) // per_block
+        block_tensor = torch.repeat_interleave(torch.arange(self.n), blocks)
+        first_block = torch.cumsum(blocks, 0) - blocks
+        block_index = torch.arange(int(blocks.sum())) - first_block[block_tensor]
+        self.n_blocks = int(blocks.sum())
+        self.table = table.to(device)
+        self.numels = numels.to(device)
+        self.block_tensor = block_tensor.to(torch.int32).to(device)
+        self.block_start = (block_index * per_block).to(torch.int32).to(device)
+        # The param-group row of each tensor in the plan's hyper-parameter table.
+        rows = [row for _, row, _ in members]
+        self.hyper_rows = torch.tensor(rows, dtype=torch.int64, device=device)
+        self.steps = torch.zeros(self.n, dtype=torch.float32, device=device)
+
+
+class Plan:
+    """Buckets for one list of (group, param) items, plus the reference-path leftovers."""
+
+    def __init__(self, opt, rule, items):
+        self.rule = rule
+        self.reference = []
+        self.groups = []  # param groups whose values are uploaded, in row order
+        group_row = {}
+        members = {}
+        self.states = []  # (param, state dict) pairs: identity checked every step
+        for group, p in items:
+            if not _eligible(opt, group, p):
+                self.reference.append((group, p))
+                continue
+            state = opt._ensure_state(p, group)
+            if not all(_aligned(v) for v in state.values() if v.dim() > 0):
+                self.reference.append((group, p))
+                continue
+            if id(group) not in group_row:
+                group_row[id(group)] = len(self.groups)
+                self.groups.append(group)
+            key = (
+                KINDS[p.dtype],
+                KINDS[p.grad.dtype],
+                correction_bits(p, group["master_weight_bits"]) or 0,
+                group["state_bits"],
+                group["group_size"],
+                bool(group.get("maximize", False)),
+                tuple(sorted(rule.flags(opt, group).items())),
+            )
+            if members and p.device != next(iter(members))[0]:
+                self.reference.append((group, p))  # one device per plan
+                continue
+            members.setdefault((p.device, key), []).append((p, group_row[id(group)], state))
+            self.states.append((p, state))
+        self.device = next(iter(members))[0] if members else None
+        self.buckets, first = [], 0
+        for (_, key), ms in members.items():
+            self.buckets.append(Bucket(key, rule, ms, self.device, first))
+            first += len(ms)
+        self.grad_params = [p for b in self.buckets for p in b.params]
+        self.grad_dtypes = [p.grad.dtype for p in self.grad_params]
+        n_ptrs, n_vals = len(self.grad_params), len(self.groups) * len(rule.group_values)
+        self.n_ptrs = n_ptrs
+        if self.device is not None:
+            self.upload = torch.zeros(n_ptrs + n_vals, dtype=torch.int64, device=self.device)
+            self.grad_ptrs = self.upload[:n_ptrs]
+            self.hyper = self.upload[n_ptrs:].view(torch.float64).view(len(self.groups), -1)
+        self.last_grad_ptrs = None
+
+    def still_valid(self, opt) -> bool:
+        # load_state_dict replaces every state dict: then the addresses must be read again.
+        return all(opt.state.get(p) is s for p, s in self.states)
+
+
+def _eligible(opt, group, p) -> bool:
+    if hasattr(p, "to_local") or not p.is_contiguous() or p.numel() >= 2**31:
+        return False
+    if p.grad is None or p.grad.dtype not in KINDS or not p.grad.is_contiguous():
+        return False
+    size = group["group_size"]
+    if size & (size - 1) or size > 4096 or not _aligned(p):
+        return False
+    if p.device.type == "cuda":
+        return True
+    if p.device.type == "cpu" and opt.fused and interpreting():
+        return True
+    if opt.fused:
+        raise RuntimeError(
+            f"fused=True needs a CUDA parameter (got one on {p.device}); on the CPU the Triton "
+            "kernels run only under the interpreter (TRITON_INTERPRET=1). Use fused=None to "
+            "pick the kernel on CUDA and the reference path elsewhere."
+        )
+    return False
+
+
+def _host_values(plan) -> tuple[np.ndarray, list]:
+    """The groups' values as float64, and the (row, column, tensor) of tensor-valued ones."""
+    values = np.zeros((len(plan.groups), len(plan.rule.group_values)), dtype=np.float64)
+    tensors = []
+    for r, group in enumerate(plan.groups):
+        for c, v in enumerate(plan.rule.values(group)):
+            if isinstance(v, torch.Tensor):
+                tensors.append((r, c, v))
+            else:
+                values[r, c] = v
+    return values, tensors
+
+
+def _upload(plan, host: np.ndarray, dst: torch.Tensor, tensors: list) -> None:
+    staging = torch.from_numpy(host)
+    if dst.is_cuda:
+        staging = staging.pin_memory()  # the caching host allocator keeps it alive until copied
+    dst.copy_(staging, non_blocking=True)
+    for r, c, v in tensors:  # a tensor lr: device-side copy, no sync
+        plan.hyper[r, c] = v.to(device=plan.hyper.device, dtype=torch.float64)
+
+
+def refresh_hyperparameters(opt) -> None:
+    """Copy every param group's current hyper-parameters to the device tables.
+
+    ``step()`` does this itself; call it before replaying a captured CUDA graph
+    of ``step()`` so that scheduler changes (lr, betas, ...) reach the replay.
+    """
+    for plan in getattr(opt, "_slimoptim_plans", {}).values():
+        if plan.device is not None:
+            values, tensors = _host_values(plan)
+            _upload(plan, values.reshape(-1).view(np.int64), plan.upload[plan.n_ptrs :], tensors)
+
+
+def _plan_for(opt, rule, items):
+    plans = opt.__dict__.setdefault("_slimoptim_plans", {})
+    # Group options decide what a kernel is compiled for: a change rebuilds the plan.
+    modes = tuple(
+        (g["master_weight_bits"], g["state_bits"], g["group_size"], g.get("maximize", False))
+        + tuple(rule.flags(opt, g).values())
+        for g in opt.param_groups
+    )
+    key = (tuple(id(p) for _, p in items), modes)
+    plan = plans.get(key)
+    if plan is not None and plan.still_valid(opt):
+        return plan
+    if _capturing(items):
+        raise RuntimeError(
+            "slimoptim: the fused step must run once eagerly (same params, same state) before "
+            "it is captured in a CUDA graph: it builds its device tables then."
+        )
+    if len(plans) >= MAX_PLANS:
+        plans.clear()
+    plans[key] = plan = Plan(opt, rule, items)
+    return plan
+
+
+def _capturing(items) -> bool:
+    return bool(items) and items[0][1].is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _grad_pointers(plan) -> list | None:
+    """Current gradient addresses, or None when a gradient no longer fits its bucket."""
+    ptrs = []
+    for p, dtype in zip(plan.grad_params, plan.grad_dtypes, strict=True):
+        g = p.grad
+        if g is None or g.dtype != dtype or not g.is_contiguous() or g.device != p.device:
+            return None
+        ptrs.append(g.data_ptr())
+    if any(ptr % 16 for ptr in ptrs):
+        return None
+    return ptrs
+
+
+def step_fused(opt, items, grad_scale, found_inf) -> list:
+    """Step the fusable items in bucket launches; return the items left to the reference."""
+    rule = rule_for(opt)
+    if rule is None:
+        return items
+    plan = _plan_for(opt, rule, items)
+    if plan.device is None:
+        return plan.reference
+    ptrs = _grad_pointers(plan)
+    if ptrs is None:  # a grad changed dtype or layout: rebuild the plan next step
+        opt._slimoptim_plans.clear()
+        return items
+    if _capturing(items):
+        if ptrs != plan.last_grad_ptrs:
+            raise RuntimeError(
+                "slimoptim: gradients moved since the last eager step; a captured step needs "
+                "static gradients (zero_grad(set_to_none=False) and one eager step first)."
+            )
+    else:
+        values, tensors = _host_values(plan)
+        host = np.concatenate([np.asarray(ptrs, dtype=np.int64), values.reshape(-1).view(np.int64)])
+        _upload(plan, host, plan.upload, tensors)
+        plan.last_grad_ptrs = ptrs
+    device = plan.device
+    scale = _device_scalar(grad_scale, device)
+    inf = _device_scalar(found_inf, device)
+    dummy = plan.buckets[0].steps
+    for bucket in plan.buckets:
+        _launch(plan, bucket, scale if scale is not None else dummy, inf, dummy, scale is not None)
+    return plan.reference
+
+
+def _device_scalar(t, device):
+    if t is None:
+        return None
+    return t.to(device=device, dtype=torch.float32, non_blocking=True).reshape(-1)
+
+
+def _launch(plan, bucket, scale, found_inf, dummy, has_scale) -> None:
+    has_inf = found_inf is not None
+    found_inf = found_inf if has_inf else dummy
+    cm.bump_steps_kernel[(triton.cdiv(bucket.n, 1024),)](
+        bucket.table, bucket.n, bucket.steps, found_inf, HAS_FOUND_INF=has_inf, BLOCK=1024
+    )
+    hyper = plan.hyper.index_select(0, bucket.hyper_rows)
+    scalars = plan.rule.scalars(hyper, bucket.steps).contiguous()
+    grad_ptrs = plan.grad_ptrs[bucket.first : bucket.first + bucket.n]
+    plan.rule.kernel[(bucket.n_blocks,)](
+        bucket.table,
+        grad_ptrs,
+        bucket.n,
+        bucket.numels,
+        bucket.block_tensor,
+        bucket.block_start,
+        scalars,
+        scale,
+        found_inf,
+        PARAM_KIND=bucket.param_kind,
+        GRAD_KIND=bucket.grad_kind,
+        CODE_BITS=bucket.code_bits,
+        STATE_BITS=bucket.state_bits,
+        G=bucket.g,
+        ROWS=bucket.rows,
+        MAXIMIZE=bucket.maximize,
+        HAS_GRAD_SCALE=has_scale,
+        HAS_FOUND_INF=has_inf,
+        num_warps=CONFIG["num_warps"],
+        enable_fp_fusion=False,
+        **bucket.flags,
+    )

@@ -1,0 +1,205 @@
+"""Triton mirrors of :mod:`slimoptim.formats`, operation for operation.
+
+Every helper performs the same IEEE operations, in the same order, as its
+PyTorch twin, so kernel and reference produce the same bits. Rules kept here:
+
+* float32 -> bf16 rounding and bf16 <-> float32 moves go through integer bits
+  (Triton's CPU interpreter truncates bf16 casts; bits are exact everywhere).
+* division and square root use ``tl.div_rn`` / ``tl.sqrt_rn``: plain ``/`` and
+  ``tl.sqrt`` are approximate on the GPU. Kernels are launched with
+  ``enable_fp_fusion=False`` so that no multiply-add is contracted into an FMA.
+* tiles are 2-D, ``(rows, group_size)``: one row per quantization group, so a
+  group's scale is a row reduction.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import formats as ref
+
+
+def _f32(x: float) -> float:
+    """The float32 value of ``x`` as a Python float: the constant torch would multiply by."""
+    return torch.tensor(x, dtype=torch.float32).item()
+
+
+MOMENTUM_LEVELS = tl.constexpr(float(ref.MOMENTUM_LEVELS))
+VARIANCE_LEVELS = tl.constexpr(float(ref.VARIANCE_LEVELS))
+DENOM_FLOOR = tl.constexpr(_f32(ref.DENOM_FLOOR))
+
+# Parameter storage kinds (a tl.constexpr of the kernels).
+FP32, BF16, FP16 = 0, 1, 2
+
+
+@triton.jit
+def is_finite(x):
+    return tl.abs(x) < float("inf")  # False for +-inf and NaN
+
+
+@triton.jit
+def as_float(bits):
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def as_bits(x):
+    return x.to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def bf16_bits_to_float(bits16):
+    """int16 bf16 bit patterns -> float32 (exact)."""
+    return as_float(bits16.to(tl.int32) << 16)
+
+
+@triton.jit
+def round_to_bf16(x):
+    """formats.round_to_bf16: nearest bf16 (ties to even), kept in float32."""
+    u = as_bits(x)
+    lsb = (u >> 16) & 1
+    rounded = (u + 0x7FFF + lsb) & -65536
+    return tl.where(x != x, x, as_float(rounded))
+
+
+@triton.jit
+def float_to_bf16_bits(b):
+    """bf16-exact float32 -> int16 bits; NaN becomes 0x7FC0 as in torch's CPU cast."""
+    bits = (as_bits(b) >> 16).to(tl.int16)
+    return tl.where(b != b, 0x7FC0, bits).to(tl.int16)
+
+
+@triton.jit
+def round_to_dtype(x, PARAM: tl.constexpr):
+    if PARAM == 1:
+        return round_to_bf16(x)
+    elif PARAM == 2:
+        return x.to(tl.float16).to(tl.float32)  # cvt.rn on the GPU, numpy RNE in the interpreter
+    else:
+        return x
+
+
+@triton.jit
+def pow2(k):
+    """2**k as float32 for int32 k in [-126, 127]."""
+    return as_float((k + 127) << 23)
+
+
+@triton.jit
+def code_shift(b, PARAM: tl.constexpr, CODE_BITS: tl.constexpr):
+    # (mantissa bits, smallest normal exponent): bf16 (7, -126), fp16 (10, -14)
+    if PARAM == 1:
+        MANTISSA: tl.constexpr = 7
+        MIN_EXP: tl.constexpr = -126
+    else:
+        MANTISSA: tl.constexpr = 10
+        MIN_EXP: tl.constexpr = -14
+    exponent = ((as_bits(b) >> 23) & 0xFF) - 127
+    exponent = tl.maximum(exponent, MIN_EXP)
+    return CODE_BITS + MANTISSA - exponent
+
+
+@triton.jit
+def scale_by_pow2(x, shift):
+    half = shift >> 1  # arithmetic shift: floor division, as torch's >> on int32
+    return x * pow2(half) * pow2(shift - half)
+
+
+@triton.jit
+def join_master(b, code, PARAM: tl.constexpr, CODE_BITS: tl.constexpr):
+    shift = code_shift(b, PARAM, CODE_BITS)
+    return b + scale_by_pow2(code, -shift)
+
+
+@triton.jit
+def split_master(w, PARAM: tl.constexpr, CODE_BITS: tl.constexpr):
+    """(low-precision value as float32, code as float32) of master ``w``."""
+    b = round_to_dtype(w, PARAM)
+    scaled = scale_by_pow2(w - b, code_shift(b, PARAM, CODE_BITS))
+    LIMIT: tl.constexpr = 2 ** (CODE_BITS - 1)
+    code = tl.minimum(tl.maximum(tl.floor(scaled + 0.5), -LIMIT), LIMIT - 1)
+    code = tl.where(is_finite(scaled), code, 0.0)
+    return b, code
+
+
+# ---------------------------------------------------------------- group scales
+
+
+@triton.jit
+def round_up_to_bf16(x):
+    """formats.round_up_to_bf16 for finite x >= 0, capped at the largest bf16."""
+    rounded = (as_bits(x) + 0xFFFF) & -65536
+    return as_float(tl.minimum(rounded, 0x7F7F0000))
+
+
+@triton.jit
+def safe_divide(x, scale):
+    return tl.where(scale > 0, tl.div_rn(x, tl.where(scale > 0, scale, 1.0)), 0.0)
+
+
+# ----------------------------------------------------------- stochastic dither
+
+
+@triton.jit
+def mix32(x):
+    """formats._mix32 on uint32: products wrap mod 2**32 like the masked int64 ones."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x1B873593
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def dither(index, step):
+    """formats.dither for int element indices (< 2**31) and a float32 step counter."""
+    key = mix32(step.to(tl.int32).to(tl.uint32) * 0x9E3779B1)
+    h = mix32(index.to(tl.uint32) ^ key)
+    return (h >> 8).to(tl.float32) * (1.0 / 16777216.0)
+
+
+# ------------------------------------------------------------ momentum (signed)
+
+
+@triton.jit
+def dequantize_momentum(code, scale_row):
+    y = tl.div_rn(code.to(tl.float32), MOMENTUM_LEVELS)
+    return y * tl.abs(y) * scale_row[:, None]
+
+
+@triton.jit
+def quantize_momentum(m, mask, noise):
+    """(int8 code, bf16 scale as float32 per row) of momentum tile ``m``."""
+    scale = round_up_to_bf16(tl.max(tl.where(mask, tl.abs(m), 0.0), axis=1))
+    x = safe_divide(m, scale[:, None])
+    y = tl.sqrt_rn(tl.abs(x)) * MOMENTUM_LEVELS
+    y = tl.where(x < 0, -y, y)
+    code = tl.minimum(tl.maximum(tl.floor(y + noise), -MOMENTUM_LEVELS), MOMENTUM_LEVELS)
+    return code.to(tl.int8), scale
+
+
+# --------------------------------------------------------- variance (non-neg.)
+
+
+@triton.jit
+def dequantize_variance(code, scale_row):
+    t = tl.div_rn(code.to(tl.float32), VARIANCE_LEVELS)
+    t2 = t * t
+    root = t2 * t2 * scale_row[:, None]
+    return root * root
+
+
+@triton.jit
+def quantize_variance(v, mask):
+    root = tl.sqrt_rn(v)
+    scale = round_up_to_bf16(tl.max(tl.where(mask, root, 0.0), axis=1))
+    t = tl.sqrt_rn(tl.sqrt_rn(safe_divide(root, scale[:, None])))
+    code = tl.minimum(tl.maximum(tl.floor(t * VARIANCE_LEVELS + 0.5), 0.0), VARIANCE_LEVELS)
+    return code.to(tl.uint8), scale
+
+
+@triton.jit
+def variance_floor(scale_row):
+    return scale_row * DENOM_FLOOR
