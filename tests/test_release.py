@@ -427,3 +427,22 @@ def test_zero_grad_after_a_failed_backward_drops_partial_grads():
     model(tokens, targets).backward()
     assert all(p.grad is None for p in model.parameters())
     assert not handle._backward_open
+
+
+@pytest.mark.parametrize("name,kwargs", [OPTIMIZERS[0], OPTIMIZERS[3], OPTIMIZERS[4]])
+def test_release_through_the_fused_kernels_is_bit_identical(name, kwargs):
+    """Buckets go through step_params' multi-tensor kernels (the Triton interpreter on CPU)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    seed = new_seed()
+    ref_model, model = (m.to(device) for m in make_models(torch.bfloat16, seed))
+    ref_opt = getattr(slimoptim, name)(ref_model.parameters(), fused=True, group_size=32, **kwargs)
+    opt = getattr(slimoptim, name)(model.parameters(), fused=True, group_size=32, **kwargs)
+    slimoptim.enable_gradient_release(model, opt, bucket_bytes=600)
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(3):
+        tokens, targets = (t.to(device) for t in batch(gen))
+        ref_model(tokens, targets, step != 1).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        model(tokens, targets, step != 1).backward()
+        assert_same(ref_model, ref_opt, model, opt, f"seed {seed}, step {step}")
