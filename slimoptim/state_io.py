@@ -117,8 +117,11 @@ def _check_groups(opt, sd: dict) -> list[tuple[torch.Tensor, dict, object]]:
                     f"optimizer uses {key}={group[key]!r}; build the optimizer with the same "
                     "mode."
                 )
+        # The layout follows the group as it will be after loading (e.g. SGD's
+        # momentum decides whether a buffer is kept), as torch.optim's load does.
+        loaded_group = {**group, **{k: v for k, v in saved.items() if k != "params"}}
         pairs += [
-            (p, group, saved_id)
+            (p, loaded_group, saved_id)
             for p, saved_id in zip(group["params"], saved["params"], strict=True)
         ]
     return pairs
