@@ -16,6 +16,7 @@ import datetime
 import json
 import statistics
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -111,14 +112,24 @@ def bench_one(shapes, dtype, factory, steps: int, ceiling: float) -> dict:
     torch.cuda.synchronize()
     state_bytes = torch.cuda.memory_allocated() - before
     ms = median_ms(opt.step, steps)
+    # Back to back, as in training (host work overlaps the previous step's kernels).
+    pipelined = median_ms(lambda: [opt.step() for _ in range(10)], max(3, steps // 5)) / 10
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        opt.step()
+    host_ms = (time.perf_counter() - t0) * 100  # enqueue time per step (no sync inside)
+    torch.cuda.synchronize()
     param_bytes = sum(p.nbytes for p in params)
     grad_bytes = sum(p.grad.nbytes for p in params)
     moved = 2 * param_bytes + grad_bytes + 2 * state_bytes
     gbs = moved / ms / 1e6
-    del opt, params
+    opt = params = None  # free the memory before the next optimizer
     torch.cuda.empty_cache()
     return {
         "ms": round(ms, 3),
+        "ms_back_to_back": round(pipelined, 3),
+        "host_ms": round(host_ms, 3),
         "bytes_moved": moved,
         "bytes_per_param_moved": round(moved / n, 3),
         "gbs": round(gbs, 1),
@@ -172,9 +183,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--only", default="", help="comma-separated substrings of names")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--sweep", default="", help="block x warps configs to try, e.g. 2048x8")
+    parser.add_argument("--no-check", action="store_true")
     args = parser.parse_args()
-
     import triton  # noqa: PLC0415
+
+    from slimoptim.kernels import dispatch  # noqa: PLC0415
 
     commit = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
@@ -189,6 +203,19 @@ def main() -> None:
     ceiling = copy_ceiling_gbs()
     meta["copy_ceiling_gbs"] = round(ceiling, 1)
     print(meta, flush=True)
+    if args.sweep:  # kernel launch configs on the 1.1B AdamW step; the fastest is kept
+        timings = {}
+        for cfg in args.sweep.split(","):
+            block, warps = map(int, cfg.split("x"))
+            dispatch.CONFIG.update(block=block, num_warps=warps)
+            dtype, factory = optimizers()["slimoptim AdamW 24/8"]
+            r = bench_one(tinyllama_shapes(), dtype, factory, 10, ceiling)
+            timings[(block, warps)] = r["ms"]
+            print(f"sweep {cfg:8s} AdamW 24/8 {r['ms']} ms {r['pct_of_copy']}%", flush=True)
+        block, warps = min(timings, key=timings.get)
+        dispatch.CONFIG.update(block=block, num_warps=warps)
+        meta["sweep_ms"] = {f"{b}x{w}": ms for (b, w), ms in timings.items()}
+    meta["kernel_config"] = dict(dispatch.CONFIG)
     results = {}
     for set_name in args.sets.split(","):
         shapes = SETS[set_name]()
@@ -199,7 +226,7 @@ def main() -> None:
             r = bench_one(shapes, dtype, factory, args.steps, ceiling)
             results[set_name][name] = r
             print(f"{set_name:15s} {name:26s} {r}", flush=True)
-    check = bit_check(gpt2_shapes()[:30] + [(1,), (31,), (33,), (4097,)])
+    check = {} if args.no_check else bit_check(gpt2_shapes()[:30] + [(1,), (31,), (33,), (4097,)])
     print("bit check (differing values, fused vs reference):", check, flush=True)
 
     out = Path(args.out)
@@ -225,14 +252,15 @@ def markdown(meta, results, check) -> str:
             f"### {set_name} ({next(iter(rows.values()))['params'] / 1e6:.0f}M params)",
             "",
             "| optimizer | step ms | × torch fp32 | bytes moved/param | GB/s | % of copy "
-            "| state B/param |",
-            "|---|---|---|---|---|---|---|",
+            "| state B/param | back-to-back ms | host ms |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for name, r in rows.items():
             rel = f"{r['ms'] / ref:.2f}" if ref else "-"
             lines.append(
                 f"| {name} | {r['ms']:.2f} | {rel} | {r['bytes_per_param_moved']:.2f} "
-                f"| {r['gbs']:.0f} | {r['pct_of_copy']:.0f}% | {r['state_bytes_per_param']:.2f} |"
+                f"| {r['gbs']:.0f} | {r['pct_of_copy']:.0f}% | {r['state_bytes_per_param']:.2f} "
+                f"| {r['ms_back_to_back']:.2f} | {r['host_ms']:.2f} |"
             )
         lines.append("")
     bad = {k: v for k, v in check.items() if v["differing_values"]}

@@ -40,7 +40,10 @@ def _clone(params):
 def _set_grads(pairs, gen, nonfinite=False):
     """The same fresh random gradients on both param lists; heavy-tailed magnitudes."""
     for k, (p, q) in enumerate(pairs):
-        g = torch.randn(p.shape, generator=gen) * 10 ** torch.randint(-4, 2, p.shape, generator=gen)
+        g = torch.randn(p.shape, generator=gen) * 10.0 ** torch.randint(
+            -4, 2, p.shape, generator=gen
+        )
+        g[1::9], g[2::13] = 0.0, -0.0  # signed zeros: the kernels must keep their signs
         if nonfinite and p.numel() > 64:
             g[40] = float("nan") if k % 2 else float("inf")  # one bad group per big tensor
         g = g.to(p.dtype).to(DEVICE)

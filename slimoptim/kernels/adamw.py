@@ -16,14 +16,16 @@ STEP, DECAY, WEIGHT_DECAY, ONE_MINUS_BETA1, BETA2, ONE_MINUS_BETA2, EPS, STEP_SI
 
 
 @triton.jit
-def adamw_step_kernel(
+def _adamw_tile(
     table,
     grad_ptrs,
     n_tensors,
-    numels,
-    block_tensor,
-    block_start,
     scalars,
+    t,
+    offs,
+    mask,
+    groups,
+    group_mask,
     grad_scale,
     found_inf,
     PARAM_KIND: tl.constexpr,
@@ -38,7 +40,6 @@ def adamw_step_kernel(
     DECOUPLED: tl.constexpr,
     HAS_WEIGHT_DECAY: tl.constexpr,
 ):
-    t, offs, mask, groups, group_mask = cm.tile(block_tensor, block_start, numels, ROWS, G)
     g, ok, group_ok = cm.load_grad(
         grad_ptrs, t, offs, mask, group_mask, grad_scale, found_inf,
         GRAD_KIND, MAXIMIZE, HAS_GRAD_SCALE, HAS_FOUND_INF,
@@ -82,6 +83,82 @@ def adamw_step_kernel(
     else:
         cm.store_float_state(table, n_tensors, cm.STATE0, t, offs, m, ok)
         cm.store_float_state(table, n_tensors, cm.STATE1, t, offs, v, ok)
+
+
+@triton.jit
+def adamw_step_kernel(
+    table,
+    grad_ptrs,
+    n_tensors,
+    numels,
+    block_tensor,
+    block_start,
+    scalars,
+    grad_scale,
+    found_inf,
+    PARAM_KIND: tl.constexpr,
+    GRAD_KIND: tl.constexpr,
+    CODE_BITS: tl.constexpr,
+    STATE_BITS: tl.constexpr,
+    G: tl.constexpr,
+    ROWS: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    DECOUPLED: tl.constexpr,
+    HAS_WEIGHT_DECAY: tl.constexpr,
+):
+    t, offs, groups, full, numel = cm.tile(block_tensor, block_start, numels, ROWS, G)
+    if full:
+        _adamw_tile(
+            table,
+            grad_ptrs,
+            n_tensors,
+            scalars,
+            t,
+            offs,
+            cm.everywhere(offs),
+            groups,
+            cm.everywhere(groups),
+            grad_scale,
+            found_inf,
+            PARAM_KIND,
+            GRAD_KIND,
+            CODE_BITS,
+            STATE_BITS,
+            G,
+            ROWS,
+            MAXIMIZE,
+            HAS_GRAD_SCALE,
+            HAS_FOUND_INF,
+            DECOUPLED,
+            HAS_WEIGHT_DECAY,
+        )
+    else:
+        _adamw_tile(
+            table,
+            grad_ptrs,
+            n_tensors,
+            scalars,
+            t,
+            offs,
+            offs < numel,
+            groups,
+            groups * G < numel,
+            grad_scale,
+            found_inf,
+            PARAM_KIND,
+            GRAD_KIND,
+            CODE_BITS,
+            STATE_BITS,
+            G,
+            ROWS,
+            MAXIMIZE,
+            HAS_GRAD_SCALE,
+            HAS_FOUND_INF,
+            DECOUPLED,
+            HAS_WEIGHT_DECAY,
+        )
 
 
 class AdamWRule:

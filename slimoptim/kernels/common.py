@@ -26,14 +26,22 @@ N_FIELDS = 7
 
 @triton.jit
 def tile(block_tensor, block_start, numels, ROWS: tl.constexpr, G: tl.constexpr):
-    """(tensor index, element offsets, element mask, group indices, group mask) of this program."""
+    """(tensor index, element offsets, group indices, whole tile in bounds?, tensor numel)."""
     pid = tl.program_id(0)
     t = tl.load(block_tensor + pid)
     start = tl.load(block_start + pid)
     numel = tl.load(numels + t)
     groups = start // G + tl.arange(0, ROWS)
     offs = groups[:, None] * G + tl.arange(0, G)[None, :]
-    return t, offs, offs < numel, groups, groups * G < numel
+    return t, offs, groups, start + ROWS * G <= numel, numel
+
+
+@triton.jit
+def everywhere(x):
+    """An all-true mask. Kernels run the tiles that lie wholly inside their tensor with
+    it: a mask computed from the run-time numel would stop Triton from vectorising the
+    loads and stores (it cannot prove the mask constant over a vector)."""
+    return tl.full(x.shape, True, tl.int1)
 
 
 @triton.jit
@@ -76,7 +84,7 @@ def load_grad(
     if HAS_GRAD_SCALE:
         g = tl.div_rn(g, tl.load(grad_scale))
     if MAXIMIZE:
-        g = -g
+        g = g * -1.0  # not -g: Triton's unary minus is 0 - x, which loses -0.0
     # A group with a non-finite gradient keeps its old values; found_inf skips every group.
     group_ok = tl.min(tl.where(mask, kf.is_finite(g), True).to(tl.int32), axis=1)
     if HAS_FOUND_INF:

@@ -175,7 +175,7 @@ def quantize_momentum(m, mask, noise):
     scale = round_up_to_bf16(tl.max(tl.where(mask, tl.abs(m), 0.0), axis=1))
     x = safe_divide(m, scale[:, None])
     y = tl.sqrt_rn(tl.abs(x)) * MOMENTUM_LEVELS
-    y = tl.where(x < 0, -y, y)
+    y = tl.where(x < 0, y * -1.0, y)  # not -y: Triton's unary minus is 0 - y
     code = tl.minimum(tl.maximum(tl.floor(y + noise), -MOMENTUM_LEVELS), MOMENTUM_LEVELS)
     return code.to(tl.int8), scale
 

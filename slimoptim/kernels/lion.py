@@ -15,14 +15,16 @@ STEP, LR, DECAY, BETA1, ONE_MINUS_BETA1, BETA2, ONE_MINUS_BETA2 = (
 
 
 @triton.jit
-def lion_step_kernel(
+def _lion_tile(
     table,
     grad_ptrs,
     n_tensors,
-    numels,
-    block_tensor,
-    block_start,
     scalars,
+    t,
+    offs,
+    mask,
+    groups,
+    group_mask,
     grad_scale,
     found_inf,
     PARAM_KIND: tl.constexpr,
@@ -36,7 +38,6 @@ def lion_step_kernel(
     HAS_FOUND_INF: tl.constexpr,
     HAS_WEIGHT_DECAY: tl.constexpr,
 ):
-    t, offs, mask, groups, group_mask = cm.tile(block_tensor, block_start, numels, ROWS, G)
     g, ok, group_ok = cm.load_grad(
         grad_ptrs, t, offs, mask, group_mask, grad_scale, found_inf,
         GRAD_KIND, MAXIMIZE, HAS_GRAD_SCALE, HAS_FOUND_INF,
@@ -67,6 +68,79 @@ def lion_step_kernel(
         cm.store_momentum(table, n_tensors, cm.STATE0, t, offs, mask, groups, m, ok, group_ok, step)
     else:
         cm.store_float_state(table, n_tensors, cm.STATE0, t, offs, m, ok)
+
+
+@triton.jit
+def lion_step_kernel(
+    table,
+    grad_ptrs,
+    n_tensors,
+    numels,
+    block_tensor,
+    block_start,
+    scalars,
+    grad_scale,
+    found_inf,
+    PARAM_KIND: tl.constexpr,
+    GRAD_KIND: tl.constexpr,
+    CODE_BITS: tl.constexpr,
+    STATE_BITS: tl.constexpr,
+    G: tl.constexpr,
+    ROWS: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    HAS_WEIGHT_DECAY: tl.constexpr,
+):
+    t, offs, groups, full, numel = cm.tile(block_tensor, block_start, numels, ROWS, G)
+    if full:
+        _lion_tile(
+            table,
+            grad_ptrs,
+            n_tensors,
+            scalars,
+            t,
+            offs,
+            cm.everywhere(offs),
+            groups,
+            cm.everywhere(groups),
+            grad_scale,
+            found_inf,
+            PARAM_KIND,
+            GRAD_KIND,
+            CODE_BITS,
+            STATE_BITS,
+            G,
+            ROWS,
+            MAXIMIZE,
+            HAS_GRAD_SCALE,
+            HAS_FOUND_INF,
+            HAS_WEIGHT_DECAY,
+        )
+    else:
+        _lion_tile(
+            table,
+            grad_ptrs,
+            n_tensors,
+            scalars,
+            t,
+            offs,
+            offs < numel,
+            groups,
+            groups * G < numel,
+            grad_scale,
+            found_inf,
+            PARAM_KIND,
+            GRAD_KIND,
+            CODE_BITS,
+            STATE_BITS,
+            G,
+            ROWS,
+            MAXIMIZE,
+            HAS_GRAD_SCALE,
+            HAS_FOUND_INF,
+            HAS_WEIGHT_DECAY,
+        )
 
 
 class LionRule:

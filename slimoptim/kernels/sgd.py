@@ -15,14 +15,16 @@ STEP, LR, MOMENTUM, ONE_MINUS_DAMPENING, WEIGHT_DECAY, FIRST_STEP = (
 
 
 @triton.jit
-def sgd_step_kernel(
+def _sgd_tile(
     table,
     grad_ptrs,
     n_tensors,
-    numels,
-    block_tensor,
-    block_start,
     scalars,
+    t,
+    offs,
+    mask,
+    groups,
+    group_mask,
     grad_scale,
     found_inf,
     PARAM_KIND: tl.constexpr,
@@ -38,7 +40,6 @@ def sgd_step_kernel(
     NESTEROV: tl.constexpr,
     HAS_WEIGHT_DECAY: tl.constexpr,
 ):
-    t, offs, mask, groups, group_mask = cm.tile(block_tensor, block_start, numels, ROWS, G)
     g, ok, group_ok = cm.load_grad(
         grad_ptrs, t, offs, mask, group_mask, grad_scale, found_inf,
         GRAD_KIND, MAXIMIZE, HAS_GRAD_SCALE, HAS_FOUND_INF,
@@ -72,6 +73,85 @@ def sgd_step_kernel(
             )
         else:
             cm.store_float_state(table, n_tensors, cm.STATE0, t, offs, buf, ok)
+
+
+@triton.jit
+def sgd_step_kernel(
+    table,
+    grad_ptrs,
+    n_tensors,
+    numels,
+    block_tensor,
+    block_start,
+    scalars,
+    grad_scale,
+    found_inf,
+    PARAM_KIND: tl.constexpr,
+    GRAD_KIND: tl.constexpr,
+    CODE_BITS: tl.constexpr,
+    STATE_BITS: tl.constexpr,
+    G: tl.constexpr,
+    ROWS: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    HAS_MOMENTUM: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    HAS_WEIGHT_DECAY: tl.constexpr,
+):
+    t, offs, groups, full, numel = cm.tile(block_tensor, block_start, numels, ROWS, G)
+    if full:
+        _sgd_tile(
+            table,
+            grad_ptrs,
+            n_tensors,
+            scalars,
+            t,
+            offs,
+            cm.everywhere(offs),
+            groups,
+            cm.everywhere(groups),
+            grad_scale,
+            found_inf,
+            PARAM_KIND,
+            GRAD_KIND,
+            CODE_BITS,
+            STATE_BITS,
+            G,
+            ROWS,
+            MAXIMIZE,
+            HAS_GRAD_SCALE,
+            HAS_FOUND_INF,
+            HAS_MOMENTUM,
+            NESTEROV,
+            HAS_WEIGHT_DECAY,
+        )
+    else:
+        _sgd_tile(
+            table,
+            grad_ptrs,
+            n_tensors,
+            scalars,
+            t,
+            offs,
+            offs < numel,
+            groups,
+            groups * G < numel,
+            grad_scale,
+            found_inf,
+            PARAM_KIND,
+            GRAD_KIND,
+            CODE_BITS,
+            STATE_BITS,
+            G,
+            ROWS,
+            MAXIMIZE,
+            HAS_GRAD_SCALE,
+            HAS_FOUND_INF,
+            HAS_MOMENTUM,
+            NESTEROV,
+            HAS_WEIGHT_DECAY,
+        )
 
 
 class SGDRule:
