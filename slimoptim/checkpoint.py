@@ -154,11 +154,14 @@ def fp32_state_dict(model: nn.Module, optimizer) -> dict[str, torch.Tensor]:
     are. Like ``model.state_dict()``, entries may share memory with the model.
     """
     managed = _managed(optimizer)
+    masters = {}  # one tensor per parameter, so tied names share it (and save once)
     out = {}
     for name, value in model.state_dict(keep_vars=True).items():
         if id(value) in managed:
             _refuse_dtensor(value)
-            out[name] = optimizer.master_weight(value).detach()
+            if id(value) not in masters:
+                masters[id(value)] = optimizer.master_weight(value).detach()
+            out[name] = masters[id(value)]
         else:
             out[name] = value.detach()
     return out

@@ -7,6 +7,7 @@ import sys
 import warnings
 
 import pytest
+import safetensors
 import torch
 from torch import nn
 
@@ -319,6 +320,8 @@ def test_fp32_round_trip_through_safetensors_with_tied_weights(tmp_path):
         model(torch.randn(5, 24, dtype=torch.bfloat16)).float().pow(2).mean().backward()
         opt.step()
     checkpoint.save_model(model, tmp_path / "fp32.safetensors", opt, fp32=True)
+    with safetensors.safe_open(tmp_path / "fp32.safetensors", framework="pt") as f:
+        assert sorted(f.keys()) == ["0.bias", "0.weight", "2.bias"]  # the tie saved once
     checkpoint.save_model(model, tmp_path / "bf16.safetensors")
 
     fresh = tied_model(new_seed())
@@ -399,7 +402,7 @@ def test_export_to_torch_optim_then_both_step_alike(name, dtype, state_bits):
         torch_opt.step()
     # 32-bit states on fp32 params follow torch to float32 rounding; 8-bit
     # states (and bf16 params with a 24-bit master) to a few percent of the path.
-    limit = 1e-5 if state_bits == 32 else 0.05
+    limit = 1e-5 if state_bits == 32 else 0.03
     assert relative_gap(opt, model, torch_model, start) < limit
 
 
@@ -464,7 +467,7 @@ def test_import_from_torch_optim_quantizes_within_the_stated_error(name, state_b
         set_grads(torch_model, seed + step)
         opt.step()
         torch_opt.step()
-    assert relative_gap(opt, model, torch_model, start) < 0.05
+    assert relative_gap(opt, model, torch_model, start) < 0.03
 
 
 def test_torch_state_dicts_of_another_kind_are_refused_and_change_nothing():
