@@ -1,6 +1,7 @@
 """Bad input: each mismatch is a clear error naming it, and nothing is half-loaded."""
 
 import random
+import warnings
 
 import pytest
 import torch
@@ -161,4 +162,36 @@ def test_wrong_dtype_of_a_state_tensor_is_named(trained):
     before = snapshot(opt)
     with pytest.raises(CheckpointError, match="'correction' of parameter 2 is torch.bfloat16"):
         opt.load_state_dict(sd)
+    assert_unchanged(opt, before)
+
+
+def test_format_version_survives_distributed_checkpoint(tmp_path, monkeypatch):
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    from torch.distributed.checkpoint import state_dict as dsd
+
+    from slimoptim import state_io
+
+    model, opt, sched = build("Lion", torch.bfloat16, 24, 8, seed=new_seed())
+    train(model, opt, sched, range(2), new_seed())
+    monkeypatch.setattr(state_io, "FORMAT_VERSION", 2)  # as a future slimoptim would write
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.save({"optim": dsd.get_optimizer_state_dict(model, opt)}, checkpoint_id=tmp_path)
+        monkeypatch.undo()
+        model, opt, _ = build("Lion", torch.bfloat16, 24, 8, seed=new_seed())
+        template = {"optim": dsd.get_optimizer_state_dict(model, opt)}
+        dcp.load(template, checkpoint_id=tmp_path)
+        with pytest.raises(CheckpointError, match="format_version 2 is not supported"):
+            dsd.set_optimizer_state_dict(model, opt, template["optim"])
+
+
+def test_a_scheduler_without_saved_state_is_refused(tmp_path):
+    model, opt, sched = build("SGD", torch.bfloat16, 24, 8, seed=new_seed())
+    train(model, opt, sched, range(2), new_seed())
+    path = tmp_path / "no_sched.pt"
+    checkpoint.save_checkpoint(path, model, opt)
+    model, opt, sched = build("SGD", torch.bfloat16, 24, 8, seed=new_seed())
+    before = snapshot(opt)
+    with pytest.raises(CheckpointError, match="no_sched.pt.*holds no scheduler state"):
+        checkpoint.load_checkpoint(path, model, opt, sched)
     assert_unchanged(opt, before)
