@@ -106,8 +106,9 @@ def read_checkpoint(path, map_location="cpu", weights_only: bool = True) -> dict
         raise
     except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
         raise CheckpointError(
-            f"cannot read checkpoint {os.fspath(path)!r}: it is truncated, corrupted or not a "
-            f"torch.save file ({type(error).__name__}: {error})"
+            f"cannot read checkpoint {os.fspath(path)!r}: it is truncated or corrupted, not a "
+            "torch.save file, or holds objects that weights_only loading refuses "
+            f"({type(error).__name__}: {error})"
         ) from error
 
 
