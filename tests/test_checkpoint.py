@@ -138,9 +138,13 @@ def test_resume_from_disk_is_bit_identical(name, dtype, master, state, tmp_path)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_load_keeps_native_dtypes_without_casting_to_the_param_dtype(dtype, tmp_path):
+def test_load_keeps_native_dtypes_without_casting_to_the_param_dtype(dtype, tmp_path, monkeypatch):
     # torch.optim.Optimizer.load_state_dict would cast float32 states (and the
-    # int8 correction) to the param dtype; ours must keep every bit.
+    # int8 correction) to the param dtype; ours must keep every bit and not call it.
+    def torch_load_state_dict(*args, **kwargs):
+        raise AssertionError("torch.optim.Optimizer.load_state_dict was called")
+
+    monkeypatch.setattr(torch.optim.Optimizer, "load_state_dict", torch_load_state_dict)
     model, opt, sched = build("AdamW", dtype, 24, 32, seed=new_seed())
     train(model, opt, sched, range(3), new_seed())
     saved = opt.state_dict()
