@@ -128,7 +128,8 @@ def _add_demo(subparsers) -> None:
     demo.add_argument(
         "--gradient-release",
         action="store_true",
-        help="step each parameter during backward and free its gradient (no clipping then)",
+        help="slimoptim runs step each parameter in backward and free its gradient "
+        "(gradients clipped per tensor instead of by global norm)",
     )
     demo.add_argument(
         "--pure-bf16-baseline",

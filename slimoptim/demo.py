@@ -184,7 +184,10 @@ def train_run(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps))
     release = None
     if spec.gradient_release:
-        release = slimoptim.enable_gradient_release(model, optimizer)
+        # Global-norm clipping needs every gradient at once; release clips tensor by tensor.
+        release = slimoptim.enable_gradient_release(
+            model, optimizer, clip_grad_norm_per_tensor=GRAD_CLIP
+        )
 
     batches = torch.Generator().manual_seed(seed)
     held_out = torch.Generator().manual_seed(VALIDATION_SEED)
@@ -210,14 +213,17 @@ def train_run(
         if release is None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
             optimizer.step()
+        else:
+            with warnings.catch_warnings():
+                # A no-op under release (backward stepped): called so the LR schedule
+                # knows a step happened. Its "does nothing" warning is expected here.
+                warnings.simplefilter("ignore")
+                optimizer.step()
         if step == steps:
             report = slimoptim.memory_report(optimizer)  # with the gradients still held
         if release is None:
             optimizer.zero_grad(set_to_none=True)
-        with warnings.catch_warnings():
-            # With gradient release the optimizer steps in backward, not in step().
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
-            schedule.step()
+        schedule.step()
         _sync(device)
         train_seconds += time.perf_counter() - start
         train_losses.append(loss.detach())

@@ -29,6 +29,7 @@ from .model import cast_model
 
 COMPONENTS = ("params", "master_correction", "grads", "states", "state_scales", "step")
 STEP_BYTES = 4  # torch.optim and slimoptim keep a float32 step counter per tensor
+RELEASE_BUCKET_BYTES = 32 * 2**20  # enable_gradient_release's default bucket_bytes
 
 _COUNT_SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
 _MEMORY_UNIT = {
@@ -271,8 +272,10 @@ def setup_bytes(setup: Setup, model: ModelTensors, group_size: int = 32) -> dict
     grad_bytes = [n * d.itemsize for n, d in tensors]
     out["params"] = sum(grad_bytes)
     if setup.gradient_release:
-        # Each gradient is freed once its parameter has stepped: about one in flight.
-        out["grads"] = max(grad_bytes) if model.shapes_known else 0
+        # Gradients are stepped and freed in buckets of RELEASE_BUCKET_BYTES as they arrive:
+        # at most one bucket is held, and a bucket can overshoot by its last tensor.
+        largest = max(grad_bytes) if model.shapes_known else 0
+        out["grads"] = min(sum(grad_bytes), RELEASE_BUCKET_BYTES + largest)
     else:
         out["grads"] = sum(grad_bytes)
     return out
@@ -372,15 +375,15 @@ def format_plan(plan: dict, gpu_text: str | None = None) -> str:
         "",
         "24/8 = master weight bits / state bits ('none': the bf16 weights only). master = the",
         "master-weight correction; scales = 8-bit state scales and step counters; +release =",
-        "total with gradient release (slimoptim.enable_gradient_release), whose gradients are",
+        "total with gradient release (slimoptim.enable_gradient_release), which holds one",
     ]
     if plan["num_tensors"] is None:
         lines.append(
-            "counted as 0 for a bare count (its largest tensor is unknown: use --module or "
-            "--hf-config)."
+            "32 MiB bucket of gradients at most, plus its last tensor (unknown for a bare "
+            "count:\nuse --module or --hf-config to count it)."
         )
     else:
-        lines.append("about one tensor in flight: the largest one.")
+        lines.append("32 MiB bucket of gradients at most, plus its last tensor (the largest).")
     if gpu is not None:
         lines.append("fits? = without / with gradient release.")
     lines.append("Not included: activations, temporary buffers, the CUDA context, allocator slack.")
