@@ -275,7 +275,13 @@ def memory_part(device, args) -> dict:
             "step_time_ratio": speed,
             "speed_ok": speed <= 1.0,
         }
-    return {"shape": vars(shape), "runs": runs, "vs_torch_adamw": checks}
+    same = runs["slimoptim_adamw_release"]["losses"] == runs["slimoptim_adamw"]["losses"]
+    return {
+        "shape": vars(shape),
+        "runs": runs,
+        "vs_torch_adamw": checks,
+        "release_losses_identical": same,
+    }
 
 
 def speed_part(device, args) -> dict:
@@ -287,11 +293,27 @@ def speed_part(device, args) -> dict:
         runs[config] = run_config(config, shape, device, args)
     base = runs[configs[0]]["step_ms_median"]
     overhead = {c: runs[c]["step_ms_median"] / base - 1 for c in configs[1:]}
-    return {"shape": vars(shape), "runs": runs, "release_overhead": overhead}
+    same = all(runs[c]["losses"] == runs[configs[0]]["losses"] for c in configs[1:])
+    return {
+        "shape": vars(shape),
+        "runs": runs,
+        "release_overhead": overhead,
+        "release_losses_identical": same,
+    }
 
 
 def fmt_bytes(x, unit: float) -> str:
     return "—" if x is None else f"{x / unit:.3f}"
+
+
+def identical_line(part: dict) -> str:
+    if part["release_losses_identical"]:
+        return "Losses with gradient release are bit-identical to the plain step's."
+    return (
+        "Losses with gradient release differ from the plain step's. On a GPU this can come "
+        "from non-deterministic backward kernels (attention, embedding); the CPU tests check "
+        "bit-identity. A large difference needs a look."
+    )
 
 
 def step_path(run: dict) -> str:
@@ -342,7 +364,7 @@ def markdown(report: dict) -> str:
                 f"({'ok' if c['memory_ok'] else 'MISSED'}) | <= {c['non_activation_target']} | "
                 f"{c['step_time_ratio']:.3f} ({'ok' if c['speed_ok'] else 'slower'}) |"
             )
-        lines.append("")
+        lines += ["", identical_line(mem), ""]
     if "speed" in report:
         spd = report["speed"]
         lines += [
@@ -359,7 +381,7 @@ def markdown(report: dict) -> str:
             lines.append(
                 f"| {config} | {run['step_ms_median']:.1f} | {over_text} | {step_path(run)} |"
             )
-        lines.append("")
+        lines += ["", identical_line(spd), ""]
     return "\n".join(lines)
 
 
