@@ -446,3 +446,20 @@ def test_release_through_the_fused_kernels_is_bit_identical(name, kwargs):
         ref_opt.zero_grad()
         model(tokens, targets, step != 1).backward()
         assert_same(ref_model, ref_opt, model, opt, f"seed {seed}, step {step}")
+
+
+def test_load_state_dict_while_active_uses_the_new_groups():
+    seed, ref_model, ref_opt, model, opt = adamw_pair()
+    slimoptim.enable_gradient_release(model, opt, bucket_bytes=0)
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(4):
+        if step == 2:  # a resume: load_state_dict replaces the param-group dicts
+            for o in (ref_opt, opt):
+                o.load_state_dict(copy.deepcopy(o.state_dict()))
+                o.param_groups[0]["lr"] = 3e-2
+        tokens, targets = batch(gen)
+        ref_model(tokens, targets).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        model(tokens, targets).backward()
+        assert_same(ref_model, ref_opt, model, opt, f"seed {seed}, step {step}")
