@@ -453,7 +453,7 @@ def test_load_state_dict_while_active_uses_the_new_groups():
     slimoptim.enable_gradient_release(model, opt, bucket_bytes=0)
     gen = torch.Generator().manual_seed(seed)
     for step in range(4):
-        if step == 2:  # a resume: load_state_dict replaces the param-group dicts
+        if step == 2:  # a resume through load_state_dict, then a new lr
             for o in (ref_opt, opt):
                 o.load_state_dict(copy.deepcopy(o.state_dict()))
                 o.param_groups[0]["lr"] = 3e-2
