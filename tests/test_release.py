@@ -463,3 +463,22 @@ def test_load_state_dict_while_active_uses_the_new_groups():
         ref_opt.zero_grad()
         model(tokens, targets).backward()
         assert_same(ref_model, ref_opt, model, opt, f"seed {seed}, step {step}")
+
+
+def test_params_added_after_enable_are_stepped_at_the_end_of_backward():
+    seed, ref_model, ref_opt, model, opt = adamw_pair()
+    for m, o in ((ref_model, ref_opt), (model, opt)):
+        group = o.param_groups[0]
+        group["params"] = [p for p in group["params"] if p is not m.sometimes.weight]
+    slimoptim.enable_gradient_release(model, opt)
+    for m, o in ((ref_model, ref_opt), (model, opt)):
+        o.add_param_group({"params": [m.sometimes.weight], "lr": 5e-2})
+    gen = torch.Generator().manual_seed(seed)
+    for step in range(2):
+        tokens, targets = batch(gen)
+        ref_model(tokens, targets).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+        model(tokens, targets).backward()
+        assert model.sometimes.weight.grad is None  # no hook, but the end-of-backward sweep
+        assert_same(ref_model, ref_opt, model, opt, f"seed {seed}, step {step}")
