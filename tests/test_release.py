@@ -89,7 +89,7 @@ def test_release_is_bit_identical_to_step(name, kwargs, master_weight_bits, stat
     bucket_bytes = random.choice([0, 600, 4000, 2**20])
     handle = slimoptim.enable_gradient_release(model, opt, bucket_bytes=bucket_bytes)
     gen = torch.Generator().manual_seed(seed)
-    for step in range(4):
+    for step in range(3):
         tokens, targets = batch(gen)
         use_sometimes = step != 1  # `sometimes` gets no gradient in step 1
         ref_model(tokens, targets, use_sometimes).backward()
