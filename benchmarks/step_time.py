@@ -148,6 +148,10 @@ def bit_check(shapes) -> dict:
         "Adam 24/8 L2": (slimoptim.Adam, dict(weight_decay=0.01)),
         "SGD-m 24/8": (slimoptim.SGD, dict(lr=1e-2, momentum=0.9)),
         "SGD nesterov 24/32": (slimoptim.SGD, dict(momentum=0.9, nesterov=True, state_bits=32)),
+        "SGD plain 32-bit master, L2": (
+            slimoptim.SGD,
+            dict(lr=0.05, weight_decay=1e-3, master_weight_bits=32),
+        ),
         "Lion 24/8": (slimoptim.Lion, dict(lr=1e-4, weight_decay=0.1)),
     }
     out = {}
@@ -206,15 +210,17 @@ def main() -> None:
     if args.sweep:  # kernel launch configs on the 1.1B AdamW step; the fastest is kept
         timings = {}
         for cfg in args.sweep.split(","):
-            block, warps = map(int, cfg.split("x"))
-            dispatch.CONFIG.update(block=block, num_warps=warps)
+            block, rest = cfg.split("x")
+            warps, _, regs = rest.partition("r")
+            dispatch.CONFIG.update(block=int(block), num_warps=int(warps), maxnreg=int(regs or 0))
             dtype, factory = optimizers()["slimoptim AdamW 24/8"]
             r = bench_one(tinyllama_shapes(), dtype, factory, 10, ceiling)
-            timings[(block, warps)] = r["ms"]
+            timings[cfg] = r["ms"]
             print(f"sweep {cfg:8s} AdamW 24/8 {r['ms']} ms {r['pct_of_copy']}%", flush=True)
-        block, warps = min(timings, key=timings.get)
-        dispatch.CONFIG.update(block=block, num_warps=warps)
-        meta["sweep_ms"] = {f"{b}x{w}": ms for (b, w), ms in timings.items()}
+        block, rest = min(timings, key=timings.get).split("x")
+        warps, _, regs = rest.partition("r")
+        dispatch.CONFIG.update(block=int(block), num_warps=int(warps), maxnreg=int(regs or 0))
+        meta["sweep_ms"] = timings
     meta["kernel_config"] = dict(dispatch.CONFIG)
     results = {}
     for set_name in args.sets.split(","):

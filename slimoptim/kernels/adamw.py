@@ -65,7 +65,8 @@ def _adamw_tile(
     v = v * cm.scalar(scalars, n_tensors, BETA2, t) + g * g * cm.scalar(
         scalars, n_tensors, ONE_MINUS_BETA2, t
     )
-    root = tl.sqrt_rn(v)
+    v_root = tl.sqrt_rn(v)  # also what quantize_variance starts from
+    root = v_root
     if STATE_BITS == 8:
         floor = kf.variance_floor(v_scale)[:, None]
         root = tl.maximum(root, floor, propagate_nan=tl.PropagateNan.ALL)
@@ -79,7 +80,7 @@ def _adamw_tile(
     if STATE_BITS == 8:
         step = cm.scalar(scalars, n_tensors, STEP, t)
         cm.store_momentum(table, n_tensors, cm.STATE0, t, offs, mask, groups, m, ok, group_ok, step)
-        cm.store_variance(table, n_tensors, cm.STATE1, t, offs, mask, groups, v, ok, group_ok)
+        cm.store_variance(table, n_tensors, cm.STATE1, t, offs, mask, groups, v_root, ok, group_ok)
     else:
         cm.store_float_state(table, n_tensors, cm.STATE0, t, offs, m, ok)
         cm.store_float_state(table, n_tensors, cm.STATE1, t, offs, v, ok)

@@ -178,8 +178,11 @@ def load_variance(table, n_tensors, field: tl.constexpr, t, offs, mask, groups, 
 
 
 @triton.jit
-def store_variance(table, n_tensors, field: tl.constexpr, t, offs, mask, groups, v, ok, group_ok):
-    code, scale = kf.quantize_variance(v, mask)
+def store_variance(
+    table, n_tensors, field: tl.constexpr, t, offs, mask, groups, root, ok, group_ok
+):
+    """Store v as codes, given ``root`` = sqrt_rn(v)."""
+    code, scale = kf.quantize_variance(root, mask)
     tl.store(field_ptr(table, n_tensors, field, t, tl.uint8) + offs, code, ok)
     store_scale(table, n_tensors, field + 1, t, groups, scale, group_ok)
 

@@ -32,9 +32,11 @@ from .lion import LionRule
 from .sgd import SGDRule
 
 # Elements per program (rounded to whole quantization groups) and warps per program.
-# The interpreter runs programs one by one in numpy: small blocks keep tests quick
-# while still giving several blocks per tensor.
-CONFIG = {"block": 2048, "num_warps": 8}
+# 4 elements per thread: the fastest measured, and 8 per thread miscompiled a tail-tile
+# case on Triton 3.6 (benchmarks/NOTES.md).
+CONFIG = {"block": 512, "num_warps": 4, "maxnreg": None}
+# The interpreter's cost is per program and per launch, not per element: larger blocks
+# keep tests quick while still giving several blocks per 4097-element tensor.
 INTERPRETER_BLOCK = 2048
 MAX_PLANS = 256  # distinct parameter subsets cached per optimizer (gradient release steps subsets)
 
@@ -149,7 +151,7 @@ class Plan:
             self.upload = torch.zeros(n_ptrs + n_vals, dtype=torch.int64, device=self.device)
             self.grad_ptrs = self.upload[:n_ptrs]
             self.hyper = self.upload[n_ptrs:].view(torch.float64).view(len(self.groups), -1)
-        self.last_grad_ptrs = None
+        self.last_grad_ptrs = self.last_values = None
 
     def still_valid(self, opt) -> bool:
         # load_state_dict replaces every state dict: then the addresses must be read again.
@@ -195,6 +197,10 @@ def _upload(plan, host: np.ndarray, dst: torch.Tensor, tensors: list) -> None:
     if dst.is_cuda:
         staging = staging.pin_memory()  # the caching host allocator keeps it alive until copied
     dst.copy_(staging, non_blocking=True)
+    _upload_tensors(plan, tensors)
+
+
+def _upload_tensors(plan, tensors: list) -> None:
     for r, c, v in tensors:  # a tensor lr: device-side copy, no sync
         plan.hyper[r, c] = v.to(device=plan.hyper.device, dtype=torch.float64)
 
@@ -209,6 +215,7 @@ def refresh_hyperparameters(opt) -> None:
         if plan.device is not None:
             values, tensors = _host_values(plan)
             _upload(plan, values.reshape(-1).view(np.int64), plan.upload[plan.n_ptrs :], tensors)
+            plan.last_values = values.tobytes()
 
 
 def _plan_for(opt, rule, items):
@@ -243,7 +250,7 @@ def _grad_pointers(plan) -> list | None:
     ptrs = []
     for p, dtype in zip(plan.grad_params, plan.grad_dtypes, strict=True):
         g = p.grad
-        if g is None or g.dtype != dtype or not g.is_contiguous() or g.device != p.device:
+        if g is None or g.dtype != dtype or g.is_cuda != p.is_cuda or not g.is_contiguous():
             return None
         ptrs.append(g.data_ptr())
     if any(ptr % 16 for ptr in ptrs):
@@ -271,9 +278,16 @@ def step_fused(opt, items, grad_scale, found_inf) -> list:
             )
     else:
         values, tensors = _host_values(plan)
-        host = np.concatenate([np.asarray(ptrs, dtype=np.int64), values.reshape(-1).view(np.int64)])
-        _upload(plan, host, plan.upload, tensors)
-        plan.last_grad_ptrs = ptrs
+        # Skip the copy when nothing changed (the caching allocator often hands back the
+        # same gradient addresses); tensor-valued hyper-parameters are copied on device.
+        if ptrs != plan.last_grad_ptrs or values.tobytes() != plan.last_values:
+            host = np.concatenate(
+                [np.asarray(ptrs, dtype=np.int64), values.reshape(-1).view(np.int64)]
+            )
+            _upload(plan, host, plan.upload, tensors)
+            plan.last_grad_ptrs, plan.last_values = ptrs, values.tobytes()
+        else:
+            _upload_tensors(plan, tensors)
     device = plan.device
     scale = _device_scalar(grad_scale, device)
     inf = _device_scalar(found_inf, device)
@@ -319,5 +333,6 @@ def _launch(plan, bucket, scale, found_inf, dummy, has_scale) -> None:
         HAS_FOUND_INF=has_inf,
         num_warps=CONFIG["num_warps"],
         enable_fp_fusion=False,
+        **({"maxnreg": CONFIG["maxnreg"]} if CONFIG.get("maxnreg") else {}),
         **bucket.flags,
     )

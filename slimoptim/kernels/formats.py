@@ -28,6 +28,8 @@ def _f32(x: float) -> float:
 
 MOMENTUM_LEVELS = tl.constexpr(float(ref.MOMENTUM_LEVELS))
 VARIANCE_LEVELS = tl.constexpr(float(ref.VARIANCE_LEVELS))
+INV_MOMENTUM_LEVELS = tl.constexpr(_f32(1.0 / ref.MOMENTUM_LEVELS))
+INV_VARIANCE_LEVELS = tl.constexpr(_f32(1.0 / ref.VARIANCE_LEVELS))
 DENOM_FLOOR = tl.constexpr(_f32(ref.DENOM_FLOOR))
 
 # Parameter storage kinds (a tl.constexpr of the kernels).
@@ -135,8 +137,11 @@ def round_up_to_bf16(x):
 
 
 @triton.jit
-def safe_divide(x, scale):
-    return tl.where(scale > 0, tl.div_rn(x, tl.where(scale > 0, scale, 1.0)), 0.0)
+def safe_reciprocal(scale):
+    ok = scale > 0
+    return tl.where(
+        ok, tl.div_rn(tl.full(scale.shape, 1.0, tl.float32), tl.where(ok, scale, 1.0)), 0.0
+    )
 
 
 # ----------------------------------------------------------- stochastic dither
@@ -165,7 +170,7 @@ def dither(index, step):
 
 @triton.jit
 def dequantize_momentum(code, scale_row):
-    y = tl.div_rn(code.to(tl.float32), MOMENTUM_LEVELS)
+    y = code.to(tl.float32) * INV_MOMENTUM_LEVELS
     return y * tl.abs(y) * scale_row[:, None]
 
 
@@ -173,7 +178,7 @@ def dequantize_momentum(code, scale_row):
 def quantize_momentum(m, mask, noise):
     """(int8 code, bf16 scale as float32 per row) of momentum tile ``m``."""
     scale = round_up_to_bf16(tl.max(tl.where(mask, tl.abs(m), 0.0), axis=1))
-    x = safe_divide(m, scale[:, None])
+    x = m * safe_reciprocal(scale)[:, None]
     y = tl.sqrt_rn(tl.abs(x)) * MOMENTUM_LEVELS
     y = tl.where(x < 0, y * -1.0, y)  # not -y: Triton's unary minus is 0 - y
     code = tl.minimum(tl.maximum(tl.floor(y + noise), -MOMENTUM_LEVELS), MOMENTUM_LEVELS)
@@ -185,17 +190,17 @@ def quantize_momentum(m, mask, noise):
 
 @triton.jit
 def dequantize_variance(code, scale_row):
-    t = tl.div_rn(code.to(tl.float32), VARIANCE_LEVELS)
+    t = code.to(tl.float32) * INV_VARIANCE_LEVELS
     t2 = t * t
     root = t2 * t2 * scale_row[:, None]
     return root * root
 
 
 @triton.jit
-def quantize_variance(v, mask):
-    root = tl.sqrt_rn(v)
+def quantize_variance(root, mask):
+    """formats.quantize_variance, given ``root`` = sqrt_rn(v) (the update computed it)."""
     scale = round_up_to_bf16(tl.max(tl.where(mask, root, 0.0), axis=1))
-    t = tl.sqrt_rn(tl.sqrt_rn(safe_divide(root, scale[:, None])))
+    t = tl.sqrt_rn(tl.sqrt_rn(root * safe_reciprocal(scale)[:, None]))
     code = tl.minimum(tl.maximum(tl.floor(t * VARIANCE_LEVELS + 0.5), 0.0), VARIANCE_LEVELS)
     return code.to(tl.uint8), scale
 
