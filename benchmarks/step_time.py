@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import subprocess
 import time
@@ -194,9 +195,13 @@ def main() -> None:
 
     from slimoptim.kernels import dispatch  # noqa: PLC0415
 
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    # The device machine gets a copy of the tree without .git: pass SLIMOPTIM_COMMIT there.
+    commit = (
+        os.environ.get("SLIMOPTIM_COMMIT")
+        or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+    )
     meta = {
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,

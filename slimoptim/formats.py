@@ -132,8 +132,11 @@ def group_scale(magnitude: torch.Tensor, group_size: int) -> torch.Tensor:
     return round_up_to_bf16(group_view(magnitude, group_size).amax(dim=1))
 
 
-def _safe_divide(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return torch.where(scale > 0, x / torch.where(scale > 0, scale, 1.0), 0.0)
+def _safe_reciprocal(scale: torch.Tensor) -> torch.Tensor:
+    """1/scale per group (0 for a zero scale). Codes multiply by it: one IEEE division per
+    group instead of one per element, which keeps the fused kernels memory-bound."""
+    ok = scale > 0
+    return torch.where(ok, torch.ones_like(scale) / torch.where(ok, scale, 1.0), 0.0)
 
 
 # ----------------------------------------------------------- stochastic dither
@@ -167,15 +170,28 @@ def quantize_momentum(m: torch.Tensor, group_size: int, noise: torch.Tensor):
     and unbiased, so a state that decays by beta each step reaches zero.
     """
     scale = group_scale(m.abs(), group_size)
-    x = _safe_divide(m, per_element(scale, group_size, m.numel()))
-    y = torch.sqrt(x.abs()) * MOMENTUM_LEVELS
+    x = m * per_element(_safe_reciprocal(scale), group_size, m.numel())
+    y = sqrt_rn(x.abs()) * MOMENTUM_LEVELS
     y = torch.where(x < 0, -y, y)
     code = torch.clamp(torch.floor(y + noise), -MOMENTUM_LEVELS, MOMENTUM_LEVELS)
     return code.to(torch.int8), scale.to(torch.bfloat16)
 
 
+def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """Correctly rounded float32 square root on every backend.
+
+    torch's vectorised float32 sqrt on AVX-512 CPUs is not correctly rounded
+    (about 1 element in 5 is off by one ulp); the float64 root rounded to
+    float32 is, because a float32 root never lies within a float64 ulp of a
+    float32 rounding boundary. The kernels use the IEEE ``sqrt_rn``.
+    """
+    return torch.sqrt(x.double()).float()
+
+
 def dequantize_momentum(code: torch.Tensor, scale: torch.Tensor, group_size: int):
-    y = code.float() / MOMENTUM_LEVELS
+    # A multiplication by the float32 reciprocal, not a division: as cheap in a kernel,
+    # the same bits on every backend, and code 127 still decodes to exactly 1.
+    y = code.float() * (1.0 / MOMENTUM_LEVELS)
     return y * y.abs() * per_element(scale.float(), group_size, code.numel())
 
 
@@ -189,15 +205,15 @@ def quantize_variance(v: torch.Tensor, group_size: int):
     code would decode to zero; the fourth root resolves 1e-4 of the group max
     to ~4% and 1.0 to 0.4%.
     """
-    root = torch.sqrt(v)
+    root = sqrt_rn(v)
     scale = group_scale(root, group_size)
-    t = torch.sqrt(torch.sqrt(_safe_divide(root, per_element(scale, group_size, v.numel()))))
+    t = sqrt_rn(sqrt_rn(root * per_element(_safe_reciprocal(scale), group_size, v.numel())))
     code = torch.clamp(torch.floor(t * VARIANCE_LEVELS + 0.5), 0, VARIANCE_LEVELS)
     return code.to(torch.uint8), scale.to(torch.bfloat16)
 
 
 def dequantize_variance(code: torch.Tensor, scale: torch.Tensor, group_size: int):
-    t = code.float() / VARIANCE_LEVELS
+    t = code.float() * (1.0 / VARIANCE_LEVELS)
     t2 = t * t
     root = t2 * t2 * per_element(scale.float(), group_size, code.numel())
     return root * root

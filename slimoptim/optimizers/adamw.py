@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import formats
 from .base import SlimOptimizer, StateSpec
 
 
@@ -47,7 +48,7 @@ def adam_update(
             g = g + w * weight_decay
     exp_avg = exp_avg + (g - exp_avg) * (1 - beta1)
     exp_avg_sq = exp_avg_sq * beta2 + g * g * (1 - beta2)
-    root = exp_avg_sq.sqrt()
+    root = formats.sqrt_rn(exp_avg_sq)  # correctly rounded, as the kernel's
     if denom_floor is not None:
         root = torch.maximum(root, denom_floor)
     denom = root / bias_correction2_sqrt + eps

@@ -226,6 +226,11 @@ class SlimOptimizer(torch.optim.Optimizer):
         """
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        if self.fused is not False:
+            from ..kernels import fused_step  # noqa: PLC0415 (Triton is optional)
+
+            # The Triton kernels step what they can; the rest is left to the reference.
+            items = fused_step(self, items, grad_scale, found_inf)
         for group, p in items:
             self._step_reference(p, group, grad_scale, found_inf)
 
