@@ -10,17 +10,25 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from collections.abc import Sequence
 
-EXAMPLES = """\
-examples:
-  slimoptim demo                         # ~2 min on a laptop CPU: torch AdamW vs slimoptim AdamW
+DEMO_EXAMPLES = """\
+  slimoptim demo                     # ~2 min on a 2-core CPU: torch AdamW vs slimoptim AdamW
   slimoptim demo --device cuda --size medium --steps 2000
-  slimoptim demo --optimizers adamw,lion --master-weight-bits 24,none
+  slimoptim demo --optimizers adamw,lion --master-weight-bits 24,none --gradient-release
+"""
+PLAN_EXAMPLES = """\
   slimoptim plan 7B --gpu-memory 80GB
+  slimoptim plan llama --optimizers adamw      # transformers' default LlamaConfig
   slimoptim plan --hf-config path/to/config.json --world-size 8
   slimoptim plan --module mypackage.models:build_model
 """
+
+
+def _paragraphs(*texts: str) -> str:
+    """Wrap prose to 88 columns for the raw help formatter, which keeps our example layout."""
+    return "\n\n".join(textwrap.fill(t, 88) for t in texts)
 
 
 class CommandError(Exception):
@@ -78,22 +86,19 @@ def _add_demo(subparsers) -> None:
     demo = subparsers.add_parser(
         "demo",
         help="train a small byte-level GPT with torch AdamW and with slimoptim, then compare",
-        description=(
+        description=_paragraphs(
             "Train a small GPT-style byte-level language model on the Python standard "
             "library's source files (already on this machine: nothing is downloaded), once "
-            "with torch.optim.AdamW on float32 master weights and once per slimoptim "
-            "optimizer/mode on a bfloat16 model. Prints validation loss, speed and memory, "
-            "and writes results.json and loss_curves.png to --out."
+            "with torch.optim.AdamW on float32 master weights (bf16 autocast where the device "
+            "supports it) and once per slimoptim optimizer and mode on a bfloat16 model. "
+            "Prints validation loss, speed and memory, and writes results.json and "
+            "loss_curves.png to --out.",
+            "Same command, same machine: same losses.",
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=(
-            "The baseline uses bf16 autocast where the device supports it. Same command, "
-            "same machine: same losses.\n\n" + EXAMPLES
-        ),
+        epilog="examples:\n" + DEMO_EXAMPLES,
     )
-    demo.add_argument(
-        "--device", default="cpu", help="torch device to train on: cpu, cuda, cuda:1 ... (cpu)"
-    )
+    demo.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     demo.add_argument(
         "--size",
         choices=list(SIZES),
@@ -101,26 +106,35 @@ def _add_demo(subparsers) -> None:
         help="model and batch size: tiny (tests), small (CPU default), medium (GPU)",
     )
     demo.add_argument(
-        "--steps", type=_positive_int, default=None, help="training steps per run (size default)"
+        "--steps",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="training steps per run (tiny 40, small 300, medium 2000)",
     )
-    demo.add_argument("--seed", type=int, default=0, help="seed for init and data order (0)")
     demo.add_argument(
-        "--out", default="slimoptim-demo", help="folder for results (./slimoptim-demo)"
+        "--seed", type=int, default=0, metavar="N", help="seed for init and data order (0)"
+    )
+    demo.add_argument(
+        "--out", default="slimoptim-demo", metavar="DIR", help="results folder (./slimoptim-demo)"
     )
     demo.add_argument(
         "--optimizers",
+        metavar="LIST",
         type=_comma_list(["adamw", "sgd", "lion"]),
         default=["adamw"],
         help="slimoptim optimizers to run, comma-separated: adamw,sgd,lion (adamw)",
     )
     demo.add_argument(
         "--master-weight-bits",
+        metavar="LIST",
         type=_comma_list(["24", "32", "none"]),
         default=["24"],
         help="master weight bits, comma-separated: 24,32,none (24)",
     )
     demo.add_argument(
         "--state-bits",
+        metavar="LIST",
         type=_comma_list(["8", "32"]),
         default=["8"],
         help="optimizer state bits, comma-separated: 8,32 (8)",
@@ -144,19 +158,18 @@ def _add_plan(subparsers) -> None:
     plan = subparsers.add_parser(
         "plan",
         help="how much memory training a model takes with torch AdamW and with slimoptim",
-        description=(
+        description=_paragraphs(
             "Memory of the training state (weights, master-weight correction, gradients, "
             "optimizer states and their scales) for torch AdamW with float32 master weights, "
             "torch AdamW on pure bf16, and every slimoptim optimizer and mode, with and "
             "without gradient release. Activations, temporary buffers and the CUDA context "
-            "are not included."
-        ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=(
+            "are not included.",
             "MODEL is a parameter count (7e9, 1.1B, 350M) or, with transformers installed, a "
             "model type (llama, gpt2) or a hub id already in the local cache. Nothing is "
-            "downloaded; models are built on the meta device, so no memory is used.\n\n" + EXAMPLES
+            "downloaded; models are built on the meta device, so no memory is used.",
         ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n" + PLAN_EXAMPLES,
     )
     source = plan.add_mutually_exclusive_group(required=True)
     source.add_argument(
@@ -174,17 +187,23 @@ def _add_plan(subparsers) -> None:
     plan.add_argument(
         "--world-size",
         type=_positive_int,
+        metavar="N",
         default=1,
         help="GPUs sharing the state with FSDP (full sharding): per-GPU figures are / N",
     )
     plan.add_argument(
         "--optimizers",
+        metavar="LIST",
         type=_comma_list(["adamw", "sgd", "lion"]),
         default=["adamw", "sgd", "lion"],
         help="slimoptim optimizers to list (adamw,sgd,lion)",
     )
     plan.add_argument(
-        "--group-size", type=_positive_int, default=32, help="values per 8-bit state scale (32)"
+        "--group-size",
+        type=_positive_int,
+        default=32,
+        metavar="N",
+        help="values per 8-bit state scale (32)",
     )
     plan.add_argument("--json", action="store_true", help="print the plan as JSON instead")
     plan.set_defaults(handler="plan")
@@ -193,12 +212,15 @@ def _add_plan(subparsers) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="slimoptim",
-        description=(
+        description=_paragraphs(
             "slimoptim: memory-efficient drop-in PyTorch optimizers (bf16 weights + 8-bit "
             "master-weight correction + 8-bit states: ~7 bytes/param for AdamW instead of 16)."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=EXAMPLES + "\nRun 'slimoptim COMMAND --help' for a command's options.",
+        epilog="examples:\n"
+        + DEMO_EXAMPLES
+        + PLAN_EXAMPLES
+        + "\nRun 'slimoptim COMMAND --help' for a command's options.",
     )
     from . import __version__
 
