@@ -258,8 +258,11 @@ def _slim_state_bytes(setup: Setup, tensors: list[tuple[int, torch.dtype]], grou
     return out
 
 
-def setup_bytes(setup: Setup, model: ModelTensors, group_size: int = 32) -> dict[str, int]:
-    """Bytes per memory_report component for one GPU holding the whole model."""
+def setup_bytes(
+    setup: Setup, model: ModelTensors, group_size: int = 32, world_size: int = 1
+) -> dict[str, float]:
+    """Bytes per memory_report component on one GPU; FSDP over ``world_size`` GPUs shards
+    everything evenly, except that each GPU holds its own gradient-release bucket."""
     if setup.library == "torch":
         # torch.optim.AdamW: exp_avg and exp_avg_sq in the parameter's dtype, one step counter.
         tensors = model.slim if setup.pure_bf16 else model.fp32
@@ -270,14 +273,14 @@ def setup_bytes(setup: Setup, model: ModelTensors, group_size: int = 32) -> dict
         tensors = model.slim
         out = _slim_state_bytes(setup, tensors, group_size)
     grad_bytes = [n * d.itemsize for n, d in tensors]
-    out["params"] = sum(grad_bytes)
+    out["params"] = out["grads"] = sum(grad_bytes)
+    if world_size > 1:
+        out = {k: v / world_size for k, v in out.items()}
     if setup.gradient_release:
         # Gradients are stepped and freed in buckets of RELEASE_BUCKET_BYTES as they arrive:
         # at most one bucket is held, and a bucket can overshoot by its last tensor.
-        largest = max(grad_bytes) if model.shapes_known else 0
-        out["grads"] = min(sum(grad_bytes), RELEASE_BUCKET_BYTES + largest)
-    else:
-        out["grads"] = sum(grad_bytes)
+        largest = max(grad_bytes) / world_size if model.shapes_known else 0
+        out["grads"] = min(out["grads"], RELEASE_BUCKET_BYTES + largest)
     return out
 
 
@@ -290,15 +293,14 @@ def build_plan(
 ) -> dict:
     rows = []
     for setup in setups:
-        full = setup_bytes(setup, model, group_size)
-        per_gpu = {k: v / world_size for k, v in full.items()}
+        per_gpu = setup_bytes(setup, model, group_size, world_size)
         total = sum(per_gpu.values())
         rows.append(
             {
                 "setup": asdict(setup),
                 "bytes": per_gpu,
                 "total_bytes": total,
-                "bytes_per_param": sum(full.values()) / model.num_params,
+                "bytes_per_param": total * world_size / model.num_params,
                 "fits": None if gpu_memory is None else total <= gpu_memory,
             }
         )
@@ -368,8 +370,8 @@ def format_plan(plan: dict, gpu_text: str | None = None) -> str:
 
     tensors = f" in {plan['num_tensors']:,} tensors" if plan["num_tensors"] else ""
     lines = [
-        f"Training state of {plan['source']}: {plan['num_params']:,} trainable parameters"
-        f"{tensors}, in {unit} ({size:.0e} bytes) per GPU.",
+        f"Training state of {plan['source']}:",
+        f"{plan['num_params']:,} trainable parameters{tensors}; {unit} ({size:.0e} bytes) per GPU.",
         "",
         format_table(header, rows),
         "",
@@ -389,9 +391,9 @@ def format_plan(plan: dict, gpu_text: str | None = None) -> str:
     lines.append("Not included: activations, temporary buffers, the CUDA context, allocator slack.")
     if plan["world_size"] > 1:
         lines.append(
-            f"FSDP full sharding over {plan['world_size']} GPUs: each figure is the whole "
-            "model's divided by "
-            f"{plan['world_size']} (B/param is per parameter of the whole model)."
+            f"FSDP full sharding over {plan['world_size']} GPUs: every figure is the whole "
+            f"model's / {plan['world_size']}\n(each GPU holds its own release bucket); B/param "
+            "is per parameter of the whole model."
         )
     if plan["frozen_params"]:
         lines.append(f"{plan['frozen_params']:,} frozen parameters are not counted.")

@@ -290,3 +290,17 @@ def test_plan_hf_config(tmp_path, capsys):
     optimizer.step()
     row = next(r for r in planned["setups"] if r["setup"]["label"] == "AdamW 24/8")
     assert row["bytes"] == slimoptim.memory_report(optimizer)["bytes"]
+
+
+def test_plan_world_size_shards_all_but_the_release_bucket():
+    model = plan.tensors_from_count(7_000_000_000)
+    adamw, released = (
+        plan.Setup("a", "slimoptim", "adamw"),
+        plan.Setup("b", "slimoptim", "adamw", gradient_release=True),
+    )
+    one, eight = plan.setup_bytes(adamw, model), plan.setup_bytes(adamw, model, world_size=8)
+    assert eight == pytest.approx({k: v / 8 for k, v in one.items()})
+    assert one["grads"] == 2 * 7_000_000_000
+    for world_size in (1, 8):
+        grads = plan.setup_bytes(released, model, world_size=world_size)["grads"]
+        assert grads == plan.RELEASE_BUCKET_BYTES  # one bucket per GPU, not sharded
