@@ -67,7 +67,8 @@ def main(steps: int = 40) -> None:
 
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
     print("logged training losses:", " ".join(f"{x:.3f}" for x in losses))
-    assert trainer.optimizer.optimizer is optimizer or trainer.optimizer is optimizer
+    # Trainer (through accelerate) wraps our optimizer; it must not have made its own.
+    assert optimizer in (trainer.optimizer, getattr(trainer.optimizer, "optimizer", None))
     report = slimoptim.memory_report(optimizer)
     print(f"optimizer state: {report['optimizer_bytes_per_param']:.2f} bytes/param")
     if not losses[-1] < 0.5 * losses[0]:

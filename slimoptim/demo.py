@@ -350,7 +350,7 @@ def run_demo(args) -> dict:
         f"({corpus.train.numel() / 1e6:.1f} / {corpus.validation.numel() / 1e6:.1f} MB) "
         f"of the Python {platform.python_version()} standard library"
     )
-    progress = sys.stderr.isatty() or getattr(args, "progress", False)
+    progress = sys.stderr.isatty()  # bars on a terminal; one line per run in logs
     results = []
     for spec in runs:
         results.append(train_run(spec, size, corpus, steps, args.seed, device, progress))

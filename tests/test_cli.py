@@ -138,6 +138,7 @@ def test_demo_seed_changes_the_run(tmp_path, capsys):
         (["plan", "--module", "torch"], "expected PKG.MOD:FACTORY"),
         (["plan", "--hf-config", "/no/such/config.json"], "no such file"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["demo", "--out", str(Path(__file__))], "cannot create the output folder"),
     ],
 )
 def test_bad_arguments_fail_clearly(capsys, args, message):
