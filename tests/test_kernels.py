@@ -235,7 +235,7 @@ def test_without_triton_the_reference_runs_and_warns_once(monkeypatch):
 
 
 @gpu_only
-def test_cuda_graph_replays_follow_the_scheduler():
+def test_cuda_graph_replays_follow_the_scheduler_and_steps_never_sync():
     torch.manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(n, device="cuda", dtype=torch.bfloat16)) for n in SIZES]
     qs = _clone(ps)
@@ -260,6 +260,15 @@ def test_cuda_graph_replays_follow_the_scheduler():
             fused.step()
             ref.step()
     torch.cuda.current_stream().wait_stream(stream)
+    new_grads()
+    for opt in (fused, ref):  # a new lr: this step uploads hyper-parameters again
+        opt.param_groups[0]["lr"] = 2e-2
+    torch.cuda.set_sync_debug_mode("error")  # an eager fused step makes no host-device sync
+    try:
+        fused.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    ref.step()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fused.step()
@@ -272,7 +281,7 @@ def test_cuda_graph_replays_follow_the_scheduler():
         ref_sched.step()
     torch.cuda.synchronize()
     _assert_same(fused, ref, ps, qs)
-    assert fused.state[ps[0]]["step"].item() == 6.0
+    assert fused.state[ps[0]]["step"].item() == 7.0
 
 
 @gpu_only

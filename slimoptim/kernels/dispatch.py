@@ -38,7 +38,7 @@ CONFIG = {"block": 512, "num_warps": 4, "maxnreg": None}
 # The interpreter's cost is per program and per launch, not per element: larger blocks
 # keep tests quick while still giving several blocks per 4097-element tensor.
 INTERPRETER_BLOCK = 2048
-MAX_PLANS = 256  # distinct parameter subsets cached per optimizer (gradient release steps subsets)
+MAX_PLANS = 4096  # parameter subsets cached per optimizer (gradient release steps one at a time)
 
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
