@@ -27,7 +27,7 @@ samples = {
 }
 print("| distribution | momentum ours / linear | v ours / linear | v zeros ours / linear |")
 for name, m in samples.items():
-    code, scale = formats.quantize_momentum(m, G, formats.dither(N, torch.tensor(5.0)))
+    code, scale = formats.quantize_momentum(m, G, formats.dither(N, torch.tensor(5.0))[0])
     m_ours = median_rel(formats.dequantize_momentum(code, scale, G), m)
     v = m * m
     code, scale = formats.quantize_variance(v, G)

@@ -397,8 +397,8 @@ def _quantized_state(optimizer, p, group, step: float, values: dict) -> dict:
         if group["state_bits"] == 32:
             state[spec.name].copy_(value)
             continue
-        if spec.signed:  # one-off conversion: round to nearest (noise 0.5), not dithered
-            code, scale = formats.quantize_momentum(value, size, torch.full_like(value, 0.5))
+        if spec.signed:  # one-off conversion: nearest level (noise = half range), not dithered
+            code, scale = formats.quantize_momentum(value, size, torch.full_like(value, 32768.0))
         else:
             code, scale = formats.quantize_variance(value, size)
         state[spec.name].copy_(code)

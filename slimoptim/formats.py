@@ -1,9 +1,10 @@
 """The numeric formats of slimoptim, as pure PyTorch functions.
 
 This module is the reference: the Triton kernels must reproduce its bits. Every
-function works on flat float32 tensors and uses only operations whose result is
-fixed by IEEE-754 (add, multiply, divide, sqrt, floor, integer bit tricks), so
-the same inputs give the same bits on any backend.
+function works on flat float32 tensors, and every bit of a result is decided by
+operations whose float32 result IEEE-754 fixes (add, multiply, one division per
+group, floor, integer bit operations), so the same inputs give the same bits on
+any backend.
 
 Two formats live here:
 
@@ -13,10 +14,10 @@ Two formats live here:
   ``|w - b| <= ulp(b) / 2`` the code fits, and because the scale is a power of
   two, both the split and the rebuild are exact float32 arithmetic.
 * Group-quantized 8-bit states. Each run of ``group_size`` values shares one
-  bf16 scale (rounded up, so normalised values never exceed 1). Momentum is
-  companded with a signed square root and rounded stochastically (so a decaying
-  state reaches zero as in float32); the second moment is stored as the fourth
-  root of ``sqrt(v)`` normalised by its group max, rounded to nearest.
+  bf16 scale. Momentum codes index squared levels (a signed square-root
+  compander) below the group's absmax, rounded stochastically and without bias
+  (so a decaying state reaches zero as in float32); the second moment is a
+  logarithmic code, read off its float32 bits, below a power-of-two group scale.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from __future__ import annotations
 import torch
 
 # Relative level below which a momentum code cannot resolve a value: the
-# smallest non-zero code of the signed-square-root code is (1/127)**2 of the
-# group scale. The second-moment denominator is floored at the same fraction of
-# its own group scale, which keeps every element's update bounded (NUMERICS.md).
+# smallest non-zero momentum level is (1/127)**2 of the group scale. The
+# denominator sqrt(v) is floored at the same fraction of sqrt(v's group scale),
+# which keeps every element's update bounded (NUMERICS.md).
 MOMENTUM_LEVELS = 127
 VARIANCE_LEVELS = 255
 DENOM_FLOOR = 1.0 / MOMENTUM_LEVELS**2
@@ -152,29 +153,17 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def dither(numel: int, step: torch.Tensor, device=None) -> torch.Tensor:
-    """Uniform [0, 1) float32 per element, a fixed function of (element index, step)."""
+DITHER_LEVELS = 65536  # each state's dither: integers in [0, DITHER_LEVELS)
+
+
+def dither(numel: int, step: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two independent uniform integer dithers in [0, 65536) (as float32), one for each
+    8-bit state, a fixed function of (element index, step): the top and bottom halves
+    of one 32-bit hash."""
     index = torch.arange(numel, device=device, dtype=torch.int64)
     key = _mix32((step.to(torch.int64) * 0x9E3779B1) & 0xFFFFFFFF)
     h = _mix32(index ^ key)
-    return (h >> 8).to(torch.float32) * (1.0 / 16777216.0)
-
-
-# ------------------------------------------------------------ momentum (signed)
-
-
-def quantize_momentum(m: torch.Tensor, group_size: int, noise: torch.Tensor):
-    """Signed 8-bit code of ``m``: sign(x) * sqrt(|x|) for x = m / group scale.
-
-    ``noise`` (uniform [0, 1), see :func:`dither`) makes the rounding stochastic
-    and unbiased, so a state that decays by beta each step reaches zero.
-    """
-    scale = group_scale(m.abs(), group_size)
-    x = m * per_element(_safe_reciprocal(scale), group_size, m.numel())
-    y = sqrt_rn(x.abs()) * MOMENTUM_LEVELS
-    y = torch.where(x < 0, -y, y)
-    code = torch.clamp(torch.floor(y + noise), -MOMENTUM_LEVELS, MOMENTUM_LEVELS)
-    return code.to(torch.int8), scale.to(torch.bfloat16)
+    return (h >> 16).to(torch.float32), (h & 0xFFFF).to(torch.float32)
 
 
 def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
@@ -188,37 +177,83 @@ def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(x.double()).float()
 
 
+# ------------------------------------------------------------ momentum (signed)
+
+_SQUARED_LEVELS = float(MOMENTUM_LEVELS**2)
+
+
+def quantize_momentum(m: torch.Tensor, group_size: int, noise: torch.Tensor):
+    """Signed 8-bit code c of ``m``, decoding to sign(c) * (c / 127)**2 * group scale.
+
+    The levels are squares, so small values keep codes (the smallest is 6e-5 of
+    the group max). ``noise`` (integers in [0, 65536), see :func:`dither`) picks
+    the level below or above |x| with probabilities that make the decoded value
+    unbiased, so a state that decays by beta each step reaches zero as in
+    float32; ``noise = 32768`` rounds to the nearest level. Only exact float32
+    operations decide the code (the square root is corrected to its exact
+    floor), so every backend gives the same bits with a fast approximate root.
+    """
+    scale = group_scale(m.abs(), group_size)
+    x = m * per_element(_safe_reciprocal(scale), group_size, m.numel())
+    t = torch.clamp(x.abs() * _SQUARED_LEVELS, max=_SQUARED_LEVELS)
+    low = torch.floor(torch.sqrt(t))
+    low = torch.where(low * low > t, low - 1, low)
+    low = torch.where((low + 1) * (low + 1) <= t, low + 1, low)
+    # up with probability (t - low**2) / (2 * low + 1); both products are exact
+    up = (t - low * low) * DITHER_LEVELS > noise * (2 * low + 1)
+    code = low + up.float()
+    code = torch.where(x < 0, -code, code)
+    return code.to(torch.int8), scale.to(torch.bfloat16)
+
+
 def dequantize_momentum(code: torch.Tensor, scale: torch.Tensor, group_size: int):
-    # A multiplication by the float32 reciprocal, not a division: as cheap in a kernel,
-    # the same bits on every backend, and code 127 still decodes to exactly 1.
-    y = code.float() * (1.0 / MOMENTUM_LEVELS)
-    return y * y.abs() * per_element(scale.float(), group_size, code.numel())
+    y = code.float()
+    return (
+        y * y.abs() * (1.0 / _SQUARED_LEVELS) * per_element(scale.float(), group_size, code.numel())
+    )
 
 
 # --------------------------------------------------------- variance (non-neg.)
 
+# Codes per binade of v: the code is v's float32 bit pattern (a piecewise-linear
+# log2) counted down from the group's power-of-two scale in steps of 2**20.
+VARIANCE_CODE_SHIFT = 20
 
-def quantize_variance(v: torch.Tensor, group_size: int):
-    """Unsigned 8-bit code of ``v`` >= 0: t = (sqrt(v) / group max) ** (1/4), 255 levels.
 
-    Storing a root of sqrt(v) spends codes on the small values where a linear
-    code would decode to zero; the fourth root resolves 1e-4 of the group max
-    to ~4% and 1.0 to 0.4%.
+def variance_scale(v: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per group, the power of two just above the group's largest ``v`` (float32)."""
+    exponent = (_bits(group_view(v, group_size).amax(dim=1)) >> 23) & 0xFF
+    return _float(torch.clamp(exponent + 1, max=254) << 23)
+
+
+def quantize_variance(v: torch.Tensor, group_size: int, noise: torch.Tensor | None = None):
+    """Unsigned 8-bit logarithmic code of ``v`` >= 0 below a power-of-two group scale.
+
+    The code counts v's float32 bit pattern (a piecewise-linear log2) down from
+    the scale in steps of 2**20: 8 codes per binade over 32 binades, so every
+    value from the group max down to 2.3e-10 of it keeps a code, within 12.5%
+    (one code) of v; code 0 is exactly zero. ``noise`` (integers in [0, 65536))
+    rounds stochastically and without bias, which a second moment needs: with
+    beta2 = 0.999 each step moves v by ~0.1%, far less than half a code, so
+    round-to-nearest would freeze it. ``noise=None`` rounds to nearest. Integer
+    operations only: no root, no division.
     """
-    root = sqrt_rn(v)
-    scale = group_scale(root, group_size)
-    t = sqrt_rn(sqrt_rn(root * per_element(_safe_reciprocal(scale), group_size, v.numel())))
-    code = torch.clamp(torch.floor(t * VARIANCE_LEVELS + 0.5), 0, VARIANCE_LEVELS)
+    scale = variance_scale(v, group_size)
+    top = per_element(_bits(scale), group_size, v.numel())
+    step = 1 << VARIANCE_CODE_SHIFT
+    offset = step // 2 if noise is None else noise.to(torch.int32) * (step // DITHER_LEVELS)
+    below = (top - _bits(v) + offset) >> VARIANCE_CODE_SHIFT
+    code = torch.clamp(VARIANCE_LEVELS - below, 0, VARIANCE_LEVELS)
     return code.to(torch.uint8), scale.to(torch.bfloat16)
 
 
 def dequantize_variance(code: torch.Tensor, scale: torch.Tensor, group_size: int):
-    t = code.float() * (1.0 / VARIANCE_LEVELS)
-    t2 = t * t
-    root = t2 * t2 * per_element(scale.float(), group_size, code.numel())
-    return root * root
+    code = code.to(torch.int32)
+    top = per_element(_bits(scale.float()), group_size, code.numel())
+    bits = torch.clamp(top - ((VARIANCE_LEVELS - code) << VARIANCE_CODE_SHIFT), min=0)
+    return torch.where(code > 0, _float(bits.to(torch.int32)), 0.0)
 
 
 def variance_floor(scale: torch.Tensor, group_size: int, numel: int) -> torch.Tensor:
     """Per-element floor for sqrt(v) in the update denominator (see DENOM_FLOOR)."""
-    return per_element(scale.float(), group_size, numel) * DENOM_FLOOR
+    return per_element(sqrt_rn(scale.float()) * DENOM_FLOOR, group_size, numel)

@@ -10,7 +10,7 @@ from . import common as cm
 from . import formats as kf
 
 # Rows of the per-tensor float32 scalar table (see ``scalars``).
-STEP, DECAY, WEIGHT_DECAY, ONE_MINUS_BETA1, BETA2, ONE_MINUS_BETA2, EPS, STEP_SIZE, BC2_SQRT = (
+STEP, DECAY, WEIGHT_DECAY, ONE_MINUS_BETA1, BETA2, ONE_MINUS_BETA2, EPS, STEP_SIZE, INV_BC2_SQRT = (
     tl.constexpr(i) for i in range(9)
 )
 
@@ -65,12 +65,11 @@ def _adamw_tile(
     v = v * cm.scalar(scalars, n_tensors, BETA2, t) + g * g * cm.scalar(
         scalars, n_tensors, ONE_MINUS_BETA2, t
     )
-    v_root = tl.sqrt_rn(v)  # also what quantize_variance starts from
-    root = v_root
+    root = tl.sqrt_rn(v)
     if STATE_BITS == 8:
         floor = kf.variance_floor(v_scale)[:, None]
         root = tl.maximum(root, floor, propagate_nan=tl.PropagateNan.ALL)
-    denom = tl.div_rn(root, cm.scalar(scalars, n_tensors, BC2_SQRT, t)) + cm.scalar(
+    denom = root * cm.scalar(scalars, n_tensors, INV_BC2_SQRT, t) + cm.scalar(
         scalars, n_tensors, EPS, t
     )
     w = w - cm.scalar(scalars, n_tensors, STEP_SIZE, t) * tl.div_rn(m, denom)
@@ -80,7 +79,7 @@ def _adamw_tile(
     if STATE_BITS == 8:
         step = cm.scalar(scalars, n_tensors, STEP, t)
         cm.store_momentum(table, n_tensors, cm.STATE0, t, offs, mask, groups, m, ok, group_ok, step)
-        cm.store_variance(table, n_tensors, cm.STATE1, t, offs, mask, groups, v_root, ok, group_ok)
+        cm.store_variance(table, n_tensors, cm.STATE1, t, offs, mask, groups, v, ok, group_ok, step)
     else:
         cm.store_float_state(table, n_tensors, cm.STATE0, t, offs, m, ok)
         cm.store_float_state(table, n_tensors, cm.STATE1, t, offs, v, ok)
@@ -194,6 +193,6 @@ class AdamWRule:
         bias_correction1 = 1 - torch.pow(beta1, step)
         bias_correction2 = 1 - torch.pow(beta2, step)
         step_size = lr / bias_correction1
-        bc2_sqrt = bias_correction2.sqrt()
-        rows = [steps.double(), decay, wd, omb1, beta2, omb2, eps, step_size, bc2_sqrt]
+        inv_bc2_sqrt = 1 / bias_correction2.sqrt()
+        rows = [steps.double(), decay, wd, omb1, beta2, omb2, eps, step_size, inv_bc2_sqrt]
         return torch.stack(rows).float()

@@ -164,7 +164,8 @@ def load_momentum(table, n_tensors, field: tl.constexpr, t, offs, mask, groups, 
 def store_momentum(
     table, n_tensors, field: tl.constexpr, t, offs, mask, groups, m, ok, group_ok, step
 ):
-    code, scale = kf.quantize_momentum(m, mask, kf.dither(offs, step))
+    momentum_noise, _ = kf.dither(offs, step)
+    code, scale = kf.quantize_momentum(m, mask, momentum_noise)
     tl.store(field_ptr(table, n_tensors, field, t, tl.int8) + offs, code, ok)
     store_scale(table, n_tensors, field + 1, t, groups, scale, group_ok)
 
@@ -179,10 +180,11 @@ def load_variance(table, n_tensors, field: tl.constexpr, t, offs, mask, groups, 
 
 @triton.jit
 def store_variance(
-    table, n_tensors, field: tl.constexpr, t, offs, mask, groups, root, ok, group_ok
+    table, n_tensors, field: tl.constexpr, t, offs, mask, groups, v, ok, group_ok, step
 ):
-    """Store v as codes, given ``root`` = sqrt_rn(v)."""
-    code, scale = kf.quantize_variance(root, mask)
+    # The same hash as store_momentum's (the compiler computes it once), other half.
+    _, variance_noise = kf.dither(offs, step)
+    code, scale = kf.quantize_variance(v, mask, variance_noise)
     tl.store(field_ptr(table, n_tensors, field, t, tl.uint8) + offs, code, ok)
     store_scale(table, n_tensors, field + 1, t, groups, scale, group_ok)
 

@@ -26,10 +26,12 @@ def _f32(x: float) -> float:
     return torch.tensor(x, dtype=torch.float32).item()
 
 
-MOMENTUM_LEVELS = tl.constexpr(float(ref.MOMENTUM_LEVELS))
-VARIANCE_LEVELS = tl.constexpr(float(ref.VARIANCE_LEVELS))
-INV_MOMENTUM_LEVELS = tl.constexpr(_f32(1.0 / ref.MOMENTUM_LEVELS))
-INV_VARIANCE_LEVELS = tl.constexpr(_f32(1.0 / ref.VARIANCE_LEVELS))
+SQUARED_LEVELS = tl.constexpr(ref._SQUARED_LEVELS)
+INV_SQUARED_LEVELS = tl.constexpr(_f32(1.0 / ref._SQUARED_LEVELS))
+DITHER_LEVELS = tl.constexpr(float(ref.DITHER_LEVELS))
+VARIANCE_LEVELS_INT = tl.constexpr(ref.VARIANCE_LEVELS)
+VARIANCE_CODE_SHIFT = tl.constexpr(ref.VARIANCE_CODE_SHIFT)
+VARIANCE_NOISE_SCALE = tl.constexpr((1 << ref.VARIANCE_CODE_SHIFT) // ref.DITHER_LEVELS)
 DENOM_FLOOR = tl.constexpr(_f32(ref.DENOM_FLOOR))
 
 # Parameter storage kinds (a tl.constexpr of the kernels).
@@ -159,10 +161,10 @@ def mix32(x):
 
 @triton.jit
 def dither(index, step):
-    """formats.dither for int element indices (< 2**31) and a float32 step counter."""
+    """formats.dither: the (momentum, variance) integer dithers in [0, 65536) as float32."""
     key = mix32(step.to(tl.int32).to(tl.uint32) * 0x9E3779B1)
     h = mix32(index.to(tl.uint32) ^ key)
-    return (h >> 8).to(tl.float32) * (1.0 / 16777216.0)
+    return (h >> 16).to(tl.float32), (h & 0xFFFF).to(tl.float32)
 
 
 # ------------------------------------------------------------ momentum (signed)
@@ -170,18 +172,26 @@ def dither(index, step):
 
 @triton.jit
 def dequantize_momentum(code, scale_row):
-    y = code.to(tl.float32) * INV_MOMENTUM_LEVELS
-    return y * tl.abs(y) * scale_row[:, None]
+    y = code.to(tl.float32)
+    return y * tl.abs(y) * INV_SQUARED_LEVELS * scale_row[:, None]
 
 
 @triton.jit
 def quantize_momentum(m, mask, noise):
-    """(int8 code, bf16 scale as float32 per row) of momentum tile ``m``."""
+    """(int8 code, bf16 scale as float32 per row) of momentum tile ``m``.
+
+    The approximate ``tl.sqrt`` is fine: as in the reference, the two exact
+    comparisons that follow turn it into the exact floor of the root.
+    """
     scale = round_up_to_bf16(tl.max(tl.where(mask, tl.abs(m), 0.0), axis=1))
     x = m * safe_reciprocal(scale)[:, None]
-    y = tl.sqrt_rn(tl.abs(x)) * MOMENTUM_LEVELS
-    y = tl.where(x < 0, y * -1.0, y)  # not -y: Triton's unary minus is 0 - y
-    code = tl.minimum(tl.maximum(tl.floor(y + noise), -MOMENTUM_LEVELS), MOMENTUM_LEVELS)
+    t = tl.minimum(tl.abs(x) * SQUARED_LEVELS, SQUARED_LEVELS)
+    low = tl.floor(tl.sqrt(t))
+    low = tl.where(low * low > t, low - 1.0, low)
+    low = tl.where((low + 1.0) * (low + 1.0) <= t, low + 1.0, low)
+    up = (t - low * low) * DITHER_LEVELS > noise * (2.0 * low + 1.0)
+    code = low + up.to(tl.float32)
+    code = tl.where(x < 0, code * -1.0, code)  # not -code: Triton's unary minus is 0 - x
     return code.to(tl.int8), scale
 
 
@@ -189,22 +199,31 @@ def quantize_momentum(m, mask, noise):
 
 
 @triton.jit
-def dequantize_variance(code, scale_row):
-    t = code.to(tl.float32) * INV_VARIANCE_LEVELS
-    t2 = t * t
-    root = t2 * t2 * scale_row[:, None]
-    return root * root
+def variance_scale(v, mask):
+    """Per row, the power of two just above the row's largest ``v``."""
+    exponent = (as_bits(tl.max(tl.where(mask, v, 0.0), axis=1)) >> 23) & 0xFF
+    return as_float(tl.minimum(exponent + 1, 254) << 23)
 
 
 @triton.jit
-def quantize_variance(root, mask):
-    """formats.quantize_variance, given ``root`` = sqrt_rn(v) (the update computed it)."""
-    scale = round_up_to_bf16(tl.max(tl.where(mask, root, 0.0), axis=1))
-    t = tl.sqrt_rn(tl.sqrt_rn(root * safe_reciprocal(scale)[:, None]))
-    code = tl.minimum(tl.maximum(tl.floor(t * VARIANCE_LEVELS + 0.5), 0.0), VARIANCE_LEVELS)
+def quantize_variance(v, mask, noise):
+    """formats.quantize_variance (stochastic): integer operations on v's float32 bits."""
+    scale = variance_scale(v, mask)
+    top = as_bits(scale)[:, None]
+    offset = noise.to(tl.int32) * VARIANCE_NOISE_SCALE
+    below = (top - as_bits(v) + offset) >> VARIANCE_CODE_SHIFT
+    code = tl.minimum(tl.maximum(VARIANCE_LEVELS_INT - below, 0), VARIANCE_LEVELS_INT)
     return code.to(tl.uint8), scale
 
 
 @triton.jit
+def dequantize_variance(code, scale_row):
+    code = code.to(tl.int32)
+    top = as_bits(scale_row)[:, None]
+    bits = tl.maximum(top - ((VARIANCE_LEVELS_INT - code) << VARIANCE_CODE_SHIFT), 0)
+    return tl.where(code > 0, as_float(bits), 0.0)
+
+
+@triton.jit
 def variance_floor(scale_row):
-    return scale_row * DENOM_FLOOR
+    return tl.sqrt_rn(scale_row) * DENOM_FLOOR

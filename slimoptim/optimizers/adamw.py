@@ -9,14 +9,14 @@ from .base import SlimOptimizer, StateSpec
 
 
 def adam_scalars(lr, beta1: float, beta2: float, step: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Bias-corrected step size and sqrt of the second bias correction, from a device step."""
+    """Bias-corrected step size and 1/sqrt of the second bias correction, from a device step."""
     step = step.double()
     bias_correction1 = 1 - torch.pow(beta1, step)
     bias_correction2 = 1 - torch.pow(beta2, step)
     lr = torch.as_tensor(lr, dtype=torch.float64, device=step.device)
     return {
         "step_size": (lr / bias_correction1).float(),
-        "bias_correction2_sqrt": bias_correction2.sqrt().float(),
+        "inv_bias_correction2_sqrt": (1 / bias_correction2.sqrt()).float(),
     }
 
 
@@ -33,10 +33,13 @@ def adam_update(
     weight_decay,
     decoupled,
     step_size,
-    bias_correction2_sqrt,
+    inv_bias_correction2_sqrt,
     denom_floor=None,
 ):
     """One Adam(W) step on float32 tensors, in torch.optim's order of operations.
+
+    Only two operations per element are IEEE divisions or roots (sqrt(v) and
+    m / denom); the bias correction of v is a multiplication by its reciprocal.
 
     ``denom_floor`` (per element, or None) bounds sqrt(v) from below where the
     8-bit second moment cannot resolve it, so m / sqrt(v) stays bounded.
@@ -51,7 +54,7 @@ def adam_update(
     root = formats.sqrt_rn(exp_avg_sq)  # correctly rounded, as the kernel's
     if denom_floor is not None:
         root = torch.maximum(root, denom_floor)
-    denom = root / bias_correction2_sqrt + eps
+    denom = root * inv_bias_correction2_sqrt + eps
     w = w - step_size * (exp_avg / denom)
     return w, exp_avg, exp_avg_sq
 

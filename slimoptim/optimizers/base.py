@@ -173,17 +173,18 @@ class SlimOptimizer(torch.optim.Optimizer):
         self, state: dict, group: dict, values: dict, ok: torch.Tensor, ok_groups: torch.Tensor
     ) -> None:
         size = group["group_size"]
+        noise = None
         for spec in self._specs_for(group):
             new = values[spec.name]
             if group["state_bits"] == 32:
                 state[spec.name].copy_(torch.where(ok, new, state[spec.name]))
                 continue
+            if noise is None:
+                noise = formats.dither(new.numel(), state["step"], new.device)
             if spec.signed:
-                code, scale = formats.quantize_momentum(
-                    new, size, formats.dither(new.numel(), state["step"], new.device)
-                )
+                code, scale = formats.quantize_momentum(new, size, noise[0])
             else:
-                code, scale = formats.quantize_variance(new, size)
+                code, scale = formats.quantize_variance(new, size, noise[1])
             state[spec.name].copy_(torch.where(ok, code, state[spec.name]))
             scale_name = spec.scale_name
             state[scale_name].copy_(torch.where(ok_groups, scale, state[scale_name]))
