@@ -154,8 +154,10 @@ class Plan:
         self.last_grad_ptrs = self.last_values = None
 
     def still_valid(self, opt) -> bool:
-        # load_state_dict replaces every state dict: then the addresses must be read again.
-        return all(opt.state.get(p) is s for p, s in self.states)
+        # Loading a state_dict (state_io, checkpoint) replaces every param's state dict, so
+        # checking the first and last param catches it without a per-param lookup per step.
+        ends = (self.states[0], self.states[-1]) if self.states else ()
+        return all(opt.state.get(p) is s for p, s in ends)
 
 
 def _eligible(opt, group, p) -> bool:
@@ -247,13 +249,14 @@ def _capturing(items) -> bool:
 
 def _grad_pointers(plan) -> list | None:
     """Current gradient addresses, or None when a gradient no longer fits its bucket."""
-    ptrs = []
-    for p, dtype in zip(plan.grad_params, plan.grad_dtypes, strict=True):
-        g = p.grad
-        if g is None or g.dtype != dtype or g.is_cuda != p.is_cuda or not g.is_contiguous():
-            return None
-        ptrs.append(g.data_ptr())
-    if any(ptr % 16 for ptr in ptrs):
+    grads = [p.grad for p in plan.grad_params]
+    if any(g is None for g in grads):
+        return None
+    # (autograd already refuses a grad on another device than its param)
+    if [g.dtype for g in grads] != plan.grad_dtypes or not all(g.is_contiguous() for g in grads):
+        return None
+    ptrs = [g.data_ptr() for g in grads]
+    if any(ptr & 15 for ptr in ptrs):
         return None
     return ptrs
 
