@@ -13,6 +13,7 @@ from . import formats as kf
 STEP, DECAY, WEIGHT_DECAY, ONE_MINUS_BETA1, BETA2, ONE_MINUS_BETA2, EPS, STEP_SIZE, INV_BC2_SQRT = (
     tl.constexpr(i) for i in range(9)
 )
+N_SCALARS = tl.constexpr(9)
 
 
 @triton.jit
@@ -58,26 +59,26 @@ def _adamw_tile(
     w = w0
     if HAS_WEIGHT_DECAY:
         if DECOUPLED:
-            w = w * cm.scalar(scalars, n_tensors, DECAY, t)
+            w = w * cm.scalar(scalars, N_SCALARS, DECAY, t)
         else:
-            g = g + w * cm.scalar(scalars, n_tensors, WEIGHT_DECAY, t)
-    m = m + (g - m) * cm.scalar(scalars, n_tensors, ONE_MINUS_BETA1, t)
-    v = v * cm.scalar(scalars, n_tensors, BETA2, t) + g * g * cm.scalar(
-        scalars, n_tensors, ONE_MINUS_BETA2, t
+            g = g + w * cm.scalar(scalars, N_SCALARS, WEIGHT_DECAY, t)
+    m = m + (g - m) * cm.scalar(scalars, N_SCALARS, ONE_MINUS_BETA1, t)
+    v = v * cm.scalar(scalars, N_SCALARS, BETA2, t) + g * g * cm.scalar(
+        scalars, N_SCALARS, ONE_MINUS_BETA2, t
     )
     root = tl.sqrt_rn(v)
     if STATE_BITS == 8:
         floor = kf.variance_floor(v_scale)[:, None]
         root = tl.maximum(root, floor, propagate_nan=tl.PropagateNan.ALL)
-    denom = root * cm.scalar(scalars, n_tensors, INV_BC2_SQRT, t) + cm.scalar(
-        scalars, n_tensors, EPS, t
+    denom = root * cm.scalar(scalars, N_SCALARS, INV_BC2_SQRT, t) + cm.scalar(
+        scalars, N_SCALARS, EPS, t
     )
-    w = w - cm.scalar(scalars, n_tensors, STEP_SIZE, t) * tl.div_rn(m, denom)
+    w = w - cm.scalar(scalars, N_SCALARS, STEP_SIZE, t) * tl.div_rn(m, denom)
     w = tl.where(ok, w, w0)
 
     cm.store_master(table, n_tensors, t, offs, mask, w, PARAM_KIND, CODE_BITS)
     if STATE_BITS == 8:
-        step = cm.scalar(scalars, n_tensors, STEP, t)
+        step = cm.scalar(scalars, N_SCALARS, STEP, t)
         cm.store_momentum(table, n_tensors, cm.STATE0, t, offs, mask, groups, m, ok, group_ok, step)
         cm.store_variance(table, n_tensors, cm.STATE1, t, offs, mask, groups, v, ok, group_ok, step)
     else:
@@ -186,7 +187,7 @@ class AdamWRule:
 
     @staticmethod
     def scalars(hyper: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-        """float32 [9, n] table from float64 per-tensor values [n, 8] and float32 steps [n]."""
+        """float32 [n, 9] table from float64 per-tensor values [n, 8] and float32 steps [n]."""
         lr, beta1, beta2, eps, wd, decay, omb1, omb2 = hyper.unbind(1)
         step = steps.double()
         # adam_scalars, vectorised over tensors.
@@ -195,4 +196,4 @@ class AdamWRule:
         step_size = lr / bias_correction1
         inv_bc2_sqrt = 1 / bias_correction2.sqrt()
         rows = [steps.double(), decay, wd, omb1, beta2, omb2, eps, step_size, inv_bc2_sqrt]
-        return torch.stack(rows).float()
+        return torch.stack(rows, dim=1).float()  # [n, 9]: one row per tensor

@@ -3,8 +3,8 @@
 A launch steps a whole bucket of tensors. Program ``pid`` handles one tile of
 ``ROWS x G`` elements (``G`` = quantization group size) of tensor
 ``block_tensor[pid]``, starting at element ``block_start[pid]``. Tensor
-addresses come from an int64 pointer table of ``N_FIELDS`` rows and one column
-per tensor; gradient addresses, which change every step, come from their own
+addresses come from an int64 pointer table, one row of ``N_FIELDS`` per tensor;
+gradient addresses, which change every step, come from their own
 array.
 """
 
@@ -21,7 +21,7 @@ CORRECTION = tl.constexpr(1)
 STEP = tl.constexpr(2)
 STATE0 = tl.constexpr(3)  # a state; its group scales (8-bit states) are the next row
 STATE1 = tl.constexpr(5)
-N_FIELDS = 7
+N_FIELDS = tl.constexpr(7)  # a tensor's addresses are one row of the table
 
 
 @triton.jit
@@ -47,14 +47,15 @@ def everywhere(x):
 @triton.jit
 def field_ptr(table, n_tensors, field: tl.constexpr, t, dtype: tl.constexpr):
     # Every address in the table was checked to be 16-byte aligned when the table was built.
-    ptr = tl.load(table + field * n_tensors + t).to(tl.pointer_type(dtype))
+    ptr = tl.load(table + t * N_FIELDS + field).to(tl.pointer_type(dtype))
     return tl.multiple_of(ptr, 16)
 
 
 @triton.jit
-def scalar(scalars, n_tensors, row: tl.constexpr, t):
-    """Per-tensor float32 scalar ``row`` (see each rule's ``SCALARS``)."""
-    return tl.load(scalars + row * n_tensors + t)
+def scalar(scalars, N_SCALARS: tl.constexpr, row: tl.constexpr, t):
+    """Per-tensor float32 scalar ``row`` (see each rule's ``scalars``): a tensor's scalars
+    are contiguous, so a program's loads share one address and constant offsets."""
+    return tl.load(scalars + t * N_SCALARS + row)
 
 
 @triton.jit
@@ -206,7 +207,7 @@ def bump_steps_kernel(
     """state['step'] += 1 (or += 0 when GradScaler found an inf), gathered into ``steps_out``."""
     t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = t < n_tensors
-    ptrs = tl.load(table + STEP * n_tensors + t, mask=mask, other=0).to(tl.pointer_type(tl.float32))
+    ptrs = tl.load(table + t * N_FIELDS + STEP, mask=mask, other=0).to(tl.pointer_type(tl.float32))
     step = tl.load(ptrs, mask=mask, other=0.0)
     if HAS_FOUND_INF:
         step = step + tl.where(tl.load(found_inf) != 0, 0.0, 1.0)

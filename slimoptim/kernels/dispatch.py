@@ -74,19 +74,19 @@ class Bucket:
         self.rows = max(1, block // self.g)
         per_block = self.rows * self.g
 
-        table = torch.zeros(cm.N_FIELDS, self.n, dtype=torch.int64)
+        table = torch.zeros(self.n, cm.N_FIELDS.value, dtype=torch.int64)
         for i, (p, _, state) in enumerate(members):
-            table[cm.PARAM.value, i] = p.data_ptr()
-            table[cm.STEP.value, i] = state["step"].data_ptr()
+            table[i, cm.PARAM.value] = p.data_ptr()
+            table[i, cm.STEP.value] = state["step"].data_ptr()
             if "correction" in state:
-                table[cm.CORRECTION.value, i] = state["correction"].data_ptr()
+                table[i, cm.CORRECTION.value] = state["correction"].data_ptr()
             for field, name in zip(
                 (cm.STATE0.value, cm.STATE1.value), rule.state_names, strict=False
             ):
                 if name in state:
-                    table[field, i] = state[name].data_ptr()
+                    table[i, field] = state[name].data_ptr()
                     if f"{name}_scale" in state:
-                        table[field + 1, i] = state[f"{name}_scale"].data_ptr()
+                        table[i, field + 1] = state[f"{name}_scale"].data_ptr()
         numels = torch.tensor([p.numel() for p in self.params], dtype=torch.int32)
         blocks = (numels.long() + per_block - 1) // per_block
         block_tensor = torch.repeat_interleave(torch.arange(self.n), blocks)

@@ -12,6 +12,7 @@ from . import common as cm
 STEP, LR, DECAY, BETA1, ONE_MINUS_BETA1, BETA2, ONE_MINUS_BETA2 = (
     tl.constexpr(i) for i in range(7)
 )
+N_SCALARS = tl.constexpr(7)
 
 
 @triton.jit
@@ -51,20 +52,20 @@ def _lion_tile(
     # lion_update, operation for operation; sign() as torch.sign (0 for 0 and NaN).
     w = w0
     if HAS_WEIGHT_DECAY:
-        w = w * cm.scalar(scalars, n_tensors, DECAY, t)
-    direction = m * cm.scalar(scalars, n_tensors, BETA1, t) + g * cm.scalar(
-        scalars, n_tensors, ONE_MINUS_BETA1, t
+        w = w * cm.scalar(scalars, N_SCALARS, DECAY, t)
+    direction = m * cm.scalar(scalars, N_SCALARS, BETA1, t) + g * cm.scalar(
+        scalars, N_SCALARS, ONE_MINUS_BETA1, t
     )
     sign = (direction > 0).to(tl.float32) - (direction < 0).to(tl.float32)
-    w = w - sign * cm.scalar(scalars, n_tensors, LR, t)
-    m = m * cm.scalar(scalars, n_tensors, BETA2, t) + g * cm.scalar(
-        scalars, n_tensors, ONE_MINUS_BETA2, t
+    w = w - sign * cm.scalar(scalars, N_SCALARS, LR, t)
+    m = m * cm.scalar(scalars, N_SCALARS, BETA2, t) + g * cm.scalar(
+        scalars, N_SCALARS, ONE_MINUS_BETA2, t
     )
     w = tl.where(ok, w, w0)
 
     cm.store_master(table, n_tensors, t, offs, mask, w, PARAM_KIND, CODE_BITS)
     if STATE_BITS == 8:
-        step = cm.scalar(scalars, n_tensors, STEP, t)
+        step = cm.scalar(scalars, N_SCALARS, STEP, t)
         cm.store_momentum(table, n_tensors, cm.STATE0, t, offs, mask, groups, m, ok, group_ok, step)
     else:
         cm.store_float_state(table, n_tensors, cm.STATE0, t, offs, m, ok)
@@ -160,4 +161,4 @@ class LionRule:
 
     @staticmethod
     def scalars(hyper: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-        return torch.cat([steps.double()[None], hyper.T]).float()
+        return torch.cat([steps.double()[:, None], hyper], dim=1).float()

@@ -12,6 +12,7 @@ from . import common as cm
 STEP, LR, MOMENTUM, ONE_MINUS_DAMPENING, WEIGHT_DECAY, FIRST_STEP = (
     tl.constexpr(i) for i in range(6)
 )
+N_SCALARS = tl.constexpr(6)
 
 
 @triton.jit
@@ -48,26 +49,26 @@ def _sgd_tile(
 
     # sgd_update, operation for operation.
     if HAS_WEIGHT_DECAY:
-        g = g + w0 * cm.scalar(scalars, n_tensors, WEIGHT_DECAY, t)
+        g = g + w0 * cm.scalar(scalars, N_SCALARS, WEIGHT_DECAY, t)
     if HAS_MOMENTUM:
         if STATE_BITS == 8:
             buf = cm.load_momentum(table, n_tensors, cm.STATE0, t, offs, mask, groups, group_mask)
         else:
             buf = cm.load_float_state(table, n_tensors, cm.STATE0, t, offs, mask)
-        momentum = cm.scalar(scalars, n_tensors, MOMENTUM, t)
-        buf = buf * momentum + g * cm.scalar(scalars, n_tensors, ONE_MINUS_DAMPENING, t)
-        buf = tl.where(cm.scalar(scalars, n_tensors, FIRST_STEP, t) != 0, g, buf)
+        momentum = cm.scalar(scalars, N_SCALARS, MOMENTUM, t)
+        buf = buf * momentum + g * cm.scalar(scalars, N_SCALARS, ONE_MINUS_DAMPENING, t)
+        buf = tl.where(cm.scalar(scalars, N_SCALARS, FIRST_STEP, t) != 0, g, buf)
         if NESTEROV:
             g = g + buf * momentum
         else:
             g = buf
-    w = w0 - g * cm.scalar(scalars, n_tensors, LR, t)
+    w = w0 - g * cm.scalar(scalars, N_SCALARS, LR, t)
     w = tl.where(ok, w, w0)
 
     cm.store_master(table, n_tensors, t, offs, mask, w, PARAM_KIND, CODE_BITS)
     if HAS_MOMENTUM:
         if STATE_BITS == 8:
-            step = cm.scalar(scalars, n_tensors, STEP, t)
+            step = cm.scalar(scalars, N_SCALARS, STEP, t)
             cm.store_momentum(
                 table, n_tensors, cm.STATE0, t, offs, mask, groups, buf, ok, group_ok, step
             )
@@ -175,4 +176,4 @@ class SGDRule:
     def scalars(hyper: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
         lr, momentum, omd, wd = hyper.unbind(1)
         first_step = (steps == 1).double()
-        return torch.stack([steps.double(), lr, momentum, omd, wd, first_step]).float()
+        return torch.stack([steps.double(), lr, momentum, omd, wd, first_step], dim=1).float()
