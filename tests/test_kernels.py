@@ -303,3 +303,44 @@ def test_compiled_model_trains_and_compiled_step_runs():
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
     assert opt.__dict__["_slimoptim_plans"], "the kernels did not run"
+
+
+def test_replaced_param_storage_rebuilds_the_plan():
+    """p.data = ... (Module.to, .half(), cast_model) must not leave the kernel writing to
+    the old buffer."""
+    ps = _params(torch.bfloat16, (33, 4097))
+    qs = _clone(ps)
+    fused = slimoptim.SGD(ps, lr=0.1, momentum=0.9, fused=True)
+    ref = slimoptim.SGD(qs, lr=0.1, momentum=0.9, fused=False)
+    gen = torch.Generator().manual_seed(3)
+    for step in range(3):
+        if step == 1:
+            old = ps[1].data
+            ps[1].data = ps[1].data.clone()
+            old_bits = _bits(old).clone()
+        _set_grads(list(zip(ps, qs, strict=True)), gen)
+        fused.step()
+        ref.step()
+        _assert_same(fused, ref, ps, qs)
+    assert torch.equal(_bits(old), old_bits)  # the discarded buffer was left alone
+
+
+def test_subclass_overriding_the_update_runs_its_own_math():
+    class ClippedAdamW(slimoptim.AdamW):
+        def _update(self, w, g, states, group, scalars, denom_floor):
+            return super()._update(w, g.clamp(-1e-3, 1e-3), states, group, scalars, denom_floor)
+
+    assert dispatch.rule_for(slimoptim.Adam([torch.nn.Parameter(torch.ones(1))])) is not None
+    ps = _params(torch.bfloat16, (64,))
+    qs = _clone(ps)
+    fused = ClippedAdamW(ps, fused=True)
+    ref = ClippedAdamW(qs, fused=False)
+    assert dispatch.rule_for(fused) is None
+    _set_grads(list(zip(ps, qs, strict=True)), torch.Generator().manual_seed(4))
+    fused.step()
+    ref.step()
+    _assert_same(fused, ref, ps, qs)
+    m = slimoptim.formats.dequantize_momentum(
+        fused.state[ps[0]]["exp_avg"], fused.state[ps[0]]["exp_avg_scale"], 32
+    )
+    assert m.abs().max() <= 1e-4 * (1 + 2**-8)  # (1 - beta1) * clipped grad; bf16 scale

@@ -50,10 +50,16 @@ def interpreting() -> bool:
 def rule_for(opt):
     from ..optimizers import SGD, AdamW, Lion  # noqa: PLC0415 (circular at import time)
 
+    # Only when the update rule is the built-in one: a subclass that overrides the math
+    # (``_update``, ``_scalars``, ``_specs_for``) must run its own reference code.
     for cls, rule in ((AdamW, AdamWRule), (SGD, SGDRule), (Lion, LionRule)):
         if isinstance(opt, cls):
-            return rule
+            same = all(getattr(type(opt), m) is getattr(cls, m) for m in _RULE_METHODS)
+            return rule if same else None
     return None
+
+
+_RULE_METHODS = ("_update", "_scalars", "_specs_for")
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -145,6 +151,9 @@ class Plan:
             first += len(ms)
         self.grad_params = [p for b in self.buckets for p in b.params]
         self.grad_dtypes = [p.grad.dtype for p in self.grad_params]
+        # Module.to / .half() / cast_model replace p.data: the tables would then point at
+        # freed memory, so each step compares the params' addresses and dtypes too.
+        self.param_layout = [(p.data_ptr(), p.dtype) for p in self.grad_params]
         n_ptrs, n_vals = len(self.grad_params), len(self.groups) * len(rule.group_values)
         self.n_ptrs = n_ptrs
         if self.device is not None:
@@ -248,7 +257,10 @@ def _capturing(items) -> bool:
 
 
 def _grad_pointers(plan) -> list | None:
-    """Current gradient addresses, or None when a gradient no longer fits its bucket."""
+    """Current gradient addresses, or None when a gradient no longer fits its bucket or a
+    parameter's storage or dtype changed since the plan was built."""
+    if [(p.data_ptr(), p.dtype) for p in plan.grad_params] != plan.param_layout:
+        return None
     grads = [p.grad for p in plan.grad_params]
     if any(g is None for g in grads):
         return None
@@ -270,7 +282,7 @@ def step_fused(opt, items, grad_scale, found_inf) -> list:
     if plan.device is None:
         return plan.reference
     ptrs = _grad_pointers(plan)
-    if ptrs is None:  # a grad changed dtype or layout: rebuild the plan next step
+    if ptrs is None:  # a grad or param changed storage, dtype or layout: rebuild next step
         opt._slimoptim_plans.clear()
         return items
     if _capturing(items):
