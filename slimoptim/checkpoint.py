@@ -28,7 +28,7 @@ from .optimizers.sgd import SGD
 from .state_io import CheckpointError
 
 CHECKPOINT_FORMAT = 1
-_MODE_KEYS = ("master_weight_bits", "state_bits", "group_size")
+_MODE_KEYS = state_io._GROUP_MODE_KEYS
 # torch.optim group options that slimoptim has no use for (implementation choices).
 _TORCH_ONLY_KEYS = ("foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
 

@@ -13,6 +13,9 @@ import sys
 import textwrap
 from collections.abc import Sequence
 
+# --optimizers names -> slimoptim class names (shared by demo and plan)
+OPTIMIZER_CLASSES = {"adamw": "AdamW", "sgd": "SGD", "lion": "Lion"}
+
 DEMO_EXAMPLES = """\
   slimoptim demo                     # ~2 min on a 2-core CPU: torch AdamW vs slimoptim AdamW
   slimoptim demo --device cuda --size medium --steps 2000

@@ -24,7 +24,7 @@ import torch
 
 import slimoptim
 
-from .cli import CommandError, format_table
+from .cli import OPTIMIZER_CLASSES, CommandError, format_table
 from .demo_data import Corpus, load_corpus, random_windows
 from .demo_model import SIZES, ByteGPT, ModelSize
 
@@ -41,8 +41,6 @@ HYPERPARAMETERS = {
     "sgd": dict(lr=0.1, momentum=0.9, weight_decay=0.0),
     "lion": dict(lr=1.5e-3, betas=(0.9, 0.99), weight_decay=0.2),
 }
-SLIM_CLASSES = {"adamw": "AdamW", "sgd": "SGD", "lion": "Lion"}
-OPTIMIZER_NAMES = {"adamw": "AdamW", "sgd": "SGD", "lion": "Lion"}
 
 
 @dataclass(frozen=True)
@@ -72,7 +70,7 @@ def plan_runs(args, autocast: bool) -> list[RunSpec]:
         for master in args.master_weight_bits:
             for state in args.state_bits:
                 master_bits = None if master == "none" else int(master)
-                label = f"slimoptim {OPTIMIZER_NAMES[name]} {master}/{state}"
+                label = f"slimoptim {OPTIMIZER_CLASSES[name]} {master}/{state}"
                 if args.gradient_release:
                     label += " +release"
                 runs.append(
@@ -117,14 +115,6 @@ def resolve_device(text: str) -> torch.device:
     return device
 
 
-def check_gradient_release(args) -> None:
-    if args.gradient_release and not hasattr(slimoptim, "enable_gradient_release"):
-        raise CommandError(
-            "--gradient-release needs slimoptim.enable_gradient_release, which this "
-            "version of slimoptim does not have yet."
-        )
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -151,7 +141,7 @@ def build_optimizer(spec: RunSpec, model: torch.nn.Module) -> torch.optim.Optimi
     if spec.library == "torch":
         fused = True if next(model.parameters()).is_cuda else None
         return torch.optim.AdamW(groups, **hyper, fused=fused)
-    cls = getattr(slimoptim, SLIM_CLASSES[spec.optimizer])
+    cls = getattr(slimoptim, OPTIMIZER_CLASSES[spec.optimizer])
     return cls(
         groups, **hyper, master_weight_bits=spec.master_weight_bits, state_bits=spec.state_bits
     )
@@ -326,7 +316,6 @@ def save_plot(results: list[dict], path: Path, title: str) -> None:
 
 def run_demo(args) -> dict:
     device = resolve_device(args.device)
-    check_gradient_release(args)
     size = SIZES[args.size]
     steps = args.steps or DEFAULT_STEPS[args.size]
     out = Path(args.out)

@@ -27,7 +27,7 @@ import torch
 # Relative level below which a momentum code cannot resolve a value: the
 # smallest non-zero momentum level is (1/127)**2 of the group scale. The
 # denominator sqrt(v) is floored at the same fraction of sqrt(v's group scale),
-# which keeps every element's update bounded (NUMERICS.md).
+# which keeps every element's update bounded (docs/formats.md, "Bounded updates").
 MOMENTUM_LEVELS = 127
 VARIANCE_LEVELS = 255
 DENOM_FLOOR = 1.0 / MOMENTUM_LEVELS**2

@@ -23,7 +23,7 @@ from torch import nn
 
 import slimoptim
 
-from .cli import CommandError, format_table
+from .cli import OPTIMIZER_CLASSES, CommandError, format_table
 from .memory import _component  # state name -> memory_report component
 from .model import cast_model
 
@@ -212,7 +212,6 @@ class Setup:
     gradient_release: bool = False
 
 
-SLIM_NAMES = {"adamw": "AdamW", "sgd": "SGD", "lion": "Lion"}
 # SGD keeps a state only with momentum: plan it with momentum.
 SLIM_EXTRA_ARGS = {"adamw": {}, "sgd": {"momentum": 0.9}, "lion": {}}
 
@@ -225,7 +224,7 @@ def all_setups(optimizers=("adamw", "sgd", "lion")) -> list[Setup]:
     for name in optimizers:
         for master in (24, 32, None):
             for state in (8, 32):
-                label = f"{SLIM_NAMES[name]} {'none' if master is None else master}/{state}"
+                label = f"{OPTIMIZER_CLASSES[name]} {'none' if master is None else master}/{state}"
                 for release in (False, True):
                     setups.append(
                         Setup(
@@ -243,7 +242,7 @@ def all_setups(optimizers=("adamw", "sgd", "lion")) -> list[Setup]:
 def _slim_state_bytes(setup: Setup, tensors: list[tuple[int, torch.dtype]], group_size: int):
     """Bytes per component of slimoptim's states, from the optimizer's own layout."""
     params = [nn.Parameter(torch.empty(n, dtype=d, device="meta")) for n, d in tensors]
-    optimizer = getattr(slimoptim, SLIM_NAMES[setup.optimizer])(
+    optimizer = getattr(slimoptim, OPTIMIZER_CLASSES[setup.optimizer])(
         params,
         master_weight_bits=setup.master_weight_bits,
         state_bits=setup.state_bits,
@@ -352,7 +351,7 @@ def format_plan(plan: dict, gpu_text: str | None = None) -> str:
             continue
         if setup["library"] == "slimoptim" and section != setup["optimizer"]:
             section = setup["optimizer"]
-            rows.append(f"slimoptim {SLIM_NAMES[section]}, bf16 weights:")
+            rows.append(f"slimoptim {OPTIMIZER_CLASSES[section]}, bf16 weights:")
         b = row["bytes"]
         cells = [b["params"], b["master_correction"], b["grads"], b["states"]]
         cells += [b["state_scales"] + b["step"], row["total_bytes"]]

@@ -200,7 +200,7 @@ def _real_memory(setup: plan.Setup, group_size: int) -> tuple[dict, object]:
     if setup.library == "torch":
         optimizer = torch.optim.AdamW(params)
     else:
-        cls = getattr(slimoptim, plan.SLIM_NAMES[setup.optimizer])
+        cls = getattr(slimoptim, plan.OPTIMIZER_CLASSES[setup.optimizer])
         optimizer = cls(
             params,
             master_weight_bits=setup.master_weight_bits,

@@ -132,7 +132,8 @@ def test_momentum_code_lands_on_a_neighbouring_level(numel, seed, group_size):
     nearest = formats.quantize_momentum(m, group_size, torch.full((numel,), 32768.0))[0]
     low, high = torch.floor(t.sqrt()), torch.floor(t.sqrt()) + 1
     closer = torch.where(t - low**2 <= high**2 - t, low, high)
-    assert torch.all((nearest.double().abs() - closer).abs() <= 1)
+    # the nearest level, but for float32 rounding of t right at a midpoint
+    assert (nearest.double().abs() == closer).double().mean() >= 0.99
 
 
 @settings(max_examples=30, deadline=None)

@@ -91,7 +91,10 @@ def test_tied_parameters_are_stepped_once():
     model = torch.nn.Sequential(emb, head)
     ref = [p.detach().float().clone() for p in model.parameters()]
     assert len(ref) == 1
-    opt = slimoptim.SGD(model.parameters(), lr=0.1, master_weight_bits=32, state_bits=32)
+    # both names of the tied weight, as a list built from the modules would hold them
+    with pytest.warns(UserWarning, match="duplicate"):
+        opt = slimoptim.SGD([emb.weight, head.weight], lr=0.1, master_weight_bits=32, state_bits=32)
+    assert len(opt.param_groups[0]["params"]) == 2
     model(torch.arange(10)).float().sum().backward()
     g = emb.weight.grad.float().clone()
     opt.step()
@@ -214,6 +217,20 @@ def test_load_state_dict_keeps_float32_states_of_bf16_params_exact():
 def test_invalid_arguments_name_the_parameter(bad, match):
     with pytest.raises(ValueError, match=match):
         slimoptim.AdamW([torch.nn.Parameter(torch.randn(3))], **bad)
+
+
+def test_amsgrad_is_refused_per_group_too():
+    with pytest.raises(ValueError, match="amsgrad"):
+        slimoptim.AdamW([{"params": [torch.nn.Parameter(torch.randn(3))], "amsgrad": True}])
+
+
+def test_load_state_dict_hooks_run():
+    p, opt = _stepped()
+    seen = []
+    opt.register_load_state_dict_pre_hook(lambda o, sd: seen.append("pre"))
+    opt.register_load_state_dict_post_hook(lambda o: seen.append("post"))
+    opt.load_state_dict(opt.state_dict())
+    assert seen == ["pre", "post"]
 
 
 def test_invalid_sgd_and_lion_arguments():

@@ -87,13 +87,13 @@ class AdamW(SlimOptimizer):
     ):
         if weight_decay is None:
             weight_decay = 1e-2 if self.decoupled else 0.0
-        if amsgrad:
-            raise ValueError(
-                "amsgrad=True is not supported: its running max of v would need a third "
-                "full state. Use amsgrad=False or torch.optim for this parameter group."
-            )
         defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, maximize=maximize, amsgrad=False
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            amsgrad=amsgrad,
         )
         super().__init__(
             params,
@@ -106,6 +106,11 @@ class AdamW(SlimOptimizer):
 
     def _check_hyperparameters(self, group):
         super()._check_hyperparameters(group)
+        if group.get("amsgrad"):
+            raise ValueError(
+                "amsgrad=True is not supported: its running max of v would need a third "
+                "full state. Use amsgrad=False or torch.optim for this parameter group."
+            )
         beta1, beta2 = group["betas"]
         if not 0.0 <= group["eps"]:
             raise ValueError(f"Invalid epsilon value: {group['eps']}")

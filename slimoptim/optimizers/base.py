@@ -294,7 +294,12 @@ class SlimOptimizer(torch.optim.Optimizer):
         """
         from ..state_io import load_into  # noqa: PLC0415  (keeps this module small)
 
+        # torch.optim's load_state_dict hooks run as they would for any optimizer.
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            state_dict = pre_hook(self, state_dict) or state_dict
         load_into(self, state_dict)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def _expected_state(self, p: torch.Tensor, group: dict) -> dict[str, tuple]:
         """(dtype, shape) of every state tensor ``p`` holds once stepped."""
