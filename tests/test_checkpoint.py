@@ -368,6 +368,17 @@ def set_grads(model, seed: int) -> None:
         p.grad = torch.randn(p.shape, generator=gen).bfloat16().to(p.dtype)
 
 
+def step_both_then_gap(opt, model, torch_opt, torch_model, seed: int) -> float:
+    """Five more steps of both on the same gradients, then :func:`relative_gap`."""
+    start = {k: v.detach().clone() for k, v in torch_model.named_parameters()}
+    for step in range(5, 10):
+        set_grads(model, seed + step)
+        set_grads(torch_model, seed + step)
+        opt.step()
+        torch_opt.step()
+    return relative_gap(opt, model, torch_model, start)
+
+
 def relative_gap(opt, model, torch_model, start: dict) -> float:
     """|slimoptim master - torch param| relative to how far torch moved since ``start``."""
     gap = moved = 0.0
@@ -398,16 +409,10 @@ def test_export_to_torch_optim_then_both_step_alike(name, dtype, state_bits):
     decoded = opt._load_states(opt.state[p0], opt.param_groups[0], p0.numel())[state_name]
     assert torch.equal(torch_opt.state[torch_model[0].weight][state_name], decoded.view(p0.shape))
 
-    start = {k: v.detach().clone() for k, v in torch_model.named_parameters()}
-    for step in range(5, 10):
-        set_grads(model, seed + step)
-        set_grads(torch_model, seed + step)
-        opt.step()
-        torch_opt.step()
     # 32-bit states on fp32 params follow torch to float32 rounding; 8-bit
     # states (and bf16 params with a 24-bit master) to a few percent of the path.
     limit = 1e-5 if state_bits == 32 else 0.03
-    assert relative_gap(opt, model, torch_model, start) < limit
+    assert step_both_then_gap(opt, model, torch_opt, torch_model, seed) < limit
 
 
 def within_momentum_bound(decoded, exact, group_size=32) -> bool:
@@ -468,13 +473,7 @@ def test_import_from_torch_optim_quantizes_within_the_stated_error(name, state_b
         if name != "SGD":
             assert opt.state[p]["step"] == ref["step"]
 
-    start = {k: v.detach().clone() for k, v in torch_model.named_parameters()}
-    for step in range(5, 10):
-        set_grads(model, seed + step)
-        set_grads(torch_model, seed + step)
-        opt.step()
-        torch_opt.step()
-    assert relative_gap(opt, model, torch_model, start) < 0.03
+    assert step_both_then_gap(opt, model, torch_opt, torch_model, seed) < 0.03
 
 
 def test_torch_state_dicts_of_another_kind_are_refused_and_change_nothing():
