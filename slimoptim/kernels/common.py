@@ -97,70 +97,48 @@ def load_grad(
 
 @triton.jit
 def load_master(table, n_tensors, t, offs, mask, PARAM_KIND: tl.constexpr, CODE_BITS: tl.constexpr):
-    """(float32 master, stored parameter, stored code): the parameter joined with its
-    correction code, and both as loaded, for store_master to write back unchanged."""
+    """float32 master weight: the stored parameter joined with its correction code."""
     if PARAM_KIND == 1:
-        stored = tl.load(field_ptr(table, n_tensors, PARAM, t, tl.int16) + offs, mask=mask, other=0)
-        b = kf.bf16_bits_to_float(stored)
+        b = kf.bf16_bits_to_float(
+            tl.load(field_ptr(table, n_tensors, PARAM, t, tl.int16) + offs, mask=mask, other=0)
+        )
     elif PARAM_KIND == 2:
         pp = field_ptr(table, n_tensors, PARAM, t, tl.float16)
-        stored = tl.load(pp + offs, mask=mask, other=0.0)
-        b = stored.to(tl.float32)
+        b = tl.load(pp + offs, mask=mask, other=0.0).to(tl.float32)
     else:
-        stored = tl.load(
-            field_ptr(table, n_tensors, PARAM, t, tl.float32) + offs, mask=mask, other=0.0
-        )
-        b = stored
+        b = tl.load(field_ptr(table, n_tensors, PARAM, t, tl.float32) + offs, mask=mask, other=0.0)
     if CODE_BITS == 8:
         cp = field_ptr(table, n_tensors, CORRECTION, t, tl.int8)
-        code = tl.load(cp + offs, mask=mask, other=0)
-        b = kf.join_master(b, code.to(tl.float32), PARAM_KIND, 8)
+        b = kf.join_master(b, tl.load(cp + offs, mask=mask, other=0).to(tl.float32), PARAM_KIND, 8)
     elif CODE_BITS == 16:
         cp = field_ptr(table, n_tensors, CORRECTION, t, tl.int16)
-        code = tl.load(cp + offs, mask=mask, other=0)
-        b = kf.join_master(b, code.to(tl.float32), PARAM_KIND, 16)
-    else:
-        code = tl.zeros(offs.shape, tl.int8)  # no correction stored
-    return b, stored, code
+        b = kf.join_master(b, tl.load(cp + offs, mask=mask, other=0).to(tl.float32), PARAM_KIND, 16)
+    return b
 
 
 @triton.jit
 def store_master(
-    table,
-    n_tensors,
-    t,
-    offs,
-    mask,
-    w,
-    ok,
-    stored,
-    stored_code,
-    PARAM_KIND: tl.constexpr,
-    CODE_BITS: tl.constexpr,
+    table, n_tensors, t, offs, mask, w, PARAM_KIND: tl.constexpr, CODE_BITS: tl.constexpr
 ):
-    """Split ``w`` into the stored parameter and its correction code (formats.split_master)
-    where ``ok``; elsewhere write back what load_master read. Re-splitting a rebuilt master
-    is not always the identity (see SlimOptimizer._store_weight), and selecting the old
-    values keeps the stores unmasked, hence vectorised, on whole tiles."""
+    """Split ``w`` into the stored parameter and its correction code (formats.split_master),
+    written only where ``mask``: skipped elements keep their stored bits (re-splitting a
+    rebuilt master is not always the identity, see SlimOptimizer._store_weight)."""
     if CODE_BITS == 8:
         b, code = kf.split_master(w, PARAM_KIND, 8)
-        code = tl.where(ok, code.to(tl.int8), stored_code)
-        tl.store(field_ptr(table, n_tensors, CORRECTION, t, tl.int8) + offs, code, mask)
+        tl.store(field_ptr(table, n_tensors, CORRECTION, t, tl.int8) + offs, code.to(tl.int8), mask)
     elif CODE_BITS == 16:
         b, code = kf.split_master(w, PARAM_KIND, 16)
-        code = tl.where(ok, code.to(tl.int16), stored_code)
-        tl.store(field_ptr(table, n_tensors, CORRECTION, t, tl.int16) + offs, code, mask)
+        cp = field_ptr(table, n_tensors, CORRECTION, t, tl.int16)
+        tl.store(cp + offs, code.to(tl.int16), mask)
     else:
         b = kf.round_to_dtype(w, PARAM_KIND)
     if PARAM_KIND == 1:
-        bits = tl.where(ok, kf.float_to_bf16_bits(b), stored)
-        tl.store(field_ptr(table, n_tensors, PARAM, t, tl.int16) + offs, bits, mask)
+        pp = field_ptr(table, n_tensors, PARAM, t, tl.int16)
+        tl.store(pp + offs, kf.float_to_bf16_bits(b), mask)
     elif PARAM_KIND == 2:
-        value = tl.where(ok, b.to(tl.float16), stored)
-        tl.store(field_ptr(table, n_tensors, PARAM, t, tl.float16) + offs, value, mask)
+        tl.store(field_ptr(table, n_tensors, PARAM, t, tl.float16) + offs, b.to(tl.float16), mask)
     else:
-        value = tl.where(ok, b, stored)
-        tl.store(field_ptr(table, n_tensors, PARAM, t, tl.float32) + offs, value, mask)
+        tl.store(field_ptr(table, n_tensors, PARAM, t, tl.float32) + offs, b, mask)
 
 
 @triton.jit

@@ -43,7 +43,7 @@ def _lion_tile(
         grad_ptrs, t, offs, mask, group_mask, grad_scale, found_inf,
         GRAD_KIND, MAXIMIZE, HAS_GRAD_SCALE, HAS_FOUND_INF,
     )  # fmt: skip
-    w0, stored, stored_code = cm.load_master(table, n_tensors, t, offs, mask, PARAM_KIND, CODE_BITS)
+    w0 = cm.load_master(table, n_tensors, t, offs, mask, PARAM_KIND, CODE_BITS)
     if STATE_BITS == 8:
         m = cm.load_momentum(table, n_tensors, cm.STATE0, t, offs, mask, groups, group_mask)
     else:
@@ -63,9 +63,7 @@ def _lion_tile(
     )
     w = tl.where(ok, w, w0)
 
-    cm.store_master(
-        table, n_tensors, t, offs, mask, w, ok, stored, stored_code, PARAM_KIND, CODE_BITS
-    )
+    cm.store_master(table, n_tensors, t, offs, ok, w, PARAM_KIND, CODE_BITS)
     if STATE_BITS == 8:
         step = cm.scalar(scalars, N_SCALARS, STEP, t)
         cm.store_momentum(table, n_tensors, cm.STATE0, t, offs, mask, groups, m, ok, group_ok, step)

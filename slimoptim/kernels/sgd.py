@@ -45,7 +45,7 @@ def _sgd_tile(
         grad_ptrs, t, offs, mask, group_mask, grad_scale, found_inf,
         GRAD_KIND, MAXIMIZE, HAS_GRAD_SCALE, HAS_FOUND_INF,
     )  # fmt: skip
-    w0, stored, stored_code = cm.load_master(table, n_tensors, t, offs, mask, PARAM_KIND, CODE_BITS)
+    w0 = cm.load_master(table, n_tensors, t, offs, mask, PARAM_KIND, CODE_BITS)
 
     # sgd_update, operation for operation.
     if HAS_WEIGHT_DECAY:
@@ -65,9 +65,7 @@ def _sgd_tile(
     w = w0 - g * cm.scalar(scalars, N_SCALARS, LR, t)
     w = tl.where(ok, w, w0)
 
-    cm.store_master(
-        table, n_tensors, t, offs, mask, w, ok, stored, stored_code, PARAM_KIND, CODE_BITS
-    )
+    cm.store_master(table, n_tensors, t, offs, ok, w, PARAM_KIND, CODE_BITS)
     if HAS_MOMENTUM:
         if STATE_BITS == 8:
             step = cm.scalar(scalars, N_SCALARS, STEP, t)
