@@ -76,7 +76,7 @@ def _adamw_tile(
     w = w - cm.scalar(scalars, N_SCALARS, STEP_SIZE, t) * tl.div_rn(m, denom)
     w = tl.where(ok, w, w0)
 
-    cm.store_master(table, n_tensors, t, offs, ok, w, PARAM_KIND, CODE_BITS)
+    cm.store_master(table, n_tensors, t, offs, mask, w, PARAM_KIND, CODE_BITS)
     if STATE_BITS == 8:
         step = cm.scalar(scalars, N_SCALARS, STEP, t)
         cm.store_momentum(table, n_tensors, cm.STATE0, t, offs, mask, groups, m, ok, group_ok, step)

@@ -120,9 +120,7 @@ def load_master(table, n_tensors, t, offs, mask, PARAM_KIND: tl.constexpr, CODE_
 def store_master(
     table, n_tensors, t, offs, mask, w, PARAM_KIND: tl.constexpr, CODE_BITS: tl.constexpr
 ):
-    """Split ``w`` into the stored parameter and its correction code (formats.split_master),
-    written only where ``mask``: skipped elements keep their stored bits (re-splitting a
-    rebuilt master is not always the identity, see SlimOptimizer._store_weight)."""
+    """Split ``w`` into the stored parameter and its correction code (formats.split_master)."""
     if CODE_BITS == 8:
         b, code = kf.split_master(w, PARAM_KIND, 8)
         tl.store(field_ptr(table, n_tensors, CORRECTION, t, tl.int8) + offs, code.to(tl.int8), mask)

@@ -65,7 +65,7 @@ def _sgd_tile(
     w = w0 - g * cm.scalar(scalars, N_SCALARS, LR, t)
     w = tl.where(ok, w, w0)
 
-    cm.store_master(table, n_tensors, t, offs, ok, w, PARAM_KIND, CODE_BITS)
+    cm.store_master(table, n_tensors, t, offs, mask, w, PARAM_KIND, CODE_BITS)
     if HAS_MOMENTUM:
         if STATE_BITS == 8:
             step = cm.scalar(scalars, N_SCALARS, STEP, t)

@@ -265,22 +265,18 @@ class SlimOptimizer(torch.optim.Optimizer):
             w, g, states, group, self._scalars(group, state["step"]), floor
         )
         new_w = torch.where(ok, new_w, w)
-        self._store_weight(p, state, group, new_w, ok)
+        self._store_weight(p, state, group, new_w)
         self._store_states(state, group, new_states, ok, ok_groups)
 
-    def _store_weight(self, p, state, group, w: torch.Tensor, ok: torch.Tensor) -> None:
-        # Only stepped elements are written. Re-splitting a rebuilt master is not always
-        # the identity: a code rounded to -2**(n-1) rebuilds onto the midpoint below an
-        # odd b, which re-rounds to the even neighbour, so a skipped element would move.
+    def _store_weight(self, p, state, group, w: torch.Tensor) -> None:
         local = local_tensor(p)
         bits = correction_bits(p, group["master_weight_bits"])
-        old = local.detach().reshape(-1)
         if bits is None:
             b = formats.round_to_dtype(w, p.dtype)
         else:
             b, code = formats.split_master(w, p.dtype, bits)
-            state["correction"].copy_(torch.where(ok, code, state["correction"]))
-        local.detach().copy_(torch.where(ok, b.to(p.dtype), old).view(local.shape))
+            state["correction"].copy_(code)
+        local.detach().copy_(b.view(local.shape))
 
     # ------------------------------------------------------------ state dict
 
