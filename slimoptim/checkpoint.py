@@ -168,40 +168,15 @@ def fp32_state_dict(model: nn.Module, optimizer) -> dict[str, torch.Tensor]:
     return out
 
 
-def nearest_split(w: torch.Tensor, dtype: torch.dtype, code_bits: int):
-    """``formats.split_master``, made exact where its top code clamps.
-
-    split_master rounds ``w`` to the nearest low-precision ``b``; when ``w`` lies
-    within half a code of the midpoint above ``b``, its code (2**(n-1) in units
-    of ulp/2**n) is clamped to 2**(n-1) - 1 and loses up to one code. The next
-    low-precision value above with the bottom code holds it to half a code (and
-    exactly at the midpoint, which is what a saved master with the bottom code
-    rebuilds to), so fp32 export and import round-trip bit for bit.
-    """
-    b, code = formats.split_master(w, dtype, code_bits)
-    top = 2 ** (code_bits - 1) - 1
-    at_top = code == top
-    if not bool(at_top.any()):
-        return b, code
-    # The neighbour of b on w's side: one step of the low-precision bit pattern
-    # away from zero for positive b, toward zero for negative b.
-    bits = b.to(dtype).view(torch.int16)
-    neighbour = torch.where(b >= 0, bits + 1, bits - 1).view(dtype).float()
-    bottom = torch.full_like(code, -top - 1)
-    error = (formats.join_master(b, code, dtype, code_bits) - w).abs()
-    error_alt = (formats.join_master(neighbour, bottom, dtype, code_bits) - w).abs()
-    better = at_top & (error_alt < error) & torch.isfinite(neighbour)
-    return torch.where(better, neighbour, b), torch.where(better, bottom, code)
-
-
 @torch.no_grad()
 def load_fp32_state_dict(model: nn.Module, optimizer, state_dict: dict, strict: bool = True):
     """Load float32 weights into a (low-precision) model and set its optimizer corrections.
 
     Each managed bf16/fp16 param gets the nearest low-precision value and its
-    correction the nearest code of the remainder, so ``optimizer.master_weight(p)``
-    is the loaded value to within half a code, ``ulp(param) / 2**(master_weight_bits
-    - 15)``, and exactly a value ``fp32_state_dict`` exported. Params
+    correction the nearest code of the remainder (``formats.split_master``), so
+    ``optimizer.master_weight(p)`` is the loaded value to within half a code,
+    ``ulp(param) / 2**(master_weight_bits - 15)`` (one code next to a midpoint), and
+    exactly a value ``fp32_state_dict`` exported. Params
     without a correction (float32, or ``master_weight_bits=None``) are loaded
     as ``model.load_state_dict`` would (rounded to nearest).
     """
@@ -221,7 +196,7 @@ def load_fp32_state_dict(model: nn.Module, optimizer, state_dict: dict, strict: 
         if bits is None:
             b = formats.round_to_dtype(w, target.dtype)
         else:
-            b, code = nearest_split(w, target.dtype, bits)
+            b, code = formats.split_master(w, target.dtype, bits)
             corrections.append((target, group, code))
         converted[name] = b.to(target.dtype).view(target.shape)
     model.load_state_dict(converted, strict=strict)

@@ -86,11 +86,17 @@ def _scale_by_pow2(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
 
 
 def split_master(w: torch.Tensor, dtype: torch.dtype, code_bits: int):
-    """Split float32 master ``w`` into (low-precision value as float32, int code)."""
+    """Split float32 master ``w`` into (low-precision value as float32, int code).
+
+    Codes span +-(2**(n-1) - 1), symmetric: a rebuilt master then always lies strictly
+    inside ``b``'s rounding interval, so splitting it again gives back the same
+    ``(b, code)``. With -2**(n-1) it could land on the midpoint below an odd ``b`` and
+    re-round to the even neighbour, moving an element that was not stepped.
+    """
     b = round_to_dtype(w, dtype)
     scaled = _scale_by_pow2(w - b, _code_shift(b, dtype, code_bits))
-    limit = 2 ** (code_bits - 1)
-    code = torch.clamp(torch.floor(scaled + 0.5), -limit, limit - 1)
+    limit = 2 ** (code_bits - 1) - 1
+    code = torch.clamp(torch.floor(scaled + 0.5), -limit, limit)
     code = torch.where(torch.isfinite(scaled), code, torch.zeros_like(code))
     return b, code.to(CODE_DTYPES[code_bits])
 

@@ -54,7 +54,7 @@ def test_bf16_split_round_trip_is_within_half_a_code_step(bits, specials, code_b
     assert torch.equal(b, w.to(torch.bfloat16).float())
     rebuilt = formats.join_master(b, code, torch.bfloat16, code_bits).double()
     step = _ulp(b.double(), 7, -126) / 2.0**code_bits
-    # Half a step from rounding; the one clamped code (+2**(n-1)) costs a full step.
+    # Half a step from rounding; the clamped end codes (+-2**(n-1)) cost a full step.
     assert torch.all((rebuilt - w.double()).abs() <= step)
 
 
@@ -78,10 +78,35 @@ def test_24_bit_master_carries_16_significant_bits_and_32_bit_is_exact_for_norma
     b, code = formats.split_master(w, torch.bfloat16, 16)
     rebuilt = formats.join_master(b, code, torch.bfloat16, 16)
     same_binade = torch.frexp(w).exponent == torch.frexp(b).exponent
-    # exact, except an exact tie w - b = +ulp/2, whose code 2**15 is clamped to 2**15 - 1
-    exact = same_binade & (code != 2**15 - 1)
+    # exact, except where the code clamped at +-(2**15 - 1) (w - b within a code of ulp/2)
+    exact = same_binade & (code.abs() != 2**15 - 1)
     assert exact.float().mean() > 0.99  # ~0.2% round up into the next binade
     assert torch.equal(rebuilt[exact], w[exact])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(finite_f32, min_size=1, max_size=200), st.sampled_from([8, 16]))
+def test_splitting_a_rebuilt_master_gives_back_the_same_pair(bits, code_bits):
+    """split(join(b, code)) == (b, code): an element that is not stepped keeps its bits."""
+    # plus masters just above the midpoint below an odd bf16 value, where the code range
+    # matters (see test_the_code_range_is_symmetric)
+    near_midpoints = [0x3EB6806D, 0x3F81807F, -0x412F8003, 0x477F80C0]
+    w = torch.cat([_bf16_values(bits), _bf16_values(near_midpoints)])
+    w = w[w.abs() < 3.38e38]
+    b, code = formats.split_master(w, torch.bfloat16, code_bits)
+    b2, code2 = formats.split_master(
+        formats.join_master(b, code, torch.bfloat16, code_bits), torch.bfloat16, code_bits
+    )
+    # the same values and codes (a -0.0 parameter may come back as +0.0: -0.0 + 0.0 = +0.0)
+    assert torch.equal(b, b2) and torch.equal(code, code2)
+
+
+def test_the_code_range_is_symmetric():
+    # 0x3eb6806d lies just above the midpoint below the odd bf16 0x3eb7: its code
+    # would round to -128, whose rebuild is that midpoint, which re-rounds to 0x3eb6.
+    w = torch.tensor([0x3EB6806D], dtype=torch.int32).view(torch.float32)
+    b, code = formats.split_master(w, torch.bfloat16, 8)
+    assert b.view(torch.int32).item() == 0x3EB70000 and code.item() == -127
 
 
 def test_non_finite_masters_survive_the_split():

@@ -344,3 +344,24 @@ def test_subclass_overriding_the_update_runs_its_own_math():
         fused.state[ps[0]]["exp_avg"], fused.state[ps[0]]["exp_avg_scale"], 32
     )
     assert m.abs().max() <= 1e-4 * (1 + 2**-8)  # (1 - beta1) * clipped grad; bf16 scale
+
+
+def test_skipped_group_keeps_its_exact_bits():
+    """The kernel's split of a skipped element's rebuilt master gives back its bits."""
+    p = torch.nn.Parameter(torch.randn(64).bfloat16().to(DEVICE))
+    opt = slimoptim.AdamW([p], lr=0.01, fused=True)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    w = torch.tensor([0x3EB6806D], dtype=torch.int32).view(torch.float32)
+    b, code = slimoptim.formats.split_master(w, torch.bfloat16, 8)
+    with torch.no_grad():
+        p[5] = b.bfloat16()[0].to(DEVICE)
+    opt.state[p]["correction"][5] = code[0]
+    before_p, before_code = p.detach().clone(), opt.state[p]["correction"].clone()
+    g = torch.randn(64)
+    g[3] = float("nan")
+    p.grad = g.bfloat16().to(DEVICE)
+    opt.step()
+    assert torch.equal(_bits(p)[:32], _bits(before_p)[:32])
+    assert torch.equal(opt.state[p]["correction"][:32], before_code[:32])
+    assert not torch.equal(_bits(p)[32:], _bits(before_p)[32:])

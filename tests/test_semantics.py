@@ -322,3 +322,27 @@ def test_fp16_params_with_grad_scaler():
         # same math up to the fp16 rounding of scaled vs unscaled gradients
         assert torch.allclose(opt.master_weight(p), twin_opt.master_weight(q), atol=2e-3)
     assert opt.state[model.weight]["step"] == 4
+
+
+@pytest.mark.parametrize("name", ["AdamW", "SGD", "Lion"])
+def test_skipped_elements_keep_their_exact_bits(name):
+    """An element at the end of the code range on an odd bf16 value is the case where a
+    re-split could move it; a skipped group must keep every bit."""
+    kwargs = dict(momentum=0.9) if name == "SGD" else {}
+    p = torch.nn.Parameter(torch.randn(64).bfloat16())
+    opt = getattr(slimoptim, name)([p], lr=0.01, **kwargs)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    w = torch.tensor([0x3EB6806D], dtype=torch.int32).view(torch.float32)
+    b, code = slimoptim.formats.split_master(w, torch.bfloat16, 8)
+    with torch.no_grad():
+        p[5] = b.bfloat16()[0]
+    opt.state[p]["correction"][5] = code[0]
+    before_p, before_code = p.detach().clone(), opt.state[p]["correction"].clone()
+    g = torch.randn(64)
+    g[3] = math.nan  # group 0 (elements 0..31) is skipped
+    p.grad = g.bfloat16()
+    opt.step()
+    assert torch.equal(p.detach()[:32].view(torch.int16), before_p[:32].view(torch.int16))
+    assert torch.equal(opt.state[p]["correction"][:32], before_code[:32])
+    assert not torch.equal(p.detach()[32:], before_p[32:])  # the other group stepped

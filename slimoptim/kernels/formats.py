@@ -122,8 +122,8 @@ def split_master(w, PARAM: tl.constexpr, CODE_BITS: tl.constexpr):
     """(low-precision value as float32, code as float32) of master ``w``."""
     b = round_to_dtype(w, PARAM)
     scaled = scale_by_pow2(w - b, code_shift(b, PARAM, CODE_BITS))
-    LIMIT: tl.constexpr = 2 ** (CODE_BITS - 1)
-    code = tl.minimum(tl.maximum(tl.floor(scaled + 0.5), -LIMIT), LIMIT - 1)
+    LIMIT: tl.constexpr = 2 ** (CODE_BITS - 1) - 1  # symmetric, see formats.split_master
+    code = tl.minimum(tl.maximum(tl.floor(scaled + 0.5), -LIMIT), LIMIT)
     code = tl.where(is_finite(scaled), code, 0.0)
     return b, code
 
