@@ -32,8 +32,11 @@ MOMENTUM_LEVELS = 127
 VARIANCE_LEVELS = 255
 DENOM_FLOOR = 1.0 / MOMENTUM_LEVELS**2
 
-# (mantissa bits, smallest normal unbiased exponent) of each low-precision dtype
-_LOW_PRECISION = {torch.bfloat16: (7, -126), torch.float16: (10, -14)}
+# (mantissa bits, smallest exponent the correction's unit follows) of each low-precision
+# dtype. Below 2**-100 a bf16 master keeps the correction unit of that binade (its
+# extra precision fades out there), so that the unit and its inverse are each one
+# float32 power of two: split and join then cost one multiply (docs/formats.md).
+_LOW_PRECISION = {torch.bfloat16: (7, -100), torch.float16: (10, -14)}
 CODE_DTYPES = {8: torch.int8, 16: torch.int16}
 
 
@@ -43,11 +46,6 @@ def _bits(x: torch.Tensor) -> torch.Tensor:
 
 def _float(bits: torch.Tensor) -> torch.Tensor:
     return bits.view(torch.float32)
-
-
-def pow2(k: torch.Tensor) -> torch.Tensor:
-    """2**k as float32 for integer tensors k in [-126, 127], built from bits."""
-    return _float(((k + 127) << 23).to(torch.int32))
 
 
 def round_to_bf16(x: torch.Tensor) -> torch.Tensor:
@@ -71,18 +69,22 @@ def round_to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x
 
 
-def _code_shift(b: torch.Tensor, dtype: torch.dtype, code_bits: int) -> torch.Tensor:
-    """The power of two s such that (w - b) * 2**s spans [-2**(n-1), 2**(n-1)]."""
+def correction_bits(param: torch.Tensor, master_weight_bits: int | None) -> int | None:
+    """Bits of the stored master-weight correction for ``param``, None when none is kept."""
+    if param.dtype not in _LOW_PRECISION or master_weight_bits is None:
+        return None
+    return master_weight_bits - 16
+
+
+def _code_units(b: torch.Tensor, dtype: torch.dtype, code_bits: int):
+    """(unit, 1/unit) of the correction code for low-precision values ``b``: the unit is
+    ulp(b) / 2**code_bits, a power of two built from b's exponent bits."""
     mantissa, min_exp = _LOW_PRECISION[dtype]
-    exponent = ((_bits(b) >> 23) & 0xFF) - 127
-    exponent = torch.clamp(exponent, min=min_exp)  # zero and subnormals
-    return code_bits + mantissa - exponent
-
-
-def _scale_by_pow2(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-    # shift may reach +-150, beyond one float32 power of two: apply it in halves.
-    half = shift >> 1
-    return x * pow2(half) * pow2(shift - half)
+    exponent = torch.clamp(_bits(b) & 0x7F800000, min=(min_exp + 127) << 23)
+    unit = exponent - ((mantissa + code_bits) << 23)
+    # ((shift + 254) << 23) - exponent, summed so that no term leaves int32
+    inverse = (((mantissa + code_bits + 127) << 23) - exponent) + (127 << 23)
+    return _float(unit), _float(inverse)
 
 
 def split_master(w: torch.Tensor, dtype: torch.dtype, code_bits: int):
@@ -94,7 +96,7 @@ def split_master(w: torch.Tensor, dtype: torch.dtype, code_bits: int):
     re-round to the even neighbour, moving an element that was not stepped.
     """
     b = round_to_dtype(w, dtype)
-    scaled = _scale_by_pow2(w - b, _code_shift(b, dtype, code_bits))
+    scaled = (w - b) * _code_units(b, dtype, code_bits)[1]
     limit = 2 ** (code_bits - 1) - 1
     code = torch.clamp(torch.floor(scaled + 0.5), -limit, limit)
     code = torch.where(torch.isfinite(scaled), code, torch.zeros_like(code))
@@ -103,8 +105,7 @@ def split_master(w: torch.Tensor, dtype: torch.dtype, code_bits: int):
 
 def join_master(b: torch.Tensor, code: torch.Tensor, dtype: torch.dtype, code_bits: int):
     """Rebuild the float32 master from the low-precision value ``b`` (float32) and its code."""
-    shift = _code_shift(b, dtype, code_bits)
-    return b + _scale_by_pow2(code.float(), -shift)
+    return b + code.float() * _code_units(b, dtype, code_bits)[0]
 
 
 # ---------------------------------------------------------------- group scales

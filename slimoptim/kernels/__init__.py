@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
@@ -36,11 +37,10 @@ def fused_step(opt, items, grad_scale, found_inf) -> list:
                 "use fused=None or fused=False for the pure-PyTorch path."
             )
         if items[0][1].is_cuda:
-            from ..optimizers.base import warn_once  # noqa: PLC0415
-
-            warn_once(
+            warnings.warn(
                 "slimoptim: Triton is not installed, so CUDA params are stepped by the slower "
-                "pure-PyTorch reference path (pip install 'slimoptim[triton]')."
+                "pure-PyTorch reference path (pip install 'slimoptim[triton]').",
+                stacklevel=3,
             )
         return items
     from .dispatch import step_fused  # noqa: PLC0415

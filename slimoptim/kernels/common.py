@@ -1,11 +1,20 @@
-"""Per-element plumbing shared by every step kernel: tiles, pointer table, loads, stores.
+"""The step-kernel skeleton shared by every update rule: load -> rule -> store.
 
-A launch steps a whole bucket of tensors. Program ``pid`` handles one tile of
-``ROWS x G`` elements (``G`` = quantization group size) of tensor
-``block_tensor[pid]``, starting at element ``block_start[pid]``. Tensor
-addresses come from an int64 pointer table, one row of ``N_FIELDS`` per tensor;
-gradient addresses, which change every step, come from their own
-array.
+A launch steps a whole bucket of tensors. Program ``pid`` steps one chunk of
+tensor ``chunk_tensor[pid]`` starting at element ``chunk_start[pid]``: up to
+``TILES`` tiles of ``ROWS x G`` elements (``G`` = quantization group size, one
+group per row), so a program's setup (pointer and scalar loads) is paid once
+per chunk. Tensor addresses come from an int64 pointer table, one row of
+``N_FIELDS`` per tensor; gradient addresses, which change every step, come
+from their own array. Per-tensor float32 scalars are rows of ``MAX_SCALARS``;
+column 0 is the step counter (it keys the stochastic-rounding dither).
+
+An update rule is a ``@triton.jit`` function passed as the ``RULE`` constexpr:
+``RULE(w, g, s0, s1, floor, k, FLAG0, FLAG1, FLAG2) -> (w, s0, s1)`` on float32
+tiles, where ``s0``/``s1`` are the decoded states (``N_STATES`` of them: a
+signed momentum-like state, then a non-negative second moment), ``floor`` the
+bound on sqrt(s1) of 8-bit second moments (0 otherwise), ``k`` the tensor's
+scalar row as a tuple, and the flags the rule's compile-time options.
 """
 
 from __future__ import annotations
@@ -22,18 +31,7 @@ STEP = tl.constexpr(2)
 STATE0 = tl.constexpr(3)  # a state; its group scales (8-bit states) are the next row
 STATE1 = tl.constexpr(5)
 N_FIELDS = tl.constexpr(7)  # a tensor's addresses are one row of the table
-
-
-@triton.jit
-def tile(block_tensor, block_start, numels, ROWS: tl.constexpr, G: tl.constexpr):
-    """(tensor index, element offsets, group indices, whole tile in bounds?, tensor numel)."""
-    pid = tl.program_id(0)
-    t = tl.load(block_tensor + pid)
-    start = tl.load(block_start + pid)
-    numel = tl.load(numels + t)
-    groups = start // G + tl.arange(0, ROWS)
-    offs = groups[:, None] * G + tl.arange(0, G)[None, :]
-    return t, offs, groups, start + ROWS * G <= numel, numel
+MAX_SCALARS = tl.constexpr(9)  # per-tensor scalar row; column 0 is the step counter
 
 
 @triton.jit
@@ -45,43 +43,41 @@ def everywhere(x):
 
 
 @triton.jit
-def field_ptr(table, n_tensors, field: tl.constexpr, t, dtype: tl.constexpr):
+def field_ptr(table, t, field: tl.constexpr, dtype: tl.constexpr):
     # Every address in the table was checked to be 16-byte aligned when the table was built.
     ptr = tl.load(table + t * N_FIELDS + field).to(tl.pointer_type(dtype))
     return tl.multiple_of(ptr, 16)
 
 
 @triton.jit
-def scalar(scalars, N_SCALARS: tl.constexpr, row: tl.constexpr, t):
-    """Per-tensor float32 scalar ``row`` (see each rule's ``scalars``): a tensor's scalars
-    are contiguous, so a program's loads share one address and constant offsets."""
-    return tl.load(scalars + t * N_SCALARS + row)
+def typed_ptr(address, KIND: tl.constexpr):
+    """A float32/bf16/fp16 tensor's address as a pointer; bf16 is read as int16 bits."""
+    if KIND == 1:
+        ptr = address.to(tl.pointer_type(tl.int16))
+    elif KIND == 2:
+        ptr = address.to(tl.pointer_type(tl.float16))
+    else:
+        ptr = address.to(tl.pointer_type(tl.float32))
+    return tl.multiple_of(ptr, 16)  # every address was checked to be 16-byte aligned
+
+
+@triton.jit
+def load_float(ptr, offs, mask, KIND: tl.constexpr):
+    """float32 values of a float32/bf16/fp16 tensor (bf16 through its bits: exact)."""
+    if KIND == 1:
+        return kf.bf16_bits_to_float(tl.load(ptr + offs, mask=mask, other=0))
+    else:
+        return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
 def load_grad(
-    grad_ptrs,
-    t,
-    offs,
-    mask,
-    group_mask,
-    grad_scale,
-    found_inf,
-    GRAD: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr,
-):
+    gp, offs, mask, group_mask, grad_scale, found_inf,
+    GRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+):  # fmt: skip
     """(float32 gradient, element ok, group ok): the reference's unscale/maximize/skip logic."""
-    if GRAD == 1:
-        gp = tl.multiple_of(tl.load(grad_ptrs + t).to(tl.pointer_type(tl.int16)), 16)
-        g = kf.bf16_bits_to_float(tl.load(gp + offs, mask=mask, other=0))
-    elif GRAD == 2:
-        gp = tl.multiple_of(tl.load(grad_ptrs + t).to(tl.pointer_type(tl.float16)), 16)
-        g = tl.load(gp + offs, mask=mask, other=0.0).to(tl.float32)
-    else:
-        gp = tl.multiple_of(tl.load(grad_ptrs + t).to(tl.pointer_type(tl.float32)), 16)
-        g = tl.load(gp + offs, mask=mask, other=0.0)
+    g = load_float(gp, offs, mask, GRAD)
     if HAS_GRAD_SCALE:
         g = tl.div_rn(g, tl.load(grad_scale))
     if MAXIMIZE:
@@ -96,108 +92,163 @@ def load_grad(
 
 
 @triton.jit
-def load_master(table, n_tensors, t, offs, mask, PARAM_KIND: tl.constexpr, CODE_BITS: tl.constexpr):
+def load_master(pp, cp, offs, mask, PARAM_KIND: tl.constexpr, CODE_BITS: tl.constexpr):
     """float32 master weight: the stored parameter joined with its correction code."""
-    if PARAM_KIND == 1:
-        b = kf.bf16_bits_to_float(
-            tl.load(field_ptr(table, n_tensors, PARAM, t, tl.int16) + offs, mask=mask, other=0)
-        )
-    elif PARAM_KIND == 2:
-        pp = field_ptr(table, n_tensors, PARAM, t, tl.float16)
-        b = tl.load(pp + offs, mask=mask, other=0.0).to(tl.float32)
-    else:
-        b = tl.load(field_ptr(table, n_tensors, PARAM, t, tl.float32) + offs, mask=mask, other=0.0)
-    if CODE_BITS == 8:
-        cp = field_ptr(table, n_tensors, CORRECTION, t, tl.int8)
-        b = kf.join_master(b, tl.load(cp + offs, mask=mask, other=0).to(tl.float32), PARAM_KIND, 8)
-    elif CODE_BITS == 16:
-        cp = field_ptr(table, n_tensors, CORRECTION, t, tl.int16)
-        b = kf.join_master(b, tl.load(cp + offs, mask=mask, other=0).to(tl.float32), PARAM_KIND, 16)
+    b = load_float(pp, offs, mask, PARAM_KIND)
+    if CODE_BITS != 0:
+        code = tl.load(cp + offs, mask=mask, other=0).to(tl.float32)
+        b = kf.join_master(b, code, PARAM_KIND, CODE_BITS)
     return b
 
 
 @triton.jit
 def store_master(
-    table, n_tensors, t, offs, mask, w, PARAM_KIND: tl.constexpr, CODE_BITS: tl.constexpr
-):
+    pp, cp, offs, mask, w,
+    PARAM_KIND: tl.constexpr, CODE_BITS: tl.constexpr, HW_ROUND: tl.constexpr,
+):  # fmt: skip
     """Split ``w`` into the stored parameter and its correction code (formats.split_master)."""
-    if CODE_BITS == 8:
-        b, code = kf.split_master(w, PARAM_KIND, 8)
-        tl.store(field_ptr(table, n_tensors, CORRECTION, t, tl.int8) + offs, code.to(tl.int8), mask)
-    elif CODE_BITS == 16:
-        b, code = kf.split_master(w, PARAM_KIND, 16)
-        cp = field_ptr(table, n_tensors, CORRECTION, t, tl.int16)
-        tl.store(cp + offs, code.to(tl.int16), mask)
+    if CODE_BITS != 0:
+        b, code = kf.split_master(w, PARAM_KIND, CODE_BITS, HW_ROUND)
+        if CODE_BITS == 8:
+            tl.store(cp + offs, code.to(tl.int8), mask)
+        else:
+            tl.store(cp + offs, code.to(tl.int16), mask)
     else:
-        b = kf.round_to_dtype(w, PARAM_KIND)
+        b = kf.round_to_dtype(w, PARAM_KIND, HW_ROUND)
     if PARAM_KIND == 1:
-        pp = field_ptr(table, n_tensors, PARAM, t, tl.int16)
         tl.store(pp + offs, kf.float_to_bf16_bits(b), mask)
     elif PARAM_KIND == 2:
-        tl.store(field_ptr(table, n_tensors, PARAM, t, tl.float16) + offs, b.to(tl.float16), mask)
+        tl.store(pp + offs, b.to(tl.float16), mask)
     else:
-        tl.store(field_ptr(table, n_tensors, PARAM, t, tl.float32) + offs, b, mask)
+        tl.store(pp + offs, b, mask)
 
 
 @triton.jit
-def load_scale(table, n_tensors, field: tl.constexpr, t, groups, group_mask):
-    """A bf16 group scale per row, as float32."""
-    sp = field_ptr(table, n_tensors, field, t, tl.int16)
-    return kf.bf16_bits_to_float(tl.load(sp + groups, mask=group_mask, other=0))
+def load_state(sp, scp, offs, mask, groups, group_mask, SIGNED: tl.constexpr, BITS: tl.constexpr):
+    """(float32 state, its float32 group scale per row) from its codes or float32 storage."""
+    if BITS == 32:
+        x = tl.load(sp + offs, mask=mask, other=0.0)
+        scale = 0.0
+    else:
+        code = tl.load(sp + offs, mask=mask, other=0)
+        scale = kf.bf16_bits_to_float(tl.load(scp + groups, mask=group_mask, other=0))
+        if SIGNED:
+            x = kf.dequantize_momentum(code, scale)
+        else:
+            x = kf.dequantize_variance(code, scale)
+    return x, scale
 
 
 @triton.jit
-def store_scale(table, n_tensors, field: tl.constexpr, t, groups, scale, group_ok):
-    # Scales are exact bf16 values: their top 16 bits are the bf16 pattern.
-    sp = field_ptr(table, n_tensors, field, t, tl.int16)
-    tl.store(sp + groups, kf.float_to_bf16_bits(scale), group_ok)
+def store_state(
+    sp, scp, offs, mask, groups, x, ok, group_ok, noise,
+    SIGNED: tl.constexpr, BITS: tl.constexpr,
+):  # fmt: skip
+    if BITS == 32:
+        tl.store(sp + offs, x, ok)
+    else:
+        if SIGNED:
+            code, scale = kf.quantize_momentum(x, mask, noise)
+        else:
+            code, scale = kf.quantize_variance(x, mask, noise)
+        tl.store(sp + offs, code, ok)
+        # Scales are exact bf16 values: their top 16 bits are the bf16 pattern.
+        tl.store(scp + groups, kf.float_to_bf16_bits(scale), group_ok)
 
 
 @triton.jit
-def load_momentum(table, n_tensors, field: tl.constexpr, t, offs, mask, groups, group_mask):
-    """float32 signed state, decoded from its int8 codes and group scales."""
-    code = tl.load(field_ptr(table, n_tensors, field, t, tl.int8) + offs, mask=mask, other=0)
-    scale = load_scale(table, n_tensors, field + 1, t, groups, group_mask)
-    return kf.dequantize_momentum(code, scale)
+def _step_tile(
+    pp, cp, gp, s0p, s0sp, s1p, s1sp, k, offs, mask, groups, group_mask, grad_scale, found_inf,
+    RULE: tl.constexpr, N_STATES: tl.constexpr,
+    FLAG0: tl.constexpr, FLAG1: tl.constexpr, FLAG2: tl.constexpr,
+    PARAM_KIND: tl.constexpr, GRAD_KIND: tl.constexpr, CODE_BITS: tl.constexpr,
+    STATE_BITS: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr, HW_ROUND: tl.constexpr,
+):  # fmt: skip
+    g, ok, group_ok = load_grad(
+        gp, offs, mask, group_mask, grad_scale, found_inf,
+        GRAD_KIND, MAXIMIZE, HAS_GRAD_SCALE, HAS_FOUND_INF,
+    )  # fmt: skip
+    w0 = load_master(pp, cp, offs, mask, PARAM_KIND, CODE_BITS)
+    s0 = 0.0
+    s1 = 0.0
+    floor = 0.0
+    if N_STATES >= 1:
+        s0, _ = load_state(s0p, s0sp, offs, mask, groups, group_mask, True, STATE_BITS)
+    if N_STATES >= 2:
+        s1, s1_scale = load_state(s1p, s1sp, offs, mask, groups, group_mask, False, STATE_BITS)
+        if STATE_BITS == 8:
+            floor = kf.variance_floor(s1_scale)[:, None]
+
+    w, s0, s1 = RULE(w0, g, s0, s1, floor, k, FLAG0, FLAG1, FLAG2)
+    w = tl.where(ok, w, w0)
+
+    store_master(pp, cp, offs, mask, w, PARAM_KIND, CODE_BITS, HW_ROUND)
+    noise0 = 0.0
+    noise1 = 0.0
+    if N_STATES >= 1:
+        if STATE_BITS == 8:
+            noise0, noise1 = kf.dither(offs, k[0])
+        store_state(s0p, s0sp, offs, mask, groups, s0, ok, group_ok, noise0, True, STATE_BITS)
+        if N_STATES >= 2:
+            store_state(s1p, s1sp, offs, mask, groups, s1, ok, group_ok, noise1, False, STATE_BITS)
 
 
 @triton.jit
-def store_momentum(
-    table, n_tensors, field: tl.constexpr, t, offs, mask, groups, m, ok, group_ok, step
-):
-    momentum_noise, _ = kf.dither(offs, step)
-    code, scale = kf.quantize_momentum(m, mask, momentum_noise)
-    tl.store(field_ptr(table, n_tensors, field, t, tl.int8) + offs, code, ok)
-    store_scale(table, n_tensors, field + 1, t, groups, scale, group_ok)
+def step_kernel(
+    table, grad_ptrs, numels, chunk_tensor, chunk_start, scalars, grad_scale, found_inf,
+    RULE: tl.constexpr, N_STATES: tl.constexpr,
+    FLAG0: tl.constexpr, FLAG1: tl.constexpr, FLAG2: tl.constexpr,
+    PARAM_KIND: tl.constexpr, GRAD_KIND: tl.constexpr, CODE_BITS: tl.constexpr,
+    STATE_BITS: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, TILES: tl.constexpr,
+    MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
+    HW_ROUND: tl.constexpr,
+):  # fmt: skip
+    """Step one chunk (up to TILES tiles) of one tensor of the bucket with ``RULE``."""
+    pid = tl.program_id(0)
+    t = tl.load(chunk_tensor + pid)
+    start = tl.load(chunk_start + pid)
+    numel = tl.load(numels + t)
+    # Setup once per chunk: typed addresses and the tensor's scalar row.
+    pp = typed_ptr(tl.load(table + t * N_FIELDS + PARAM), PARAM_KIND)
+    if CODE_BITS == 8:
+        cp = field_ptr(table, t, CORRECTION, tl.int8)
+    else:
+        cp = field_ptr(table, t, CORRECTION, tl.int16)
+    gp = typed_ptr(tl.load(grad_ptrs + t), GRAD_KIND)
+    if STATE_BITS == 8:
+        s0p = field_ptr(table, t, STATE0, tl.int8)
+        s1p = field_ptr(table, t, STATE1, tl.uint8)
+    else:
+        s0p = field_ptr(table, t, STATE0, tl.float32)
+        s1p = field_ptr(table, t, STATE1, tl.float32)
+    s0sp = field_ptr(table, t, STATE0 + 1, tl.int16)
+    s1sp = field_ptr(table, t, STATE1 + 1, tl.int16)
+    row = scalars + t * MAX_SCALARS
+    k = (
+        tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4),
+        tl.load(row + 5), tl.load(row + 6), tl.load(row + 7), tl.load(row + 8),
+    )  # fmt: skip
 
-
-@triton.jit
-def load_variance(table, n_tensors, field: tl.constexpr, t, offs, mask, groups, group_mask):
-    """(float32 second moment, its group scale per row) from uint8 codes."""
-    code = tl.load(field_ptr(table, n_tensors, field, t, tl.uint8) + offs, mask=mask, other=0)
-    scale = load_scale(table, n_tensors, field + 1, t, groups, group_mask)
-    return kf.dequantize_variance(code, scale), scale
-
-
-@triton.jit
-def store_variance(
-    table, n_tensors, field: tl.constexpr, t, offs, mask, groups, v, ok, group_ok, step
-):
-    # The same hash as store_momentum's (the compiler computes it once), other half.
-    _, variance_noise = kf.dither(offs, step)
-    code, scale = kf.quantize_variance(v, mask, variance_noise)
-    tl.store(field_ptr(table, n_tensors, field, t, tl.uint8) + offs, code, ok)
-    store_scale(table, n_tensors, field + 1, t, groups, scale, group_ok)
-
-
-@triton.jit
-def load_float_state(table, n_tensors, field: tl.constexpr, t, offs, mask):
-    return tl.load(field_ptr(table, n_tensors, field, t, tl.float32) + offs, mask=mask, other=0.0)
-
-
-@triton.jit
-def store_float_state(table, n_tensors, field: tl.constexpr, t, offs, value, ok):
-    tl.store(field_ptr(table, n_tensors, field, t, tl.float32) + offs, value, ok)
+    TILE: tl.constexpr = ROWS * G
+    end = tl.minimum(start + TILES * TILE, numel)
+    for tile_start in range(start, end, TILE):
+        groups = tile_start // G + tl.arange(0, ROWS)
+        offs = groups[:, None] * G + tl.arange(0, G)[None, :]
+        if tile_start + TILE <= numel:
+            _step_tile(
+                pp, cp, gp, s0p, s0sp, s1p, s1sp, k,
+                offs, everywhere(offs), groups, everywhere(groups), grad_scale, found_inf,
+                RULE, N_STATES, FLAG0, FLAG1, FLAG2, PARAM_KIND, GRAD_KIND, CODE_BITS,
+                STATE_BITS, MAXIMIZE, HAS_GRAD_SCALE, HAS_FOUND_INF, HW_ROUND,
+            )  # fmt: skip
+        else:
+            _step_tile(
+                pp, cp, gp, s0p, s0sp, s1p, s1sp, k,
+                offs, offs < numel, groups, groups * G < numel, grad_scale, found_inf,
+                RULE, N_STATES, FLAG0, FLAG1, FLAG2, PARAM_KIND, GRAD_KIND, CODE_BITS,
+                STATE_BITS, MAXIMIZE, HAS_GRAD_SCALE, HAS_FOUND_INF, HW_ROUND,
+            )  # fmt: skip
 
 
 @triton.jit

@@ -6,15 +6,18 @@ launch whatever the number of tensors. A plan (the buckets of one set of
 parameters) is built once and cached on the optimizer; it holds on the device:
 
 * a pointer table (param, correction, step counter, states and their scales),
-* the element counts and a block -> (tensor, first element) map,
+* the element counts and a chunk -> (tensor, first element) map,
 * one buffer that every step refreshes with a single host-to-device copy from
   pinned memory: the gradient addresses (which change when grads are set to
   None) and the param groups' hyper-parameters (which schedulers change).
 
 Per step, per bucket: one tiny Triton launch advances the step counters (no
 host sync: a skipped GradScaler step adds 0), a few vectorised torch ops turn
-counters and hyper-parameters into per-tensor scalars, and one launch steps
-every element.
+counters and hyper-parameters into per-tensor scalars, and one launch of the
+skeleton kernel (kernels/common.py) with the optimizer's rule steps every element.
+
+An optimizer names its rule (``SlimOptimizer.kernel_rule_name``); this module
+maps the name to the rule, so kernels never import the optimizers.
 """
 
 from __future__ import annotations
@@ -25,19 +28,22 @@ import numpy as np
 import torch
 import triton
 
-from ..optimizers.base import correction_bits
+from ..formats import correction_bits
 from . import common as cm
 from .adamw import AdamWRule
 from .lion import LionRule
 from .sgd import SGDRule
 
-# Elements per program (rounded to whole quantization groups) and warps per program.
-# 4 elements per thread: the fastest measured, and 8 per thread miscompiled a tail-tile
-# case on Triton 3.6 (benchmarks/NOTES.md).
-CONFIG = {"block": 512, "num_warps": 4, "maxnreg": None}
-# The interpreter's cost is per program and per launch, not per element: larger blocks
-# keep tests quick while still giving several blocks per 4097-element tensor.
-INTERPRETER_BLOCK = 2048
+RULES = {"adamw": AdamWRule, "sgd": SGDRule, "lion": LionRule}
+
+# Elements per tile (rounded to whole quantization groups), tiles per program, warps per
+# program. 4 elements per thread per tile: 8 per thread miscompiled a tail-tile case on
+# Triton 3.6 (benchmarks/NOTES.md); several tiles per program amortise its setup.
+CONFIG = {"block": 128, "tiles": 16, "num_warps": 1, "maxnreg": None}
+# The interpreter's cost is per program and per launch, not per element: larger tiles
+# keep tests quick; 4 tiles per chunk still puts whole and tail tiles in one program
+# for a 4097-element tensor.
+INTERPRETER_CONFIG = {"block": 2048, "tiles": 4}
 MAX_PLANS = 4096  # parameter subsets cached per optimizer (gradient release steps one at a time)
 
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -48,18 +54,14 @@ def interpreting() -> bool:
 
 
 def rule_for(opt):
-    from ..optimizers import SGD, AdamW, Lion  # noqa: PLC0415 (circular at import time)
-
-    # Only when the update rule is the built-in one: a subclass that overrides the math
-    # (``_update``, ``_scalars``, ``_specs_for``) must run its own reference code.
-    for cls, rule in ((AdamW, AdamWRule), (SGD, SGDRule), (Lion, LionRule)):
-        if isinstance(opt, cls):
-            same = all(getattr(type(opt), m) is getattr(cls, m) for m in _RULE_METHODS)
-            return rule if same else None
-    return None
+    """The kernel rule the optimizer declares (None: a subclass with its own math)."""
+    name = opt.kernel_rule_name()
+    return RULES.get(name) if name is not None else None
 
 
-_RULE_METHODS = ("_update", "_scalars", "_specs_for")
+def _tiling() -> tuple[int, int]:
+    config = INTERPRETER_CONFIG if interpreting() else CONFIG
+    return config["block"], config["tiles"]
 
 
 def _aligned(t: torch.Tensor) -> bool:
@@ -76,9 +78,10 @@ class Bucket:
         self.params = [p for p, _, _ in members]
         self.n = len(members)
         self.first = first  # offset of this bucket's gradients in the plan's gradient array
-        block = INTERPRETER_BLOCK if interpreting() else CONFIG["block"]
+        block, self.tiles = _tiling()
         self.rows = max(1, block // self.g)
-        per_block = self.rows * self.g
+        per_chunk = self.rows * self.g * self.tiles
+        self.n_states = sum(name in members[0][2] for name in rule.state_names)
 
         table = torch.zeros(self.n, cm.N_FIELDS.value, dtype=torch.int64)
         for i, (p, _, state) in enumerate(members):
@@ -94,15 +97,15 @@ class Bucket:
                     if f"{name}_scale" in state:
                         table[i, field + 1] = state[f"{name}_scale"].data_ptr()
         numels = torch.tensor([p.numel() for p in self.params], dtype=torch.int32)
-        blocks = (numels.long() + per_block - 1) // per_block
-        block_tensor = torch.repeat_interleave(torch.arange(self.n), blocks)
-        first_block = torch.cumsum(blocks, 0) - blocks
-        block_index = torch.arange(int(blocks.sum())) - first_block[block_tensor]
-        self.n_blocks = int(blocks.sum())
+        chunks = (numels.long() + per_chunk - 1) // per_chunk
+        chunk_tensor = torch.repeat_interleave(torch.arange(self.n), chunks)
+        first_chunk = torch.cumsum(chunks, 0) - chunks
+        chunk_index = torch.arange(int(chunks.sum())) - first_chunk[chunk_tensor]
+        self.n_chunks = int(chunks.sum())
         self.table = table.to(device)
         self.numels = numels.to(device)
-        self.block_tensor = block_tensor.to(torch.int32).to(device)
-        self.block_start = (block_index * per_block).to(torch.int32).to(device)
+        self.chunk_tensor = chunk_tensor.to(torch.int32).to(device)
+        self.chunk_start = (chunk_index * per_chunk).to(torch.int32).to(device)
         # The param-group row of each tensor in the plan's hyper-parameter table.
         rows = [row for _, row, _ in members]
         self.hyper_rows = torch.tensor(rows, dtype=torch.int64, device=device)
@@ -151,9 +154,8 @@ class Plan:
             first += len(ms)
         self.grad_params = [p for b in self.buckets for p in b.params]
         self.grad_dtypes = [p.grad.dtype for p in self.grad_params]
-        # Module.to / .half() / cast_model replace p.data: the tables would then point at
-        # freed memory, so each step compares the params' addresses and dtypes too.
-        self.param_layout = [(p.data_ptr(), p.dtype) for p in self.grad_params]
+        # Each step compares the params' addresses too (see _grad_pointers).
+        self.param_ptrs = [p.data_ptr() for p in self.grad_params]
         n_ptrs, n_vals = len(self.grad_params), len(self.groups) * len(rule.group_values)
         self.n_ptrs = n_ptrs
         if self.device is not None:
@@ -172,7 +174,12 @@ class Plan:
 def _eligible(opt, group, p) -> bool:
     if hasattr(p, "to_local") or not p.is_contiguous() or p.numel() >= 2**31:
         return False
-    if p.grad is None or p.grad.dtype not in KINDS or not p.grad.is_contiguous():
+    if p.dtype not in KINDS:  # float64 params are their own master: reference path
+        return False
+    grad = p.grad
+    if grad is None or grad.layout != torch.strided or grad.dtype not in KINDS:
+        return False
+    if not grad.is_contiguous():
         return False
     size = group["group_size"]
     if size & (size - 1) or size > 4096 or not _aligned(p):
@@ -257,17 +264,21 @@ def _capturing(items) -> bool:
 
 
 def _grad_pointers(plan) -> list | None:
-    """Current gradient addresses, or None when a gradient no longer fits its bucket or a
-    parameter's storage or dtype changed since the plan was built."""
-    if [(p.data_ptr(), p.dtype) for p in plan.grad_params] != plan.param_layout:
-        return None
+    """Current gradient addresses, or None when a gradient no longer fits its bucket (None,
+    sparse, other dtype, not contiguous, misaligned) or a parameter's storage moved since
+    the plan was built. One pass of a few attribute reads per param: this runs every step."""
     grads = [p.grad for p in plan.grad_params]
-    if any(g is None for g in grads):
+    try:
+        ptrs = [g.data_ptr() for g in grads]  # None or a sparse grad raises
+    except (AttributeError, RuntimeError):
         return None
-    # (autograd already refuses a grad on another device than its param)
     if [g.dtype for g in grads] != plan.grad_dtypes or not all(g.is_contiguous() for g in grads):
         return None
-    ptrs = [g.data_ptr() for g in grads]
+    # Module.to / .half() / cast_model replace p.data: the tables would point at freed
+    # memory. (The grad's dtype, which autograd keeps equal to the param's, covers a
+    # param that changed dtype in place of a freed one.)
+    if [p.data_ptr() for p in plan.grad_params] != plan.param_ptrs:
+        return None
     if any(ptr & 15 for ptr in ptrs):
         return None
     return ptrs
@@ -325,29 +336,38 @@ def _launch(plan, bucket, scale, found_inf, dummy, has_scale) -> None:
         bucket.table, bucket.n, bucket.steps, found_inf, HAS_FOUND_INF=has_inf, BLOCK=1024
     )
     hyper = plan.hyper.index_select(0, bucket.hyper_rows)
-    scalars = plan.rule.scalars(hyper, bucket.steps).contiguous()
+    scalars = plan.rule.scalars(hyper, bucket.steps)
+    width = cm.MAX_SCALARS.value
+    scalars = torch.nn.functional.pad(scalars, (0, width - scalars.shape[1])).contiguous()
     grad_ptrs = plan.grad_ptrs[bucket.first : bucket.first + bucket.n]
-    plan.rule.kernel[(bucket.n_blocks,)](
+    flags = [bucket.flags.get(name, False) for name in plan.rule.flag_names]
+    flags += [False] * (3 - len(flags))
+    cm.step_kernel[(bucket.n_chunks,)](
         bucket.table,
         grad_ptrs,
-        bucket.n,
         bucket.numels,
-        bucket.block_tensor,
-        bucket.block_start,
+        bucket.chunk_tensor,
+        bucket.chunk_start,
         scalars,
         scale,
         found_inf,
+        RULE=plan.rule.update,
+        N_STATES=bucket.n_states,
+        FLAG0=flags[0],
+        FLAG1=flags[1],
+        FLAG2=flags[2],
         PARAM_KIND=bucket.param_kind,
         GRAD_KIND=bucket.grad_kind,
         CODE_BITS=bucket.code_bits,
         STATE_BITS=bucket.state_bits,
         G=bucket.g,
         ROWS=bucket.rows,
+        TILES=bucket.tiles,
         MAXIMIZE=bucket.maximize,
         HAS_GRAD_SCALE=has_scale,
         HAS_FOUND_INF=has_inf,
+        HW_ROUND=not interpreting(),
         num_warps=CONFIG["num_warps"],
         enable_fp_fusion=False,
         **({"maxnreg": CONFIG["maxnreg"]} if CONFIG.get("maxnreg") else {}),
-        **bucket.flags,
     )

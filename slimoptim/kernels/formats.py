@@ -76,52 +76,54 @@ def float_to_bf16_bits(b):
 
 
 @triton.jit
-def round_to_dtype(x, PARAM: tl.constexpr):
+def round_to_dtype(x, PARAM: tl.constexpr, HW_ROUND: tl.constexpr):
+    """Nearest ``PARAM`` value of float32 ``x``, kept in float32. On the GPU the hardware
+    convert (cvt.rn: round to nearest even, the integer recipe's bits) is one instruction;
+    the interpreter truncates bf16 casts, so it takes the integer recipe."""
     if PARAM == 1:
-        return round_to_bf16(x)
+        if HW_ROUND:
+            return x.to(tl.bfloat16).to(tl.float32)
+        else:
+            return round_to_bf16(x)
     elif PARAM == 2:
         return x.to(tl.float16).to(tl.float32)  # cvt.rn on the GPU, numpy RNE in the interpreter
     else:
         return x
 
 
-@triton.jit
-def pow2(k):
-    """2**k as float32 for int32 k in [-126, 127]."""
-    return as_float((k + 127) << 23)
+# formats._LOW_PRECISION as float32 exponent fields: (mantissa bits, smallest exponent field)
+BF16_MANTISSA = tl.constexpr(ref._LOW_PRECISION[torch.bfloat16][0])
+BF16_MIN_FIELD = tl.constexpr(ref._LOW_PRECISION[torch.bfloat16][1] + 127)
+FP16_MANTISSA = tl.constexpr(ref._LOW_PRECISION[torch.float16][0])
+FP16_MIN_FIELD = tl.constexpr(ref._LOW_PRECISION[torch.float16][1] + 127)
 
 
 @triton.jit
-def code_shift(b, PARAM: tl.constexpr, CODE_BITS: tl.constexpr):
-    # (mantissa bits, smallest normal exponent): bf16 (7, -126), fp16 (10, -14)
+def code_units(b, PARAM: tl.constexpr, CODE_BITS: tl.constexpr):
+    """formats._code_units: (unit, 1/unit) of the correction code, from b's exponent bits."""
     if PARAM == 1:
-        MANTISSA: tl.constexpr = 7
-        MIN_EXP: tl.constexpr = -126
+        SHIFT: tl.constexpr = BF16_MANTISSA + CODE_BITS
+        exponent = tl.maximum(as_bits(b) & 0x7F800000, BF16_MIN_FIELD << 23)
     else:
-        MANTISSA: tl.constexpr = 10
-        MIN_EXP: tl.constexpr = -14
-    exponent = ((as_bits(b) >> 23) & 0xFF) - 127
-    exponent = tl.maximum(exponent, MIN_EXP)
-    return CODE_BITS + MANTISSA - exponent
-
-
-@triton.jit
-def scale_by_pow2(x, shift):
-    half = shift >> 1  # arithmetic shift: floor division, as torch's >> on int32
-    return x * pow2(half) * pow2(shift - half)
+        SHIFT: tl.constexpr = FP16_MANTISSA + CODE_BITS
+        exponent = tl.maximum(as_bits(b) & 0x7F800000, FP16_MIN_FIELD << 23)
+    # 1/unit's bits are ((SHIFT + 254) << 23) - exponent, summed so no term leaves int32
+    inverse = (((SHIFT + 127) << 23) - exponent) + (127 << 23)
+    return as_float(exponent - (SHIFT << 23)), as_float(inverse)
 
 
 @triton.jit
 def join_master(b, code, PARAM: tl.constexpr, CODE_BITS: tl.constexpr):
-    shift = code_shift(b, PARAM, CODE_BITS)
-    return b + scale_by_pow2(code, -shift)
+    unit, _ = code_units(b, PARAM, CODE_BITS)
+    return b + code * unit
 
 
 @triton.jit
-def split_master(w, PARAM: tl.constexpr, CODE_BITS: tl.constexpr):
+def split_master(w, PARAM: tl.constexpr, CODE_BITS: tl.constexpr, HW_ROUND: tl.constexpr):
     """(low-precision value as float32, code as float32) of master ``w``."""
-    b = round_to_dtype(w, PARAM)
-    scaled = scale_by_pow2(w - b, code_shift(b, PARAM, CODE_BITS))
+    b = round_to_dtype(w, PARAM, HW_ROUND)
+    _, inverse = code_units(b, PARAM, CODE_BITS)
+    scaled = (w - b) * inverse
     LIMIT: tl.constexpr = 2 ** (CODE_BITS - 1) - 1  # symmetric, see formats.split_master
     code = tl.minimum(tl.maximum(tl.floor(scaled + 0.5), -LIMIT), LIMIT)
     code = tl.where(is_finite(scaled), code, 0.0)
@@ -161,10 +163,12 @@ def mix32(x):
 
 @triton.jit
 def dither(index, step):
-    """formats.dither: the (momentum, variance) integer dithers in [0, 65536) as float32."""
+    """formats.dither: the (momentum, variance) integer dithers in [0, 65536), the first as
+    float32, the second as int32."""
     key = mix32(step.to(tl.int32).to(tl.uint32) * 0x9E3779B1)
     h = mix32(index.to(tl.uint32) ^ key)
-    return (h >> 16).to(tl.float32), (h & 0xFFFF).to(tl.float32)
+    # The variance code adds its dither as an integer: no float round trip.
+    return (h >> 16).to(tl.float32), (h & 0xFFFF).to(tl.int32)
 
 
 # ------------------------------------------------------------ momentum (signed)

@@ -1,4 +1,4 @@
-"""Fused Lion step: signed interpolated update, then the momentum EMA, in one pass."""
+"""Lion as a rule of the step-kernel skeleton: signed interpolated update, then the EMA."""
 
 from __future__ import annotations
 
@@ -6,147 +6,26 @@ import torch
 import triton
 import triton.language as tl
 
-from . import common as cm
-
-# Rows of the per-tensor float32 scalar table.
-STEP, LR, DECAY, BETA1, ONE_MINUS_BETA1, BETA2, ONE_MINUS_BETA2 = (
-    tl.constexpr(i) for i in range(7)
-)
-N_SCALARS = tl.constexpr(7)
+# Columns of the per-tensor float32 scalar row; 0 is the step.
+LR, DECAY, BETA1, ONE_MINUS_BETA1, BETA2, ONE_MINUS_BETA2 = (tl.constexpr(i) for i in range(1, 7))
 
 
 @triton.jit
-def _lion_tile(
-    table,
-    grad_ptrs,
-    n_tensors,
-    scalars,
-    t,
-    offs,
-    mask,
-    groups,
-    group_mask,
-    grad_scale,
-    found_inf,
-    PARAM_KIND: tl.constexpr,
-    GRAD_KIND: tl.constexpr,
-    CODE_BITS: tl.constexpr,
-    STATE_BITS: tl.constexpr,
-    G: tl.constexpr,
-    ROWS: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr,
-    HAS_WEIGHT_DECAY: tl.constexpr,
-):
-    g, ok, group_ok = cm.load_grad(
-        grad_ptrs, t, offs, mask, group_mask, grad_scale, found_inf,
-        GRAD_KIND, MAXIMIZE, HAS_GRAD_SCALE, HAS_FOUND_INF,
-    )  # fmt: skip
-    w0 = cm.load_master(table, n_tensors, t, offs, mask, PARAM_KIND, CODE_BITS)
-    if STATE_BITS == 8:
-        m = cm.load_momentum(table, n_tensors, cm.STATE0, t, offs, mask, groups, group_mask)
-    else:
-        m = cm.load_float_state(table, n_tensors, cm.STATE0, t, offs, mask)
-
-    # lion_update, operation for operation; sign() as torch.sign (0 for 0 and NaN).
-    w = w0
+def lion_update(w, g, m, _s1, _floor, k, HAS_WEIGHT_DECAY, _UNUSED1, _UNUSED2):
+    """optimizers.lion.lion_update, operation for operation; sign() as torch.sign."""
     if HAS_WEIGHT_DECAY:
-        w = w * cm.scalar(scalars, N_SCALARS, DECAY, t)
-    direction = m * cm.scalar(scalars, N_SCALARS, BETA1, t) + g * cm.scalar(
-        scalars, N_SCALARS, ONE_MINUS_BETA1, t
-    )
+        w = w * k[DECAY]
+    direction = m * k[BETA1] + g * k[ONE_MINUS_BETA1]
     sign = (direction > 0).to(tl.float32) - (direction < 0).to(tl.float32)
-    w = w - sign * cm.scalar(scalars, N_SCALARS, LR, t)
-    m = m * cm.scalar(scalars, N_SCALARS, BETA2, t) + g * cm.scalar(
-        scalars, N_SCALARS, ONE_MINUS_BETA2, t
-    )
-    w = tl.where(ok, w, w0)
-
-    cm.store_master(table, n_tensors, t, offs, mask, w, PARAM_KIND, CODE_BITS)
-    if STATE_BITS == 8:
-        step = cm.scalar(scalars, N_SCALARS, STEP, t)
-        cm.store_momentum(table, n_tensors, cm.STATE0, t, offs, mask, groups, m, ok, group_ok, step)
-    else:
-        cm.store_float_state(table, n_tensors, cm.STATE0, t, offs, m, ok)
-
-
-@triton.jit
-def lion_step_kernel(
-    table,
-    grad_ptrs,
-    n_tensors,
-    numels,
-    block_tensor,
-    block_start,
-    scalars,
-    grad_scale,
-    found_inf,
-    PARAM_KIND: tl.constexpr,
-    GRAD_KIND: tl.constexpr,
-    CODE_BITS: tl.constexpr,
-    STATE_BITS: tl.constexpr,
-    G: tl.constexpr,
-    ROWS: tl.constexpr,
-    MAXIMIZE: tl.constexpr,
-    HAS_GRAD_SCALE: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr,
-    HAS_WEIGHT_DECAY: tl.constexpr,
-):
-    t, offs, groups, full, numel = cm.tile(block_tensor, block_start, numels, ROWS, G)
-    if full:
-        _lion_tile(
-            table,
-            grad_ptrs,
-            n_tensors,
-            scalars,
-            t,
-            offs,
-            cm.everywhere(offs),
-            groups,
-            cm.everywhere(groups),
-            grad_scale,
-            found_inf,
-            PARAM_KIND,
-            GRAD_KIND,
-            CODE_BITS,
-            STATE_BITS,
-            G,
-            ROWS,
-            MAXIMIZE,
-            HAS_GRAD_SCALE,
-            HAS_FOUND_INF,
-            HAS_WEIGHT_DECAY,
-        )
-    else:
-        _lion_tile(
-            table,
-            grad_ptrs,
-            n_tensors,
-            scalars,
-            t,
-            offs,
-            offs < numel,
-            groups,
-            groups * G < numel,
-            grad_scale,
-            found_inf,
-            PARAM_KIND,
-            GRAD_KIND,
-            CODE_BITS,
-            STATE_BITS,
-            G,
-            ROWS,
-            MAXIMIZE,
-            HAS_GRAD_SCALE,
-            HAS_FOUND_INF,
-            HAS_WEIGHT_DECAY,
-        )
+    w = w - sign * k[LR]
+    m = m * k[BETA2] + g * k[ONE_MINUS_BETA2]
+    return w, m, _s1
 
 
 class LionRule:
-    kernel = lion_step_kernel
+    update = lion_update
     state_names = ("exp_avg",)
+    flag_names = ("HAS_WEIGHT_DECAY",)
     group_values = ("lr", "decay", "beta1", "omb1", "beta2", "omb2")
 
     @staticmethod

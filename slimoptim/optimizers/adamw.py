@@ -67,6 +67,8 @@ class AdamW(SlimOptimizer):
     the Triton kernel on CUDA).
     """
 
+    kernel_rule = "adamw"
+
     state_specs = (StateSpec("exp_avg", signed=True), StateSpec("exp_avg_sq", signed=False))
     decoupled = True
 

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 import torch
 
 from .. import formats
+from ..formats import correction_bits  # noqa: F401 (re-exported: checkpoint, tests)
 
 MASTER_WEIGHT_BITS = (24, 32, None)
 STATE_BITS = (8, 32)
@@ -23,13 +24,6 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """The shard this rank owns for a DTensor (FSDP2), the tensor itself otherwise."""
     return t.to_local() if hasattr(t, "to_local") else t
-
-
-def correction_bits(param: torch.Tensor, master_weight_bits: int | None) -> int | None:
-    """Bits of the stored master-weight correction for ``param``, None when none is kept."""
-    if param.dtype not in LOW_PRECISION or master_weight_bits is None:
-        return None
-    return master_weight_bits - 16
 
 
 def _check_group_options(group: dict) -> None:
@@ -72,6 +66,9 @@ def _check_grad(p: torch.Tensor, grad: torch.Tensor) -> None:
         )
 
 
+_RULE_METHODS = ("_update", "_scalars", "_specs_for")
+
+
 class StateSpec:
     """A named optimizer state (e.g. ``exp_avg``) and how 8-bit storage codes it."""
 
@@ -87,8 +84,10 @@ class StateSpec:
 class SlimOptimizer(torch.optim.Optimizer):
     """Base class: compact master weights and states around a pure update rule."""
 
-    # Subclasses set these.
+    # Subclasses set these: their states, and the name of their fused-kernel rule
+    # (slimoptim.kernels.dispatch.RULES) when one mirrors ``_update`` bit for bit.
     state_specs: tuple[StateSpec, ...] = ()
+    kernel_rule: str | None = None
     # GradScaler hands us grad_scale and found_inf instead of unscaling fp16 grads.
     _step_supports_amp_scaling = True
 
@@ -125,6 +124,18 @@ class SlimOptimizer(torch.optim.Optimizer):
             raise ValueError(f"Invalid learning rate: {float(lr)}")
         if not 0.0 <= group["weight_decay"]:
             raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
+
+    def kernel_rule_name(self) -> str | None:
+        """The fused-kernel rule that reproduces this optimizer's math, or None.
+
+        A subclass that overrides the math (``_update``, ``_scalars``, ``_specs_for``)
+        of the class that declared the rule runs its own reference code instead.
+        """
+        for cls in type(self).__mro__:
+            if "kernel_rule" in vars(cls):
+                same = all(getattr(type(self), m) is getattr(cls, m) for m in _RULE_METHODS)
+                return cls.kernel_rule if same else None
+        return None
 
     # ------------------------------------------------------------ state layout
 
@@ -199,15 +210,17 @@ class SlimOptimizer(torch.optim.Optimizer):
         """Per-step scalars derived from the group and the step counter (tensors, no sync)."""
         return {}
 
-    def _params_with_grads(self):
+    def _params_with_grads(self) -> list:
+        # Kept to one attribute read per param: this runs every step. The gradients are
+        # checked where they are used (the kernels' dispatch, _check_grads).
         seen = set()
+        items = []
         for group in self.param_groups:
             for p in group["params"]:
-                if p.grad is None or id(p) in seen:
-                    continue
-                seen.add(id(p))
-                _check_grad(p, p.grad)
-                yield group, p
+                if p.grad is not None and id(p) not in seen:
+                    seen.add(id(p))
+                    items.append((group, p))
+        return items
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -215,7 +228,7 @@ class SlimOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.step_params(list(self._params_with_grads()))
+        self.step_params(self._params_with_grads())
         return loss
 
     @torch.no_grad()
@@ -230,8 +243,11 @@ class SlimOptimizer(torch.optim.Optimizer):
         if self.fused is not False:
             from ..kernels import fused_step  # noqa: PLC0415 (Triton is optional)
 
-            # The Triton kernels step what they can; the rest is left to the reference.
+            # The Triton kernels step what they can (checking the gradients they take);
+            # the rest is left to the reference.
             items = fused_step(self, items, grad_scale, found_inf)
+        for _, p in items:  # every check before any reference step
+            _check_grad(p, p.grad)
         for group, p in items:
             self._step_reference(p, group, grad_scale, found_inf)
 

@@ -20,6 +20,8 @@ def lion_update(w, g, exp_avg, *, lr, beta1, beta2, weight_decay):
 class Lion(SlimOptimizer):
     """Lion with decoupled weight decay; ``betas=(0.9, 0.99)`` as in the paper."""
 
+    kernel_rule = "lion"
+
     state_specs = (StateSpec("exp_avg", signed=True),)
 
     def __init__(

@@ -21,6 +21,8 @@ def sgd_update(w, g, buf, *, lr, momentum, dampening, nesterov, weight_decay, fi
 class SGD(SlimOptimizer):
     """Drop-in ``torch.optim.SGD``; the momentum buffer is stored in 8 bits."""
 
+    kernel_rule = "sgd"
+
     def __init__(
         self,
         params,
