@@ -157,6 +157,17 @@ def build(config: str, shape: GPTShape, device, args):
         autocast = torch.autocast(device.type, dtype=torch.bfloat16)
         return model, opt, None, autocast
     slimoptim.cast_model(model, torch.bfloat16)
+    if config == "torch_adamw_bf16":  # what people do to save memory: no master weights
+        return (
+            model,
+            torch.optim.AdamW(model.parameters(), fused=True, **adamw),
+            None,
+            nullcontext(),
+        )
+    if config == "flashoptim_adamw":  # the public peer, 24-bit master (not a dependency)
+        import flashoptim  # noqa: PLC0415
+
+        return model, flashoptim.FlashAdamW(model.parameters(), **adamw), None, nullcontext()
     opt = slimoptim.AdamW(model.parameters(), **adamw)
     handle = None
     if config.startswith("slimoptim_adamw_release"):

@@ -244,7 +244,7 @@ def _plan_for(opt, rule, items):
         + tuple(rule.flags(opt, g).values())
         for g in opt.param_groups
     )
-    key = (tuple(id(p) for _, p in items), modes)
+    key = (tuple([id(p) for _, p in items]), modes)
     plan = plans.get(key)
     if plan is not None and plan.still_valid(opt):
         return plan
@@ -272,14 +272,14 @@ def _grad_pointers(plan) -> list | None:
         ptrs = [g.data_ptr() for g in grads]  # None or a sparse grad raises
     except (AttributeError, RuntimeError):
         return None
-    if [g.dtype for g in grads] != plan.grad_dtypes or not all(g.is_contiguous() for g in grads):
+    if [g.dtype for g in grads] != plan.grad_dtypes or not all([g.is_contiguous() for g in grads]):
         return None
     # Module.to / .half() / cast_model replace p.data: the tables would point at freed
     # memory. (The grad's dtype, which autograd keeps equal to the param's, covers a
     # param that changed dtype in place of a freed one.)
     if [p.data_ptr() for p in plan.grad_params] != plan.param_ptrs:
         return None
-    if any(ptr & 15 for ptr in ptrs):
+    if any(map((15).__and__, ptrs)):
         return None
     return ptrs
 

@@ -7,6 +7,7 @@ their compact storage, calls the update, and stores the results back.
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterable
 
@@ -67,6 +68,15 @@ def _check_grad(p: torch.Tensor, grad: torch.Tensor) -> None:
 
 
 _RULE_METHODS = ("_update", "_scalars", "_specs_for")
+
+
+@functools.cache
+def _kernel_rule_of(cls: type) -> str | None:
+    for owner in cls.__mro__:
+        if "kernel_rule" in vars(owner):
+            same = all(getattr(cls, m) is getattr(owner, m) for m in _RULE_METHODS)
+            return owner.kernel_rule if same else None
+    return None
 
 
 class StateSpec:
@@ -131,11 +141,7 @@ class SlimOptimizer(torch.optim.Optimizer):
         A subclass that overrides the math (``_update``, ``_scalars``, ``_specs_for``)
         of the class that declared the rule runs its own reference code instead.
         """
-        for cls in type(self).__mro__:
-            if "kernel_rule" in vars(cls):
-                same = all(getattr(type(self), m) is getattr(cls, m) for m in _RULE_METHODS)
-                return cls.kernel_rule if same else None
-        return None
+        return _kernel_rule_of(type(self))
 
     # ------------------------------------------------------------ state layout
 
@@ -211,15 +217,15 @@ class SlimOptimizer(torch.optim.Optimizer):
         return {}
 
     def _params_with_grads(self) -> list:
-        # Kept to one attribute read per param: this runs every step. The gradients are
-        # checked where they are used (the kernels' dispatch, _check_grads).
-        seen = set()
-        items = []
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and id(p) not in seen:
-                    seen.add(id(p))
-                    items.append((group, p))
+        # One attribute read per param (this runs every step); the gradients are checked
+        # where they are used (the kernels' dispatch, step_params). A param listed twice
+        # steps once.
+        items = [
+            (group, p) for group in self.param_groups for p in group["params"] if p.grad is not None
+        ]
+        if len({id(p) for _, p in items}) != len(items):
+            seen = set()
+            items = [(g, p) for g, p in items if not (id(p) in seen or seen.add(id(p)))]
         return items
 
     @torch.no_grad()
