@@ -28,6 +28,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -261,7 +262,8 @@ def environment(device) -> dict:
         "triton": triton_version,
         "slimoptim": slimoptim.__version__,
         "python": platform.python_version(),
-        "commit": git("rev-parse", "HEAD"),
+        # the device machine's copy of the tree has no history: it is passed in
+        "commit": os.environ.get("SLIMOPTIM_COMMIT") or git("rev-parse", "HEAD"),
         "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
     }
