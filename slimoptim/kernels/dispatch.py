@@ -64,8 +64,13 @@ def _tiling() -> tuple[int, int]:
     return config["block"], config["tiles"]
 
 
+def _local(t):
+    """The shard this rank holds of a DTensor (FSDP2): what the kernels step."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def _aligned(t: torch.Tensor) -> bool:
-    return t.data_ptr() % 16 == 0
+    return _local(t).data_ptr() % 16 == 0
 
 
 class Bucket:
@@ -85,18 +90,18 @@ class Bucket:
 
         table = torch.zeros(self.n, cm.N_FIELDS.value, dtype=torch.int64)
         for i, (p, _, state) in enumerate(members):
-            table[i, cm.PARAM.value] = p.data_ptr()
-            table[i, cm.STEP.value] = state["step"].data_ptr()
+            table[i, cm.PARAM.value] = _local(p).data_ptr()
+            table[i, cm.STEP.value] = _local(state["step"]).data_ptr()
             if "correction" in state:
-                table[i, cm.CORRECTION.value] = state["correction"].data_ptr()
+                table[i, cm.CORRECTION.value] = _local(state["correction"]).data_ptr()
             for field, name in zip(
                 (cm.STATE0.value, cm.STATE1.value), rule.state_names, strict=False
             ):
                 if name in state:
-                    table[i, field] = state[name].data_ptr()
+                    table[i, field] = _local(state[name]).data_ptr()
                     if f"{name}_scale" in state:
-                        table[i, field + 1] = state[f"{name}_scale"].data_ptr()
-        numels = torch.tensor([p.numel() for p in self.params], dtype=torch.int32)
+                        table[i, field + 1] = _local(state[f"{name}_scale"]).data_ptr()
+        numels = torch.tensor([_local(p).numel() for p in self.params], dtype=torch.int32)
         chunks = (numels.long() + per_chunk - 1) // per_chunk
         chunk_tensor = torch.repeat_interleave(torch.arange(self.n), chunks)
         first_chunk = torch.cumsum(chunks, 0) - chunks
@@ -135,7 +140,7 @@ class Plan:
                 self.groups.append(group)
             key = (
                 KINDS[p.dtype],
-                KINDS[p.grad.dtype],
+                KINDS[_local(p.grad).dtype],
                 correction_bits(p, group["master_weight_bits"]) or 0,
                 group["state_bits"],
                 group["group_size"],
@@ -154,8 +159,10 @@ class Plan:
             first += len(ms)
         self.grad_params = [p for b in self.buckets for p in b.params]
         self.grad_dtypes = [p.grad.dtype for p in self.grad_params]
+        # FSDP2 params and grads are DTensors: the kernels step their local shards.
+        self.sharded = any(hasattr(p, "to_local") for p in self.grad_params)
         # Each step compares the params' addresses too (see _grad_pointers).
-        self.param_ptrs = [p.data_ptr() for p in self.grad_params]
+        self.param_ptrs = [_local(p).data_ptr() for p in self.grad_params]
         n_ptrs, n_vals = len(self.grad_params), len(self.groups) * len(rule.group_values)
         self.n_ptrs = n_ptrs
         if self.device is not None:
@@ -172,12 +179,14 @@ class Plan:
 
 
 def _eligible(opt, group, p) -> bool:
-    if hasattr(p, "to_local") or not p.is_contiguous() or p.numel() >= 2**31:
+    if p.grad is None or hasattr(p, "to_local") != hasattr(p.grad, "to_local"):
+        return False
+    p, grad = _local(p), _local(p.grad)
+    if not p.is_contiguous() or p.numel() >= 2**31:
         return False
     if p.dtype not in KINDS:  # float64 params are their own master: reference path
         return False
-    grad = p.grad
-    if grad is None or grad.layout != torch.strided or grad.dtype not in KINDS:
+    if grad.layout != torch.strided or grad.dtype not in KINDS:
         return False
     if not grad.is_contiguous():
         return False
@@ -268,6 +277,8 @@ def _grad_pointers(plan) -> list | None:
     sparse, other dtype, not contiguous, misaligned) or a parameter's storage moved since
     the plan was built. One pass of a few attribute reads per param: this runs every step."""
     grads = [p.grad for p in plan.grad_params]
+    if plan.sharded:
+        grads = [None if g is None else _local(g) for g in grads]
     try:
         ptrs = [g.data_ptr() for g in grads]  # None or a sparse grad raises
     except (AttributeError, RuntimeError):
@@ -277,7 +288,8 @@ def _grad_pointers(plan) -> list | None:
     # Module.to / .half() / cast_model replace p.data: the tables would point at freed
     # memory. (The grad's dtype, which autograd keeps equal to the param's, covers a
     # param that changed dtype in place of a freed one.)
-    if [p.data_ptr() for p in plan.grad_params] != plan.param_ptrs:
+    params = [_local(p) for p in plan.grad_params] if plan.sharded else plan.grad_params
+    if [p.data_ptr() for p in params] != plan.param_ptrs:
         return None
     if any(map((15).__and__, ptrs)):
         return None
