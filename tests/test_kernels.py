@@ -16,7 +16,7 @@ import slimoptim
 from slimoptim import kernels
 
 pytest.importorskip("triton")
-from slimoptim.kernels import dispatch  # noqa: E402
+from slimoptim.kernels import dispatch, launch  # noqa: E402
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -169,7 +169,7 @@ def test_grad_scaler_unscale_and_found_inf():
 
 def test_one_launch_per_bucket_whatever_the_tensor_count(monkeypatch):
     launches = []
-    monkeypatch.setattr(dispatch, "_launch", lambda *a: launches.append(a[1]))
+    monkeypatch.setattr(launch, "_launch", lambda *a: launches.append(a[1]))
     for sizes in ((5, 70), (5, 70, 3, 9, 100, 1, 1)):
         launches.clear()
         ps = _params(torch.bfloat16, sizes)

@@ -22,35 +22,21 @@ maps the name to the rule, so kernels never import the optimizers.
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
-import triton
 
 from ..formats import correction_bits
 from . import common as cm
 from .adamw import AdamWRule
+from .launch import CONFIG, INTERPRETER_CONFIG, interpreting, launch_plan
 from .lion import LionRule
 from .sgd import SGDRule
 
 RULES = {"adamw": AdamWRule, "sgd": SGDRule, "lion": LionRule}
 
-# Elements per tile (rounded to whole quantization groups), tiles per program, warps per
-# program. 4 elements per thread per tile: 8 per thread miscompiled a tail-tile case on
-# Triton 3.6 (benchmarks/NOTES.md); several tiles per program amortise its setup.
-CONFIG = {"block": 128, "tiles": 16, "num_warps": 1, "maxnreg": None}
-# The interpreter's cost is per program and per launch, not per element: larger tiles
-# keep tests quick; 4 tiles per chunk still puts whole and tail tiles in one program
-# for a 4097-element tensor.
-INTERPRETER_CONFIG = {"block": 2048, "tiles": 4}
 MAX_PLANS = 4096  # parameter subsets cached per optimizer (gradient release steps one at a time)
 
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def rule_for(opt):
@@ -122,6 +108,7 @@ class Plan:
 
     def __init__(self, opt, rule, items):
         self.rule = rule
+        self.shared = opt.__dict__.setdefault("_slimoptim_shared", {})  # e.g. graph pools
         self.reference = []
         self.groups = []  # param groups whose values are uploaded, in row order
         group_row = {}
@@ -326,60 +313,5 @@ def step_fused(opt, items, grad_scale, found_inf) -> list:
             plan.last_grad_ptrs, plan.last_values = ptrs, values.tobytes()
         else:
             _upload_tensors(plan, tensors)
-    device = plan.device
-    scale = _device_scalar(grad_scale, device)
-    inf = _device_scalar(found_inf, device)
-    dummy = plan.buckets[0].steps
-    for bucket in plan.buckets:
-        _launch(plan, bucket, scale if scale is not None else dummy, inf, dummy, scale is not None)
+    launch_plan(plan, grad_scale, found_inf, capturing=_capturing(items))
     return plan.reference
-
-
-def _device_scalar(t, device):
-    if t is None:
-        return None
-    return t.to(device=device, dtype=torch.float32, non_blocking=True).reshape(-1)
-
-
-def _launch(plan, bucket, scale, found_inf, dummy, has_scale) -> None:
-    has_inf = found_inf is not None
-    found_inf = found_inf if has_inf else dummy
-    cm.bump_steps_kernel[(triton.cdiv(bucket.n, 1024),)](
-        bucket.table, bucket.n, bucket.steps, found_inf, HAS_FOUND_INF=has_inf, BLOCK=1024
-    )
-    hyper = plan.hyper.index_select(0, bucket.hyper_rows)
-    scalars = plan.rule.scalars(hyper, bucket.steps)
-    width = cm.MAX_SCALARS.value
-    scalars = torch.nn.functional.pad(scalars, (0, width - scalars.shape[1])).contiguous()
-    grad_ptrs = plan.grad_ptrs[bucket.first : bucket.first + bucket.n]
-    flags = [bucket.flags.get(name, False) for name in plan.rule.flag_names]
-    flags += [False] * (3 - len(flags))
-    cm.step_kernel[(bucket.n_chunks,)](
-        bucket.table,
-        grad_ptrs,
-        bucket.numels,
-        bucket.chunk_tensor,
-        bucket.chunk_start,
-        scalars,
-        scale,
-        found_inf,
-        RULE=plan.rule.update,
-        N_STATES=bucket.n_states,
-        FLAG0=flags[0],
-        FLAG1=flags[1],
-        FLAG2=flags[2],
-        PARAM_KIND=bucket.param_kind,
-        GRAD_KIND=bucket.grad_kind,
-        CODE_BITS=bucket.code_bits,
-        STATE_BITS=bucket.state_bits,
-        G=bucket.g,
-        ROWS=bucket.rows,
-        TILES=bucket.tiles,
-        MAXIMIZE=bucket.maximize,
-        HAS_GRAD_SCALE=has_scale,
-        HAS_FOUND_INF=has_inf,
-        HW_ROUND=not interpreting(),
-        num_warps=CONFIG["num_warps"],
-        enable_fp_fusion=False,
-        **({"maxnreg": CONFIG["maxnreg"]} if CONFIG.get("maxnreg") else {}),
-    )

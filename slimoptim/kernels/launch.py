@@ -1,0 +1,142 @@
+"""Launching a plan's kernels: eagerly, or by replaying a CUDA graph of the launches.
+
+Per bucket a step is a step-counter kernel, a dozen small torch ops for the per-tensor
+scalars and the step kernel: ~15 launches whose host cost (~0.25 ms) would dominate small
+models and gradient release, which steps a few tensors at a time. On CUDA each plan
+therefore captures its launch sequence in a CUDA graph once it has run eagerly (the
+first run compiles the kernels) and replays it afterwards: one launch per plan. The
+graph reads everything from the plan's device buffers, which every step refreshes first
+(gradient addresses, hyper-parameters), so a replay is the eager sequence. Inside a
+user's own graph capture the launches stay eager and are captured with it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from . import common as cm
+
+# Elements per tile (rounded to whole quantization groups), tiles per program, warps per
+# program. 4 elements per thread per tile: 8 per thread miscompiled a tail-tile case on
+# Triton 3.6 (benchmarks/NOTES.md); several tiles per program amortise its setup.
+CONFIG = {"block": 128, "tiles": 16, "num_warps": 1, "maxnreg": None}
+# The interpreter's cost is per program and per launch, not per element: larger tiles
+# keep tests quick; 4 tiles per chunk still puts whole and tail tiles in one program
+# for a 4097-element tensor.
+INTERPRETER_CONFIG = {"block": 2048, "tiles": 4}
+
+# Replay the plans' launch sequences as CUDA graphs (SLIMOPTIM_CUDA_GRAPHS=0 turns it off).
+USE_GRAPHS = os.environ.get("SLIMOPTIM_CUDA_GRAPHS", "1") != "0"
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def launch_plan(plan, grad_scale, found_inf, capturing: bool) -> None:
+    """Step every bucket of ``plan`` (gradient addresses and hyper-parameters uploaded)."""
+    scale = _device_scalar(grad_scale, plan.device)
+    inf = _device_scalar(found_inf, plan.device)
+    if not USE_GRAPHS or plan.device.type != "cuda" or capturing:
+        _launch_all(plan, scale, inf)
+        return
+    key = (scale is not None, inf is not None)
+    graphs = plan.__dict__.setdefault("graphs", {})
+    if key not in graphs:
+        graphs[key] = None  # the first run of this kind is eager: it compiles the kernels
+        _launch_all(plan, scale, inf)
+        return
+    if graphs[key] is None:
+        graphs[key] = _capture(plan, key)
+    if scale is not None:
+        plan.static_scale.copy_(scale)
+    if inf is not None:
+        plan.static_inf.copy_(inf)
+    graphs[key].replay()
+
+
+def _capture(plan, key) -> torch.cuda.CUDAGraph:
+    has_scale, has_inf = key
+    with torch.cuda.device(plan.device):
+        if not hasattr(plan, "static_scale"):
+            plan.static_scale = torch.ones(1, device=plan.device)
+            plan.static_inf = torch.zeros(1, device=plan.device)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: gradient release captures inside backward, while autograd's
+        # threads keep launching their own work.
+        with torch.cuda.graph(graph, pool=_pool(plan), capture_error_mode="thread_local"):
+            _launch_all(
+                plan,
+                plan.static_scale if has_scale else None,
+                plan.static_inf if has_inf else None,
+            )
+    return graph
+
+
+def _pool(plan):
+    # One memory pool for all of an optimizer's graphs on a device: their temporaries
+    # live only within a replay, and replays run one after another on one stream.
+    pools = plan.shared.setdefault("graph_pools", {})
+    if plan.device not in pools:
+        pools[plan.device] = torch.cuda.graph_pool_handle()
+    return pools[plan.device]
+
+
+def _launch_all(plan, scale, inf) -> None:
+    dummy = plan.buckets[0].steps
+    for bucket in plan.buckets:
+        _launch(plan, bucket, scale if scale is not None else dummy, inf, dummy, scale is not None)
+
+
+def _device_scalar(t, device):
+    if t is None:
+        return None
+    return t.to(device=device, dtype=torch.float32, non_blocking=True).reshape(-1)
+
+
+def _launch(plan, bucket, scale, found_inf, dummy, has_scale) -> None:
+    """The bucket's two launches: step counters, then the skeleton kernel with the rule."""
+    has_inf = found_inf is not None
+    found_inf = found_inf if has_inf else dummy
+    cm.bump_steps_kernel[(triton.cdiv(bucket.n, 1024),)](
+        bucket.table, bucket.n, bucket.steps, found_inf, HAS_FOUND_INF=has_inf, BLOCK=1024
+    )
+    hyper = plan.hyper.index_select(0, bucket.hyper_rows)
+    scalars = plan.rule.scalars(hyper, bucket.steps)
+    width = cm.MAX_SCALARS.value
+    scalars = torch.nn.functional.pad(scalars, (0, width - scalars.shape[1])).contiguous()
+    grad_ptrs = plan.grad_ptrs[bucket.first : bucket.first + bucket.n]
+    flags = [bucket.flags.get(name, False) for name in plan.rule.flag_names]
+    flags += [False] * (3 - len(flags))
+    cm.step_kernel[(bucket.n_chunks,)](
+        bucket.table,
+        grad_ptrs,
+        bucket.numels,
+        bucket.chunk_tensor,
+        bucket.chunk_start,
+        scalars,
+        scale,
+        found_inf,
+        RULE=plan.rule.update,
+        N_STATES=bucket.n_states,
+        FLAG0=flags[0],
+        FLAG1=flags[1],
+        FLAG2=flags[2],
+        PARAM_KIND=bucket.param_kind,
+        GRAD_KIND=bucket.grad_kind,
+        CODE_BITS=bucket.code_bits,
+        STATE_BITS=bucket.state_bits,
+        G=bucket.g,
+        ROWS=bucket.rows,
+        TILES=bucket.tiles,
+        MAXIMIZE=bucket.maximize,
+        HAS_GRAD_SCALE=has_scale,
+        HAS_FOUND_INF=has_inf,
+        HW_ROUND=not interpreting(),
+        num_warps=CONFIG["num_warps"],
+        enable_fp_fusion=False,
+        **({"maxnreg": CONFIG["maxnreg"]} if CONFIG.get("maxnreg") else {}),
+    )
