@@ -1,8 +1,9 @@
 """Checkpoints: exact-resume files, fp32 weight export/import, torch.optim interop.
 
 * ``save_checkpoint``/``load_checkpoint``: model + optimizer (+ scheduler) in one
-  ``torch.save`` file, in their native compact dtypes; loading checks everything
-  before changing anything and names what does not match.
+  ``torch.save`` file, in their native compact dtypes; written atomically with
+  checksums, and loading verifies and checks everything before changing anything
+  and names what does not match (the file itself: :mod:`slimoptim.checkpoint_file`).
 * ``fp32_state_dict``/``load_fp32_state_dict`` and the safetensors helpers
   ``save_model``/``load_model``: weights as float32 masters (bf16 param + its
   correction), and back into a low-precision model with the corrections set.
@@ -17,17 +18,22 @@ import copy
 import json
 import os
 
-import safetensors
-import safetensors.torch
 import torch
 from torch import nn
 
 from . import formats, state_io
+from .checkpoint_file import (
+    CHECKPOINT_FORMAT,
+    FORMAT_KEY,
+    read_checkpoint,
+    read_safetensors,
+    write_checkpoint,
+    write_safetensors,
+)
 from .optimizers.base import LOW_PRECISION, correction_bits
 from .optimizers.sgd import SGD
 from .state_io import CheckpointError
 
-CHECKPOINT_FORMAT = 1
 _MODE_KEYS = state_io._GROUP_MODE_KEYS
 # torch.optim group options that slimoptim has no use for (implementation choices).
 _TORCH_ONLY_KEYS = ("foreach", "capturable", "differentiable", "fused", "decoupled_weight_decay")
@@ -85,31 +91,22 @@ def _check_model_state(model: nn.Module, sd: dict, *, strict: bool, same_dtype: 
 
 
 def save_checkpoint(path, model: nn.Module, optimizer, scheduler=None, extra=None) -> None:
-    """Save model, optimizer (and scheduler) state_dicts, as they are, to one file."""
-    torch.save(
-        {
-            "slimoptim_checkpoint": CHECKPOINT_FORMAT,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": None if scheduler is None else scheduler.state_dict(),
-            "extra": extra,
-        },
-        path,
-    )
+    """Save model, optimizer (and scheduler) state_dicts, as they are, to one file.
 
-
-def read_checkpoint(path, map_location="cpu", weights_only: bool = True) -> dict:
-    """``torch.load`` with a clear error naming the file when it is truncated or corrupted."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=weights_only)
-    except FileNotFoundError:
-        raise
-    except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
-        raise CheckpointError(
-            f"cannot read checkpoint {os.fspath(path)!r}: it is truncated or corrupted, not a "
-            "torch.save file, or holds objects that weights_only loading refuses "
-            f"({type(error).__name__}: {error})"
-        ) from error
+    The file is written atomically (a failed save leaves the previous file at
+    ``path`` as it was) and carries a checksum of every tensor and of the rest.
+    ``extra`` (and the scheduler state) must be readable by
+    ``torch.load(weights_only=True)``; otherwise TypeError names the object and
+    nothing is written.
+    """
+    scheduler_state = None if scheduler is None else scheduler.state_dict()
+    payload = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler_state,
+        "extra": extra,
+    }
+    write_checkpoint(path, payload, {"extra": extra, "scheduler": scheduler_state})
 
 
 def load_checkpoint(
@@ -117,18 +114,18 @@ def load_checkpoint(
 ) -> object:
     """Load a ``save_checkpoint`` file into freshly built objects for an exact resume.
 
-    Model (keys, shapes and dtypes), optimizer and scheduler parts are all
-    checked before any is loaded, so a failed load changes nothing. Returns the
-    ``extra`` object that was saved.
+    The file's checksums are verified, then the model (keys, shapes and dtypes),
+    optimizer and scheduler parts are all checked before any is loaded, so a
+    failed load changes nothing. Returns the ``extra`` object that was saved.
     """
-    ckpt = read_checkpoint(path, map_location)
+    ckpt = read_checkpoint(path, map_location)  # checksums verified here
     where = f"checkpoint {os.fspath(path)!r}"
-    if not isinstance(ckpt, dict) or "slimoptim_checkpoint" not in ckpt:
+    if not isinstance(ckpt, dict) or FORMAT_KEY not in ckpt:
         raise CheckpointError(f"{where} was not written by slimoptim.save_checkpoint.")
-    if ckpt["slimoptim_checkpoint"] != CHECKPOINT_FORMAT:
+    if ckpt[FORMAT_KEY] not in (1, CHECKPOINT_FORMAT):
         raise CheckpointError(
-            f"{where} has checkpoint format {ckpt['slimoptim_checkpoint']!r}; this slimoptim "
-            f"reads format {CHECKPOINT_FORMAT}."
+            f"{where} has checkpoint format {ckpt[FORMAT_KEY]!r}; this slimoptim "
+            f"reads formats 1 and {CHECKPOINT_FORMAT}."
         )
     try:
         _check_model_state(model, ckpt["model"], strict=True, same_dtype=True)
@@ -232,22 +229,12 @@ def save_model(model: nn.Module, path, optimizer=None, *, fp32: bool = False) ->
         "slimoptim.weights": "fp32_master" if fp32 else "model",
         "slimoptim.aliases": json.dumps(aliases),
     }
-    safetensors.torch.save_file(tensors, os.fspath(path), metadata=metadata)
+    write_safetensors(path, tensors, metadata)  # atomic, with checksums
 
 
 def load_model(model: nn.Module, path, optimizer=None, *, strict: bool = True) -> None:
     """Load a safetensors file of weights; with ``optimizer``, as masters (load_fp32_state_dict)."""
-    try:
-        with safetensors.safe_open(os.fspath(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            sd = {k: f.get_tensor(k) for k in f.keys()}
-    except FileNotFoundError:
-        raise
-    except Exception as error:
-        raise CheckpointError(
-            f"cannot read safetensors file {os.fspath(path)!r}: it is truncated, corrupted or "
-            f"not a safetensors file ({type(error).__name__}: {error})"
-        ) from error
+    sd, metadata = read_safetensors(path)  # checksums verified here
     for alias, name in json.loads(metadata.get("slimoptim.aliases", "{}")).items():
         sd[alias] = sd[name]
     if optimizer is not None:

@@ -24,6 +24,7 @@ import torch
 
 import slimoptim
 
+from . import _io
 from .cli import OPTIMIZER_CLASSES, CommandError, format_table
 from .demo_data import Corpus, load_corpus, random_windows
 from .demo_model import SIZES, ByteGPT, ModelSize
@@ -310,7 +311,8 @@ def save_plot(results: list[dict], path: Path, title: str) -> None:
     final = [r["final_validation_loss"] for r in results]
     ax.set_ylim(min(final) - 0.3, max(r["validation_curve"][0][1] for r in results) + 0.1)
     fig.tight_layout()
-    fig.savefig(path)
+    with _io.atomic_open(path) as f:  # a half-written plot never replaces a good one
+        fig.savefig(f, format=Path(path).suffix.lstrip(".") or "png")
     plt.close(fig)
 
 
@@ -370,7 +372,7 @@ def run_demo(args) -> dict:
         "runs": results,
     }
     results_path = out / "results.json"
-    results_path.write_text(json.dumps(summary, indent=1) + "\n")
+    _io.write_text(results_path, json.dumps(summary, indent=1) + "\n")  # atomic
     print(f"\nresults: {results_path}")
     if not args.no_plot:
         plot_path = out / "loss_curves.png"
