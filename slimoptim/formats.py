@@ -140,6 +140,20 @@ def group_scale(magnitude: torch.Tensor, group_size: int) -> torch.Tensor:
     return round_up_to_bf16(group_view(magnitude, group_size).amax(dim=1))
 
 
+# A group scale below TINY_SCALE is lifted by LIFT (a power of two, so exactly) before its
+# reciprocal is taken, and the group's values with it: 1/scale overflows float32 for a
+# subnormal bf16 scale (below 2**-128), which would send every code of the group to the
+# top level. Larger scales keep a lift of 1, so their bits do not change.
+TINY_SCALE = 2.0**-64
+LIFT = 2.0**64
+
+
+def scale_lift(scale: torch.Tensor) -> torch.Tensor:
+    """Per group, LIFT if the scale is below TINY_SCALE, else 1: both scale and values are
+    multiplied by it (exactly: every value of the group is at most the scale < 2**-64)."""
+    return torch.where(scale < TINY_SCALE, LIFT, 1.0)
+
+
 def _safe_reciprocal(scale: torch.Tensor) -> torch.Tensor:
     """1/scale per group (0 for a zero scale). Codes multiply by it: one IEEE division per
     group instead of one per element, which keeps the fused kernels memory-bound."""
@@ -196,12 +210,16 @@ def quantize_momentum(m: torch.Tensor, group_size: int, noise: torch.Tensor):
     the group max). ``noise`` (integers in [0, 65536), see :func:`dither`) picks
     the level below or above |x| with probabilities that make the decoded value
     unbiased, so a state that decays by beta each step reaches zero as in
-    float32; ``noise = 32768`` rounds to the nearest level. Only exact float32
+    float32; ``noise = 32768`` rounds to the nearest level. A tiny group (even
+    subnormal) is lifted by an exact power of two first (:func:`scale_lift`), so
+    its codes are as fine, relative to its scale, as anyone's. Only exact float32
     operations decide the code (the square root is corrected to its exact
     floor), so every backend gives the same bits with a fast approximate root.
     """
     scale = group_scale(m.abs(), group_size)
-    x = m * per_element(_safe_reciprocal(scale), group_size, m.numel())
+    lift = scale_lift(scale)
+    inverse = _safe_reciprocal(scale * lift)
+    x = (m * per_element(lift, group_size, m.numel())) * per_element(inverse, group_size, m.numel())
     t = torch.clamp(x.abs() * _SQUARED_LEVELS, max=_SQUARED_LEVELS)
     low = torch.floor(torch.sqrt(t))
     low = torch.where(low * low > t, low - 1, low)

@@ -33,6 +33,8 @@ VARIANCE_LEVELS_INT = tl.constexpr(ref.VARIANCE_LEVELS)
 VARIANCE_CODE_SHIFT = tl.constexpr(ref.VARIANCE_CODE_SHIFT)
 VARIANCE_NOISE_SCALE = tl.constexpr((1 << ref.VARIANCE_CODE_SHIFT) // ref.DITHER_LEVELS)
 DENOM_FLOOR = tl.constexpr(_f32(ref.DENOM_FLOOR))
+TINY_SCALE = tl.constexpr(ref.TINY_SCALE)
+LIFT = tl.constexpr(ref.LIFT)
 
 # Parameter storage kinds (a tl.constexpr of the kernels).
 FP32, BF16, FP16 = 0, 1, 2
@@ -141,6 +143,12 @@ def round_up_to_bf16(x):
 
 
 @triton.jit
+def scale_lift(scale):
+    """formats.scale_lift: LIFT for a scale below TINY_SCALE, else 1."""
+    return tl.where(scale < TINY_SCALE, LIFT, 1.0)
+
+
+@triton.jit
 def safe_reciprocal(scale):
     ok = scale > 0
     return tl.where(
@@ -188,7 +196,8 @@ def quantize_momentum(m, mask, noise):
     comparisons that follow turn it into the exact floor of the root.
     """
     scale = round_up_to_bf16(tl.max(tl.where(mask, tl.abs(m), 0.0), axis=1))
-    x = m * safe_reciprocal(scale)[:, None]
+    lift = scale_lift(scale)  # exact power of two: tiny groups' 1/scale would overflow
+    x = (m * lift[:, None]) * safe_reciprocal(scale * lift)[:, None]
     t = tl.minimum(tl.abs(x) * SQUARED_LEVELS, SQUARED_LEVELS)
     low = tl.floor(tl.sqrt(t))
     low = tl.where(low * low > t, low - 1.0, low)
