@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import warnings
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -70,11 +71,14 @@ class GradientRelease:
         self.max_bucket_bytes = 0
         self._microbatch = 0  # backward passes seen since the last release
         self._backward_open = False  # an end-of-backward callback is queued
+        self._backward_end: weakref.ref | None = None  # that callback, alive while queued
         self._pending: list[tuple[dict, torch.Tensor]] = []
         self._pending_bytes = 0
         self._released_this_backward: set[int] = set()
         self._group_of: dict[int, dict] = {}
-        self._lock = threading.Lock()  # hooks of CPU and GPU params run on different threads
+        # Hooks of CPU and GPU params run on different threads; re-entrant for the clean-up
+        # of a failed backward, which runs wherever the engine frees it.
+        self._lock = threading.RLock()
         self._warned: set[str] = set()
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in params]
         self._saved_methods = {name: optimizer.__dict__.get(name) for name in ("step", "zero_grad")}
@@ -146,12 +150,27 @@ class GradientRelease:
 
     def _open_backward(self) -> None:
         """First hook of a backward pass: queue the end-of-backward flush."""
-        # Queued on the running backward, so it runs once that backward has finished.
-        torch.autograd.Variable._execution_engine.queue_callback(self._on_backward_end)
+        # Queued on the running backward, so it runs once that backward has finished. The
+        # engine holds the only reference: if the backward raises, the callback is freed
+        # unrun when the engine drops the failed backward, before the caller sees the error,
+        # and the weak reference's callback discards what that backward left.
+        callback = _BackwardEnd(self)
+        torch.autograd.Variable._execution_engine.queue_callback(callback)
+        self._backward_end = weakref.ref(callback, self._on_backward_end_freed)
         self._backward_open = True
         self._released_this_backward.clear()
         # Rebuilt every backward: load_state_dict and add_param_group replace groups.
         self._group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
+
+    def _on_backward_end_freed(self, ref: weakref.ref) -> None:
+        """The engine freed our end-of-backward callback: after running it, or unrun
+        because its backward raised. Runs inside the engine's clean-up: must not raise."""
+        with self._lock:
+            if self._backward_open and ref is self._backward_end:
+                try:
+                    self._discard_failed_backward()
+                except Exception as error:  # left for step()/zero_grad() to retry
+                    warnings.warn(f"gradient release: clean-up failed: {error}", stacklevel=1)
 
     def _on_backward_end(self) -> None:
         with self._lock:
@@ -191,29 +210,47 @@ class GradientRelease:
                 "bfloat16 (no scaler needed) or call handle.remove() and use optimizer.step()."
             )
 
-    def _recover_from_failed_backward(self, drop_grads: bool) -> None:
-        """Called from step()/zero_grad(), which run between backward passes.
+    def _recover_from_failed_backward(self) -> None:
+        """Called from step()/zero_grad(), which run between backward passes: a backward
+        still marked open there raised before its end-of-backward callback (normally
+        discarded already, by _on_backward_end_freed)."""
+        if self._backward_open:
+            self._discard_failed_backward()
 
-        A backward still marked open there raised before its end-of-backward
-        callback: the params released before the error were stepped, the others
-        keep their partial gradients. zero_grad() drops those, as it would
-        without release; otherwise the next release steps them.
+    def _discard_failed_backward(self) -> None:
+        """Forget a backward that raised: drop the gradients it left, never step them.
+
+        The params released before the error were stepped (that cannot be undone);
+        every other optimizer param's gradient is dropped, as zero_grad() would:
+        the ones the failed backward queued or half-accumulated, and with
+        accumulation the micro-batches before it, which are mixed into the same
+        ``.grad`` (the accumulation count restarts). So a loop that skips a batch
+        whose backward raised trains on as if it had never seen it, as long as
+        nothing was released before the error.
         """
-        if not self._backward_open:
-            return
         self._backward_open = False
+        self._backward_end = None
         self._pending = []
         self._pending_bytes = 0
-        if drop_grads:
-            self._microbatch = 0
-            for group in self.optimizer.param_groups:
-                for p in group["params"]:
-                    p.grad = None
+        self._microbatch = 0
+        for group in self.optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, stacklevel=3)
+
+
+class _BackwardEnd:
+    """The end-of-backward callback; its lifetime says whether its backward still runs."""
+
+    def __init__(self, handle: GradientRelease):
+        self.handle = handle
+
+    def __call__(self) -> None:
+        self.handle._on_backward_end()
 
 
 def _make_noop_step(handle: GradientRelease):
@@ -222,7 +259,7 @@ def _make_noop_step(handle: GradientRelease):
     def step(closure=None):
         # GradScaler.step sets these right before calling step(): too late, say so.
         handle._check_no_grad_scaler()
-        handle._recover_from_failed_backward(drop_grads=False)
+        handle._recover_from_failed_backward()
         optimizer._opt_called = True  # LR schedulers check that step() ran before theirs
         handle._warn_once(
             "step",
@@ -243,7 +280,7 @@ def _make_noop_step(handle: GradientRelease):
 
 def _make_noop_zero_grad(handle: GradientRelease):
     def zero_grad(set_to_none: bool = True):
-        handle._recover_from_failed_backward(drop_grads=True)
+        handle._recover_from_failed_backward()
         handle._warn_once(
             "zero_grad",
             "optimizer.zero_grad() does nothing while gradient release is active: gradients are "
