@@ -34,18 +34,19 @@ _SAFETENSORS_HEADER_BYTES = 64 * 1024  # generous: the JSON header of a model's 
 # ------------------------------------------------- weights_only loadability
 
 
-def _round_trip_error(obj) -> tuple[str, Exception] | None:
+def _round_trip_error(obj) -> str | None:
     """None if ``obj`` survives torch.save + torch.load(weights_only=True), else why not."""
     buffer = io.BytesIO()
     try:
         torch.save(obj, buffer)
     except Exception as error:  # pickling raises TypeError, AttributeError, PicklingError...
-        return "cannot be pickled", error
+        first_line = (str(error).splitlines() or [""])[0][:200]
+        return f"cannot be pickled ({type(error).__name__}: {first_line})"
     buffer.seek(0)
     try:
         torch.load(buffer, weights_only=True)
-    except Exception as error:
-        return "cannot be read back by torch.load(weights_only=True)", error
+    except Exception:  # torch's message is long: how to load untrusted files anyway
+        return "weights_only loading (torch.load(weights_only=True)) refuses"
     return None
 
 
@@ -58,7 +59,7 @@ def _children(obj):
 
 
 def _first_unloadable(obj, path: str):
-    """(path, object, reason, error) of the innermost object that does not round-trip."""
+    """(path, object, reason) of the innermost object that does not round-trip."""
     failure = _round_trip_error(obj)
     if failure is None:
         return None
@@ -66,7 +67,7 @@ def _first_unloadable(obj, path: str):
         found = _first_unloadable(value, f"{path}[{key!r}]")
         if found is not None:
             return found
-    return (path, obj, *failure)
+    return path, obj, failure
 
 
 def check_loadable(obj, name: str) -> None:
@@ -74,11 +75,11 @@ def check_loadable(obj, name: str) -> None:
     found = _first_unloadable(obj, name)
     if found is None:
         return
-    path, bad, reason, error = found
+    path, bad, reason = found
     kind = f"{type(bad).__module__}.{type(bad).__qualname__}"
     raise TypeError(
-        f"save_checkpoint: {path} is a {kind}, which {reason} ({type(error).__name__}: "
-        f"{str(error)[:200]}), so load_checkpoint could not read the file. Nothing was written. "
+        f"save_checkpoint: {path} is of type {kind}, which {reason}, so load_checkpoint could "
+        "not read the file. Nothing was written. "
         "Store plain data instead (dict, list, tuple, str, int, float, bool, None, tensors; "
         "e.g. vars(args) for an argparse.Namespace), or allow the type with "
         "torch.serialization.add_safe_globals([...]) in the saving and the loading process."
