@@ -34,11 +34,23 @@ _SAFETENSORS_HEADER_BYTES = 64 * 1024  # generous: the JSON header of a model's 
 # ------------------------------------------------- weights_only loadability
 
 
+def _without_tensor_data(obj):
+    """``obj`` with plain tensors replaced by empty ones of their dtype: weights_only loads
+    any plain tensor, so the check need not copy their data (an EMA model in extra)."""
+    if type(obj) in (torch.Tensor, torch.nn.Parameter):
+        return torch.empty(0, dtype=obj.dtype)
+    if type(obj) is dict:
+        return {key: _without_tensor_data(value) for key, value in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(_without_tensor_data(value) for value in obj)
+    return obj
+
+
 def _round_trip_error(obj) -> str | None:
     """None if ``obj`` survives torch.save + torch.load(weights_only=True), else why not."""
     buffer = io.BytesIO()
     try:
-        torch.save(obj, buffer)
+        torch.save(_without_tensor_data(obj), buffer)
     except Exception as error:  # pickling raises TypeError, AttributeError, PicklingError...
         first_line = (str(error).splitlines() or [""])[0][:200]
         return f"cannot be pickled ({type(error).__name__}: {first_line})"
