@@ -34,18 +34,20 @@ def assert_loads_as(path, model, opt, sched, extra) -> None:
         assert_same_tensors(entry, got[index])
 
 
-def only_file(folder, name: str) -> None:
-    assert sorted(p.name for p in folder.iterdir()) == [name]
+def save_three_files(folder, model, opt, sched) -> dict:
+    """A checkpoint (extra {"version": 1}), a safetensors and a text file: {path: bytes}."""
+    ckpt, weights, text = folder / "ckpt.pt", folder / "w.safetensors", folder / "r.json"
+    checkpoint.save_checkpoint(ckpt, model, opt, sched, extra={"version": 1})
+    checkpoint.save_model(model, weights)
+    _io.write_text(text, '{"version": 1}\n')
+    return {p: p.read_bytes() for p in (ckpt, weights, text)}
 
 
 def test_an_exception_while_writing_leaves_the_previous_files(tmp_path, monkeypatch):
     """Issue case 2: the save wrote in place, so a failed save truncated the last good file."""
     model, opt, sched = trained(new_seed())
-    ckpt, weights, text = tmp_path / "ckpt.pt", tmp_path / "w.safetensors", tmp_path / "r.json"
-    checkpoint.save_checkpoint(ckpt, model, opt, sched, extra={"version": 1})
-    checkpoint.save_model(model, weights)
-    _io.write_text(text, '{"version": 1}\n')
-    saved = {p: p.read_bytes() for p in (ckpt, weights, text)}
+    saved = save_three_files(tmp_path, model, opt, sched)
+    ckpt, weights, text = saved
     newer, newer_opt, newer_sched = trained(new_seed())
     real_save, real_save_file = torch.save, safetensors.torch.save_file
 
@@ -188,11 +190,8 @@ def test_a_full_disk_names_the_path_and_the_bytes_needed_and_keeps_the_old_file(
     import resource  # noqa: PLC0415  (POSIX only)
 
     model, opt, sched = trained(new_seed())
-    ckpt, weights, text = tmp_path / "ckpt.pt", tmp_path / "w.safetensors", tmp_path / "r.json"
-    checkpoint.save_checkpoint(ckpt, model, opt, sched, extra={"v": 1})
-    checkpoint.save_model(model, weights)
-    _io.write_text(text, "{}")
-    saved = {p: p.read_bytes() for p in (ckpt, weights, text)}
+    saved = save_three_files(tmp_path, model, opt, sched)
+    ckpt, weights, text = saved
     new = trained(new_seed())
     reference = tmp_path / "reference"
     reference.mkdir()
@@ -228,4 +227,4 @@ def test_a_full_disk_names_the_path_and_the_bytes_needed_and_keeps_the_old_file(
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         ["reference", *(p.name for p in saved)]
     )
-    assert_loads_as(ckpt, model, opt, sched, {"v": 1})
+    assert_loads_as(ckpt, model, opt, sched, {"version": 1})
