@@ -52,6 +52,9 @@ def _walk(obj, path: str, tokens: list[str]) -> Iterator[tuple[str, torch.Tensor
             tokens.append(f"{type(key).__qualname__}:{key!r}")
             yield from _walk(value, _child_path(path, key), tokens)
         tokens.append("}")
+        attributes = getattr(obj, "__dict__", None)  # a state_dict's _metadata (versions)
+        if attributes:
+            yield from _walk(attributes, f"{path}.__dict__", tokens)
     elif isinstance(obj, (list, tuple)):
         tokens.append(f"{type(obj).__qualname__}[{len(obj)}")
         for i, value in enumerate(obj):
