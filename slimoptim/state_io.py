@@ -17,6 +17,7 @@ then swaps it in, so a failed load leaves the optimizer exactly as it was.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,11 @@ from .optimizers.base import FORMAT_VERSION, local_tensor
 
 HEADER_KEY = "slimoptim"
 _GROUP_MODE_KEYS = ("master_weight_bits", "state_bits", "group_size")
+# Flags torch.optim added after its first release: a group saved without one loads with
+# torch's default, as torch.optim's own __setstate__ fills them in.
+_LATER_FLAGS = {"maximize": False, "amsgrad": False}
+# torch.optim's implementation keywords: no slimoptim group holds them, none is loaded.
+_IMPLEMENTATION_KEYS = ("foreach", "capturable", "differentiable", "fused")
 
 
 class CheckpointError(ValueError):
@@ -102,7 +108,7 @@ def _check_groups(opt, sd: dict) -> list[tuple[torch.Tensor, dict, object]]:
         )
     pairs = []
     for i, (group, saved) in enumerate(zip(opt.param_groups, saved_groups, strict=True)):
-        missing = [k for k in ("params", *opt.defaults) if k not in saved]
+        missing = [k for k in ("params", *opt.defaults) if k not in saved and k not in _LATER_FLAGS]
         if missing:
             _fail(f"parameter group {i} has no {missing} (a {type(opt).__name__} group has them).")
         if len(group["params"]) != len(saved["params"]):
@@ -119,12 +125,30 @@ def _check_groups(opt, sd: dict) -> list[tuple[torch.Tensor, dict, object]]:
                 )
         # The layout follows the group as it will be after loading (e.g. SGD's
         # momentum decides whether a buffer is kept), as torch.optim's load does.
-        loaded_group = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+        loaded_group = {**group, **_group_values(opt, saved)}
         pairs += [
             (p, loaded_group, saved_id)
             for p, saved_id in zip(group["params"], saved["params"], strict=True)
         ]
     return pairs
+
+
+def _group_values(opt, saved: dict) -> dict:
+    """What a saved group sets in the live one: its hyper-parameters, later flags
+    defaulted as torch does, no implementation keywords and no header."""
+    values = {k: _LATER_FLAGS[k] for k in _LATER_FLAGS if k in opt.defaults}
+    skip = ("params", HEADER_KEY, *_IMPLEMENTATION_KEYS)
+    values.update({k: copy.deepcopy(v) for k, v in saved.items() if k not in skip})
+    return values
+
+
+def _step_as_tensor(value, saved_id):
+    """torch.optim loads a Python-number ``step`` (older checkpoints) as a float32 tensor."""
+    if isinstance(value, torch.Tensor) or isinstance(value, bool):
+        return value
+    if isinstance(value, int | float) and math.isfinite(value) and value >= 0:
+        return torch.tensor(float(value), dtype=torch.float32)
+    _fail(f"state 'step' of parameter {saved_id!r} is {value!r}, expected a count >= 0.")
 
 
 def _check_state(opt, p, group, saved_id, saved_state) -> None:
@@ -140,6 +164,8 @@ def _check_state(opt, p, group, saved_id, saved_state) -> None:
     if saved_state and missing:
         _fail(f"state of parameter {saved_id!r} (shape {tuple(p.shape)}) has no {sorted(missing)}.")
     for name, value in saved_state.items():
+        if name == "step":
+            value = _step_as_tensor(value, saved_id)
         dtype, shape = expected[name]
         if not isinstance(value, torch.Tensor):
             _fail(
@@ -184,12 +210,12 @@ def check(opt, state_dict: dict) -> LoadPlan:
         if saved.get(saved_id):
             device = local_tensor(p).device
             new_state[p] = {
-                k: v.detach().to(device=device, copy=True) for k, v in saved[saved_id].items()
+                k: (_step_as_tensor(v, saved_id) if k == "step" else v)
+                .detach()
+                .to(device=device, copy=True)
+                for k, v in saved[saved_id].items()
             }
-    group_values = [
-        {k: copy.deepcopy(v) for k, v in saved.items() if k not in ("params", HEADER_KEY)}
-        for saved in state_dict["param_groups"]
-    ]
+    group_values = [_group_values(opt, saved) for saved in state_dict["param_groups"]]
     return LoadPlan(opt, new_state, group_values)
 
 

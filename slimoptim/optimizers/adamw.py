@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .. import formats
-from .base import SlimOptimizer, StateSpec
+from .base import SlimOptimizer, StateSpec, check_betas
 
 
 def adam_scalars(lr, beta1: float, beta2: float, step: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -64,7 +64,8 @@ class AdamW(SlimOptimizer):
 
     Extra arguments: ``master_weight_bits`` (24, 32 or None), ``state_bits`` (8 or
     32), ``group_size`` (values per quantization scale), ``fused`` (None picks
-    the Triton kernel on CUDA).
+    the Triton kernel on CUDA). torch's ``foreach``, ``capturable`` and
+    ``differentiable`` are accepted at their neutral values (None/False).
     """
 
     kernel_rule = "adamw"
@@ -79,13 +80,16 @@ class AdamW(SlimOptimizer):
         betas=(0.9, 0.999),
         eps=1e-8,
         weight_decay=None,
-        *,
         amsgrad=False,
+        *,
         maximize=False,
         master_weight_bits=24,
         state_bits=8,
         group_size=32,
         fused=None,
+        foreach=None,
+        capturable=False,
+        differentiable=False,
     ):
         if weight_decay is None:
             weight_decay = 1e-2 if self.decoupled else 0.0
@@ -104,6 +108,9 @@ class AdamW(SlimOptimizer):
             state_bits=state_bits,
             group_size=group_size,
             fused=fused,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
         )
 
     def _check_hyperparameters(self, group):
@@ -113,13 +120,9 @@ class AdamW(SlimOptimizer):
                 "amsgrad=True is not supported: its running max of v would need a third "
                 "full state. Use amsgrad=False or torch.optim for this parameter group."
             )
-        beta1, beta2 = group["betas"]
         if not 0.0 <= group["eps"]:
-            raise ValueError(f"Invalid epsilon value: {group['eps']}")
-        if not 0.0 <= beta1 < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 0: {beta1}")
-        if not 0.0 <= beta2 < 1.0:
-            raise ValueError(f"Invalid beta parameter at index 1: {beta2}")
+            raise ValueError(f"Invalid epsilon value: {group['eps']} (must be >= 0).")
+        check_betas(group["betas"], upper_open=True)
 
     def _scalars(self, group, step):
         return adam_scalars(group["lr"], *group["betas"], step)

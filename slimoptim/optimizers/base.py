@@ -8,6 +8,7 @@ their compact storage, calls the update, and stores the results back.
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 from collections.abc import Iterable
 
@@ -20,6 +21,9 @@ MASTER_WEIGHT_BITS = (24, 32, None)
 STATE_BITS = (8, 32)
 FORMAT_VERSION = 1
 LOW_PRECISION = (torch.bfloat16, torch.float16)
+PARAM_DTYPES = (torch.float32, torch.float64, *LOW_PRECISION)
+# torch.optim's implementation keywords, accepted at the value that changes nothing here.
+NEUTRAL_KEYWORDS = {"foreach": (None, False), "capturable": (False,), "differentiable": (False,)}
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -27,7 +31,66 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def _check_group_options(group: dict) -> None:
+def compute_dtype(param: torch.Tensor) -> torch.dtype:
+    """float64 params are their own master and step in float64; all others in float32."""
+    return torch.float64 if param.dtype == torch.float64 else torch.float32
+
+
+def to_scalar(value):
+    """A 1-element tensor hyper-parameter as a 0-d tensor (as torch.optim reads it), so
+    ``lr=torch.tensor([[1e-3]])`` cannot broadcast a flat parameter to 2-d."""
+    if isinstance(value, torch.Tensor) and value.dim() != 0:
+        return value.reshape(())
+    if isinstance(value, tuple) and any(isinstance(v, torch.Tensor) for v in value):
+        return tuple(to_scalar(v) for v in value)
+    return value
+
+
+def scalar_hyperparameters(group: dict) -> dict:
+    """``group`` itself, or a copy whose tensor hyper-parameters are 0-d."""
+    fixed = {}
+    for key, value in group.items():
+        if key != "params" and isinstance(value, torch.Tensor | tuple):
+            scalar = to_scalar(value)
+            if scalar is not value:
+                fixed[key] = scalar
+    return {**group, **fixed} if fixed else group
+
+
+def check_neutral_keywords(where: str, values: dict) -> None:
+    """Refuse torch.optim's implementation keywords where they would ask for something."""
+    for name, neutral in NEUTRAL_KEYWORDS.items():
+        if name in values and not any(values[name] is v for v in neutral):
+            allowed = " or ".join(repr(v) for v in neutral)
+            raise ValueError(
+                f"{name}={values[name]!r} ({where}) is not supported: slimoptim has one "
+                f"implementation, chosen by fused= (Triton kernels on CUDA, docs/kernels.md); "
+                f"its step is graph-capturable without capturable=True and is not "
+                f"differentiable. Pass {name}={allowed} or leave it out."
+            )
+
+
+def check_betas(betas, upper_open: bool) -> None:
+    """torch.optim's rules for ``betas``: two numbers in [0, 1) (Lion: [0, 1]), both
+    Python numbers or both one-element tensors."""
+    if not (isinstance(betas, tuple | list) and len(betas) == 2):
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}.")
+    tensors = [isinstance(b, torch.Tensor) for b in betas]
+    if tensors[0] != tensors[1]:
+        raise ValueError(
+            f"betas must be either both floats or both Tensors, got {betas!r}: pass two "
+            "numbers or two one-element tensors."
+        )
+    for i, beta in enumerate(betas):
+        if tensors[i] and beta.numel() != 1:
+            raise ValueError(f"Tensor betas[{i}] must be 1-element, got shape {tuple(beta.shape)}.")
+        in_range = 0.0 <= beta < 1.0 if upper_open else 0.0 <= beta <= 1.0
+        if not in_range:
+            bound = "[0, 1)" if upper_open else "[0, 1]"
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta} (must be in {bound}).")
+
+
+def _check_modes(group: dict) -> None:
     if group["master_weight_bits"] not in MASTER_WEIGHT_BITS:
         raise ValueError(
             f"master_weight_bits must be 24, 32 or None, got {group['master_weight_bits']!r}: "
@@ -41,12 +104,31 @@ def _check_group_options(group: dict) -> None:
     size = group["group_size"]
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         raise ValueError(f"group_size must be a positive int, got {size!r}.")
+
+
+def _check_params(group: dict) -> None:
     for p in group["params"]:
-        if not (p.is_floating_point() and p.dtype in (torch.float32, *LOW_PRECISION)):
+        if not (p.is_floating_point() and p.dtype in PARAM_DTYPES):
             raise TypeError(
-                f"slimoptim optimizers step float32, bfloat16 or float16 parameters; got a "
-                f"{p.dtype} parameter of shape {tuple(p.shape)}. Cast it (slimoptim.cast_model) "
-                "or leave it out of the optimizer."
+                f"slimoptim optimizers step float32, float64, bfloat16 or float16 parameters; "
+                f"got a {p.dtype} parameter of shape {tuple(p.shape)}. Cast it "
+                "(slimoptim.cast_model) or leave it out of the optimizer."
+            )
+
+
+def _check_fused_devices(items) -> None:
+    """torch.optim's wording (searchable), then what slimoptim supports."""
+    if all(p.is_cuda for _, p in items):
+        return
+    devices = ["cuda", "cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else ["cuda"]
+    for _, p in items:
+        if p.device.type not in devices:
+            raise RuntimeError(
+                "`fused=True` requires all the params to be floating point Tensors of "
+                f"supported devices: {devices} but {p.dtype} and {p.device.type}. "
+                "slimoptim's fused step is a Triton kernel for CUDA (on the CPU only under "
+                "TRITON_INTERPRET=1); use fused=None to pick it on CUDA and the reference "
+                "path elsewhere."
             )
 
 
@@ -102,38 +184,79 @@ class SlimOptimizer(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
 
     def __init__(
-        self, params: Iterable, defaults: dict, *, master_weight_bits, state_bits, group_size, fused
+        self,
+        params: Iterable,
+        defaults: dict,
+        *,
+        master_weight_bits,
+        state_bits,
+        group_size,
+        fused,
+        **implementation,
     ):
+        unknown = set(implementation) - set(NEUTRAL_KEYWORDS)
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__}() got unexpected keyword arguments {sorted(unknown)}"
+            )
+        check_neutral_keywords("constructor argument", implementation)
         defaults = dict(
             defaults,
             master_weight_bits=master_weight_bits,
             state_bits=state_bits,
             group_size=group_size,
         )
+        # As torch.optim: hyper-parameters are checked before params are read, so a bad
+        # value is reported as such whatever ``params`` is.
+        _check_modes(defaults)
+        self._check_hyperparameters(defaults)
         if fused not in (None, True, False):
             raise ValueError(f"fused must be None, True or False, got {fused!r}.")
         self.fused = fused
         super().__init__(params, defaults)
 
+    def __getstate__(self) -> dict:
+        # torch keeps only defaults, state and param_groups; a copy must also step.
+        return {**super().__getstate__(), "fused": self.fused}
+
+    def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        fused = state.pop("fused", None)  # pickles from before fused was kept
+        had_differentiable = "differentiable" in state.get("defaults", {})
+        super().__setstate__(state)
+        if not had_differentiable:  # torch's __setstate__ adds it; it is no group key here
+            self.defaults.pop("differentiable", None)
+        self.fused = fused
+
     def add_param_group(self, param_group: dict) -> None:
+        if isinstance(param_group, dict):
+            check_neutral_keywords("in a parameter group", param_group)
+            param_group = {k: v for k, v in param_group.items() if k not in NEUTRAL_KEYWORDS}
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            _check_group_options(group)
+            _check_modes(group)
+            _check_params(group)
             self._check_hyperparameters(group)
         except (ValueError, TypeError):
             self.param_groups.pop()
             raise
 
     def _check_hyperparameters(self, group: dict) -> None:
-        """Raise ValueError for invalid hyper-parameters (subclasses extend)."""
+        """Raise ValueError for invalid hyper-parameters (subclasses extend).
+
+        The messages start as torch.optim's do, so a search for either finds both.
+        """
         lr = group["lr"]
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
-            raise ValueError("lr as a Tensor must have exactly one element.")
-        if not 0.0 <= float(lr):
-            raise ValueError(f"Invalid learning rate: {float(lr)}")
+            raise ValueError(
+                f"Tensor lr must be 1-element, got shape {tuple(lr.shape)}: pass a float or "
+                "a one-element tensor (its shape may be () or [1], [1, 1], ...)."
+            )
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid learning rate: {lr} (lr must be >= 0).")
         if not 0.0 <= group["weight_decay"]:
-            raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
+            raise ValueError(f"Invalid weight_decay value: {group['weight_decay']} (must be >= 0).")
 
     def kernel_rule_name(self) -> str | None:
         """The fused-kernel rule that reproduces this optimizer's math, or None.
@@ -158,11 +281,12 @@ class SlimOptimizer(torch.optim.Optimizer):
         return state
 
     def master_weight(self, p: torch.Tensor, group: dict | None = None) -> torch.Tensor:
-        """The float32 master value of parameter ``p`` (its local shard for a DTensor)."""
+        """The master value of parameter ``p`` (its local shard for a DTensor): float32,
+        or the float64 param itself."""
         local = local_tensor(p)
         group = self._group_of(p) if group is None else group
         state = self.state.get(p, {})
-        flat = local.detach().reshape(-1).float()
+        flat = local.detach().reshape(-1).to(compute_dtype(p))
         if "correction" not in state:
             return flat.view(local.shape)
         bits = correction_bits(p, group["master_weight_bits"])
@@ -246,6 +370,8 @@ class SlimOptimizer(torch.optim.Optimizer):
         """
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        if self.fused:
+            _check_fused_devices(items)
         if self.fused is not False:
             from ..kernels import fused_step  # noqa: PLC0415 (Triton is optional)
 
@@ -259,9 +385,10 @@ class SlimOptimizer(torch.optim.Optimizer):
 
     def _step_reference(self, p, group, grad_scale, found_inf) -> None:
         state = self._ensure_state(p, group)
+        group = scalar_hyperparameters(group)
         local, grad = local_tensor(p), local_tensor(p.grad)
         numel, size = local.numel(), group["group_size"]
-        g = grad.detach().reshape(-1).float()
+        g = grad.detach().reshape(-1).to(compute_dtype(p))
         if grad_scale is not None:
             g = g / grad_scale.to(g.device)
         if group.get("maximize", False):
@@ -286,6 +413,8 @@ class SlimOptimizer(torch.optim.Optimizer):
         new_w, new_states = self._update(
             w, g, states, group, self._scalars(group, state["step"]), floor
         )
+        if w.dtype == torch.float64:  # states stay float32 / 8-bit for float64 params
+            new_states = {k: v.float() for k, v in new_states.items()}
         new_w = torch.where(ok, new_w, w)
         self._store_weight(p, state, group, new_w)
         self._store_states(state, group, new_states, ok, ok_groups)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import SlimOptimizer, StateSpec
+from .base import SlimOptimizer, StateSpec, check_betas
 
 
 def lion_update(w, g, exp_avg, *, lr, beta1, beta2, weight_decay):
@@ -36,6 +36,9 @@ class Lion(SlimOptimizer):
         state_bits=8,
         group_size=32,
         fused=None,
+        foreach=None,
+        capturable=False,
+        differentiable=False,
     ):
         defaults = dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
         super().__init__(
@@ -45,13 +48,14 @@ class Lion(SlimOptimizer):
             state_bits=state_bits,
             group_size=group_size,
             fused=fused,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
         )
 
     def _check_hyperparameters(self, group):
         super()._check_hyperparameters(group)
-        for i, beta in enumerate(group["betas"]):
-            if not 0.0 <= beta <= 1.0:
-                raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+        check_betas(group["betas"], upper_open=False)
 
     def _update(self, w, g, states, group, scalars, denom_floor):
         beta1, beta2 = group["betas"]

@@ -37,6 +37,9 @@ class SGD(SlimOptimizer):
         state_bits=8,
         group_size=32,
         fused=None,
+        foreach=None,
+        capturable=False,
+        differentiable=False,
     ):
         defaults = dict(
             lr=lr,
@@ -53,6 +56,9 @@ class SGD(SlimOptimizer):
             state_bits=state_bits,
             group_size=group_size,
             fused=fused,
+            foreach=foreach,
+            capturable=capturable,
+            differentiable=differentiable,
         )
 
     state_specs = (StateSpec("momentum_buffer", signed=True),)
@@ -60,7 +66,7 @@ class SGD(SlimOptimizer):
     def _check_hyperparameters(self, group):
         super()._check_hyperparameters(group)
         if group["momentum"] < 0.0:
-            raise ValueError(f"Invalid momentum value: {group['momentum']}")
+            raise ValueError(f"Invalid momentum value: {group['momentum']} (must be >= 0).")
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
