@@ -1,0 +1,211 @@
+"""slimoptim's optimizers as OptimizerInfo-style entries, fed by torch's own test inputs.
+
+torch ships its generic optimizer test inputs in ``torch.testing._internal.common_optimizers``
+(``optim_db``: per optimizer, constructor inputs, inputs that must fail and LR-scheduler
+sets). Each entry here pairs a slimoptim optimizer, a mode and a parameter dtype with
+torch's entry for its twin (AdamW, Adam, SGD); Lion has no twin and gets inputs of the
+same shape written here. ``tests/test_torch_contract*.py`` drive their tests from these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch.optim.lr_scheduler import ConstantLR, ExponentialLR, ReduceLROnPlateau, StepLR
+
+import slimoptim
+
+
+def _import_torch_optim_db():
+    """torch's module, imported without its test-suite side effect on torch.backends."""
+    from torch.testing._internal import common_optimizers  # noqa: PLC0415 (needs expecttest)
+
+    # common_utils freezes torch.backends flags for torch's own suite; other tests here
+    # (Lightning's Trainer) set them, so unfreeze what the import froze.
+    vars(torch.backends)["__allow_nonbracketed_mutation_flag"] = True
+    return common_optimizers
+
+
+common = _import_torch_optim_db()
+OptimizerInput = common.OptimizerInput
+ErrorOptimizerInput = common.ErrorOptimizerInput
+TORCH_INFOS = {info.name: info for info in common.optim_db}
+
+EXACT = {"master_weight_bits": 32, "state_bits": 32}
+MODES = {"exact": EXACT, "default": {}}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def lion_inputs(device="cpu", dtype=None):
+    """Lion's inputs in the shape torch gives the others (no torch twin to borrow from)."""
+    return [
+        OptimizerInput(params=None, kwargs={}, desc="default"),
+        OptimizerInput(params=None, kwargs={"lr": 1e-3}, desc="non-default lr"),
+        OptimizerInput(params=None, kwargs={"weight_decay": 0.1}, desc="nonzero weight_decay"),
+        OptimizerInput(
+            params=None, kwargs={"weight_decay": 0.1, "maximize": True}, desc="maximize"
+        ),
+        OptimizerInput(params=None, kwargs={"lr": torch.tensor(1e-3)}, desc="Tensor lr"),
+        OptimizerInput(
+            params=None,
+            kwargs={"betas": (torch.tensor(0.95), torch.tensor(0.98))},
+            desc="Tensor betas",
+        ),
+    ]
+
+
+def lion_error_inputs(device="cpu", dtype=torch.float32):
+    def bad(kwargs, desc, regex):
+        return ErrorOptimizerInput(
+            OptimizerInput(params=None, kwargs=kwargs, desc=desc),
+            error_type=ValueError,
+            error_regex=regex,
+        )
+
+    return common.get_error_inputs_for_all_optims(device, dtype) + [
+        bad({"lr": -1e-3}, "negative lr", "Invalid learning rate: -0.001"),
+        bad({"betas": (0.9, 1.5)}, "beta2 above 1", "Invalid beta parameter at index 1: 1.5"),
+        bad({"weight_decay": -1}, "negative weight_decay", "Invalid weight_decay value: -1"),
+        bad(
+            {"betas": (0.9, torch.tensor(0.99))},
+            "mixed betas",
+            "betas must be either both floats or both Tensors",
+        ),
+    ]
+
+
+LION_SCHEDULERS = (
+    [lambda opt: StepLR(opt, gamma=0.9, step_size=10), lambda opt: ReduceLROnPlateau(opt)],
+    [lambda opt: ExponentialLR(opt, gamma=0.9)],
+    [lambda opt: ConstantLR(opt, factor=0.4, total_iters=4)],
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class SlimOptimizerInfo:
+    """One slimoptim optimizer in one mode on one parameter dtype."""
+
+    name: str
+    mode: str
+    dtype_name: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.name}-{self.mode}-{self.dtype_name}"
+
+    @property
+    def optim_cls(self):
+        return getattr(slimoptim, self.name)
+
+    @property
+    def torch_cls(self):
+        """The torch.optim twin, or None (Lion)."""
+        return getattr(torch.optim, self.name, None)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype_name]
+
+    @property
+    def torch_info(self):
+        return TORCH_INFOS.get(self.name)
+
+    def inputs(self) -> list:
+        """Fresh inputs (a tensor lr must not carry mutations between tests)."""
+        if self.torch_info is None:
+            return lion_inputs("cpu", self.dtype)
+        return self.torch_info.optim_inputs_func(device="cpu", dtype=self.dtype)
+
+    def error_inputs(self) -> list:
+        if self.torch_info is None:
+            return lion_error_inputs("cpu", self.dtype)
+        return self.torch_info.optim_error_inputs_func(device="cpu", dtype=self.dtype)
+
+    def scheduler_sets(self) -> tuple:
+        return LION_SCHEDULERS if self.torch_info is None else self.torch_info.scheduler_inputs
+
+    def make(self, params, **kwargs):
+        return self.optim_cls(params, **MODES[self.mode], **kwargs)
+
+
+def unsupported(kwargs: dict) -> str | None:
+    """Why slimoptim does not run an input torch ships, or None when it does."""
+    if kwargs.get("amsgrad"):
+        return "amsgrad: refused by slimoptim (its running max would be a third full state)"
+    if kwargs.get("capturable") or kwargs.get("foreach") or kwargs.get("fused"):
+        return "CUDA-only/foreach-only input (capturable, foreach or fused=True)"
+    return None
+
+
+NAMES = ("AdamW", "Adam", "SGD", "Lion")
+INFOS = [SlimOptimizerInfo(n, m, d) for n in NAMES for m in MODES for d in DTYPES]
+
+
+def infos(mode=None, dtype=None, names=NAMES):
+    return [
+        i
+        for i in INFOS
+        if (mode is None or i.mode == mode)
+        and (dtype is None or i.dtype_name == dtype)
+        and i.name in names
+    ]
+
+
+def input_cases(selected):
+    """(info, input index, desc) for every input of every selected entry, as pytest ids."""
+    import pytest  # noqa: PLC0415
+
+    return [
+        pytest.param(info, i, id=f"{info.id}-{inp.desc.replace(' ', '_')}")
+        for info in selected
+        for i, inp in enumerate(info.inputs())
+    ]
+
+
+def input_kwargs(info, index: int) -> dict:
+    return dict(info.inputs()[index].kwargs)
+
+
+def linear_problem(dtype, seed=0, contiguous=True):
+    """torch's generic problem: a (10, 5) weight and a (10,) bias, loss (W x + b)^2 summed."""
+    gen = torch.Generator().manual_seed(seed)
+    if contiguous:
+        weight = torch.randn(10, 5, generator=gen)
+        bias = torch.randn(10, generator=gen)
+    else:
+        weight = torch.randn(10, 5, 2, generator=gen)[..., 0]
+        bias = torch.randn(10, 2, generator=gen)[..., 0]
+    x = torch.randn(5, generator=gen)
+    params = [torch.nn.Parameter(weight.to(dtype)), torch.nn.Parameter(bias.to(dtype))]
+    return params, x
+
+
+def linear_loss(params, x):
+    weight, bias = params
+    return (weight.float().mv(x) + bias.float()).pow(2).sum()
+
+
+class LionFloat64(torch.optim.Optimizer):
+    """Lion in float64 on float64 copies of the params: the reference slimoptim's exact
+    mode is compared to (torch has no Lion). Reads lr/betas/weight_decay/maximize from
+    the groups at every step, so every LR scheduler works on it."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False):
+        super().__init__(
+            params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize)
+        )
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            lr = float(group["lr"])
+            beta1, beta2 = (float(b) for b in group["betas"])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = -p.grad if group["maximize"] else p.grad
+                m = self.state[p].setdefault("exp_avg", torch.zeros_like(p))
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(torch.sign(m * beta1 + g * (1 - beta1)), alpha=-lr)
+                m.mul_(beta2).add_(g, alpha=1 - beta2)
