@@ -209,3 +209,75 @@ class LionFloat64(torch.optim.Optimizer):
                 p.mul_(1 - lr * group["weight_decay"])
                 p.add_(torch.sign(m * beta1 + g * (1 - beta1)), alpha=-lr)
                 m.mul_(beta2).add_(g, alpha=1 - beta2)
+
+
+# torch's generic suite (test/test_optim.py, class TestOptimRenewed) test by test: the
+# slimoptim test that checks the same behaviour, or why none applies.
+NOT_APPLICABLE = ("CUDA-only", "foreach-only", "complex", "sparse", "closure-only")
+TORCH_GENERIC_TESTS = {
+    "test_optim_infos_do_not_specify_global_cliquey_kwargs": "test_entries_follow_torchs_rules",
+    "test_errors": "test_error_inputs_raise_what_torch_raises",
+    "test_forloop_goes_right_direction": "test_default_mode_goes_the_right_direction",
+    "test_forloop_goes_right_direction_multigpu": "CUDA-only: needs two GPUs",
+    "test_param_group_with_lrscheduler_goes_right_direction": (
+        "test_param_group_lr_with_schedulers_goes_the_right_direction"
+    ),
+    "test_tensor_lr": "test_tensor_lr_of_any_shape_steps_as_the_float",
+    "test_rosenbrock_sparse": "sparse: sparse gradients are refused (a clear TypeError)",
+    "test_complex": "complex: complex params are refused (a clear TypeError)",
+    "test_complex_2d": "complex: complex params are refused (a clear TypeError)",
+    "test_foreach_matches_forloop": "foreach-only: slimoptim has no foreach path",
+    "test_mixed_device_dtype": "CUDA-only: needs two GPUs",
+    "test_set_default_dtype_works_with_foreach": "foreach-only: slimoptim has no foreach path",
+    "test_foreach_large_tensor": "foreach-only: slimoptim has no foreach path",
+    "test_peak_memory_foreach": "foreach-only: slimoptim has no foreach path",
+    "test_fused_matches_forloop": "CUDA-only: tests/test_kernels.py checks kernel = reference",
+    "test_fused_error_on_params_on_meta": (
+        "test_fused_true_on_an_unsupported_device_says_what_torch_says"
+    ),
+    "test_fused_large_tensor": "CUDA-only: needs 64 GB of GPU memory",
+    "test_fused_does_not_step_if_foundinf": "test_fused_step_does_not_move_anything_when_found_inf",
+    "test_cpu_load_state_dict": "test_cpu_state_dict_loads_into_a_cuda_optimizer",
+    "test_param_groups_weight_decay": "test_param_groups_lr_and_weight_decay",
+    "test_param_groups_lr": "test_param_groups_lr_and_weight_decay",
+    "test_step_is_noop_when_params_have_no_grad": (
+        "test_zero_grads_and_params_without_grads_are_noops"
+    ),
+    "test_step_is_noop_for_zero_grads": "test_zero_grads_and_params_without_grads_are_noops",
+    "test_optimizer_can_be_printed": "test_printing_and_non_empty_state",
+    "test_state_dict_deterministic": "test_state_dict_round_trip_is_deterministic",
+    "test_can_load_older_state_dict": "test_older_state_dicts_load",
+    "test_can_load_from_to_named_state_dict": "test_state_dict_round_trip_is_deterministic",
+    "test_save_load_equality_with_weights_only": "test_save_load_with_weights_only_is_equal",
+    "test_load_nontensor_step": "test_older_state_dicts_load",
+    "test_state_dict_with_cuda_params": "test_cpu_state_dict_loads_into_a_cuda_optimizer",
+    "test_state_dict_pre_hook": "test_state_dict_and_load_state_dict_hooks",
+    "test_state_dict_post_hook": "test_state_dict_and_load_state_dict_hooks",
+    "test_state_dict_pre_post_hook": "test_state_dict_and_load_state_dict_hooks",
+    "test_load_state_dict_pre_hook_and_prepend": "test_state_dict_and_load_state_dict_hooks",
+    "test_load_state_dict_post_hook": "test_state_dict_and_load_state_dict_hooks",
+    "test_load_state_dict_pre_post_hook": "test_state_dict_and_load_state_dict_hooks",
+    "test_step_post_hook": "test_step_hooks_run_in_torchs_order",
+    "test_step_pre_hook": "test_step_hooks_run_in_torchs_order",
+    "test_step_all_hooks": "test_step_hooks_run_in_torchs_order",
+    "test_deepcopy_copies_all_public_attrs": "test_copies_step_as_the_original",
+    "test_second_order_optims_return_consistent_types": "closure-only: for LBFGS",
+    "test_fused_cpu_matches_cuda": "CUDA-only: tests/test_kernels.py checks kernel = reference",
+    "test_defaults_changed_to_foreach": "foreach-only: slimoptim has no foreach path",
+    "test_non_empty_state": "test_printing_and_non_empty_state",
+}
+
+
+def generic_suite_summary() -> str:
+    """One line: how many of torch's generic tests have a slimoptim test, and why not."""
+    from collections import Counter  # noqa: PLC0415
+
+    reasons = Counter(
+        t.split(":")[0] for t in TORCH_GENERIC_TESTS.values() if not t.startswith("test_")
+    )
+    covered = len(TORCH_GENERIC_TESTS) - sum(reasons.values())
+    why = ", ".join(f"{reason} {n}" for reason, n in sorted(reasons.items()))
+    return (
+        f"torch's generic optimizer tests: {covered} of {len(TORCH_GENERIC_TESTS)} have a "
+        f"slimoptim counterpart; not applicable: {why}"
+    )
