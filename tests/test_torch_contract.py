@@ -7,6 +7,7 @@ default mode must go the right way and stay within the distance bound the README
 """
 
 import math
+import os
 
 import pytest
 import torch
@@ -305,3 +306,24 @@ def test_default_mode_distance_bound_on_torchs_problem(name):
     ]
     assert all(math.isfinite(m) for m in measured)
     assert max(measured) < DISTANCE_BOUND[name], measured
+
+
+@pytest.mark.parametrize("name", ["AdamW", "SGD", "Lion"])
+def test_tensor_lr_of_any_shape_in_the_kernel_path(name):
+    """The fused kernels (Triton's interpreter on CPU) read a [[lr]] tensor as the float."""
+    pytest.importorskip("triton", reason="the fused kernels need Triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CUDA-only: without a GPU the kernels run only under TRITON_INTERPRET=1")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    kwargs = {"SGD": dict(momentum=0.9)}.get(name, {})
+    lr = torch.tensor(1e-2).item()
+    results = []
+    for value in (lr, torch.tensor([[lr]], device=device)):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 64, device=device).bfloat16())
+        opt = getattr(slimoptim, name)([p], lr=value, fused=True, **kwargs)
+        for step in range(3):
+            p.grad = torch.cos(torch.arange(64.0, device=device) * (step + 1)).bfloat16()
+            opt.step()
+        results.append(opt.master_weight(p))
+    assert torch.equal(*results)
+    assert not torch.equal(results[0], torch.linspace(-1, 1, 64, device=device).bfloat16().float())
