@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 from torch.optim.lr_scheduler import ConstantLR, ExponentialLR, ReduceLROnPlateau, StepLR
 
@@ -154,8 +155,6 @@ def infos(mode=None, dtype=None, names=NAMES):
 
 def input_cases(selected):
     """(info, input index, desc) for every input of every selected entry, as pytest ids."""
-    import pytest  # noqa: PLC0415
-
     return [
         pytest.param(info, i, id=f"{info.id}-{inp.desc.replace(' ', '_')}")
         for info in selected
@@ -281,3 +280,51 @@ def generic_suite_summary() -> str:
         f"torch's generic optimizer tests: {covered} of {len(TORCH_GENERIC_TESTS)} have a "
         f"slimoptim counterpart; not applicable: {why}"
     )
+
+
+# ------------------------------------------ helpers of the contract tests
+
+CPU_INFOS = infos(dtype="bf16") + infos(mode="exact", dtype="fp32")
+OLDER_INFOS = infos(mode="exact", dtype="fp32") + infos(mode="default", dtype="bf16")
+
+
+def supported(info, index):
+    kwargs = input_kwargs(info, index)
+    reason = unsupported(kwargs)
+    if reason:
+        pytest.skip(reason)
+    return kwargs
+
+
+def small_model(seed=1, dtype=torch.bfloat16):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 10), torch.nn.Linear(10, 1)).to(dtype)
+
+
+def train(model, opt, steps, seed=2):
+    gen = torch.Generator().manual_seed(seed)
+    dtype = next(model.parameters()).dtype
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.randn(3, 5, generator=gen).to(dtype)).float().pow(2).sum().backward()
+        opt.step()
+
+
+def bits_of(model, opt):
+    return [(p.detach().clone(), opt.master_weight(p).clone()) for p in model.parameters()]
+
+
+def assert_same_bits(a, b):
+    for (pa, ma), (pb, mb) in zip(a, b, strict=True):
+        assert torch.equal(pa, pb) and torch.equal(ma, mb)
+
+
+def assert_state_dicts_equal(a, b):
+    assert a.keys() == b.keys()
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for k, state in a["state"].items():
+        assert state.keys() == b["state"][k].keys()
+        for name, value in state.items():
+            assert value.dtype == b["state"][k][name].dtype
+            assert torch.equal(value, b["state"][k][name])

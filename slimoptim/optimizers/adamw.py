@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from .. import formats
-from .base import SlimOptimizer, StateSpec, check_betas
+from .arguments import check_betas
+from .base import SlimOptimizer, StateSpec
 
 
 def adam_scalars(lr, beta1: float, beta2: float, step: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -8,7 +8,6 @@ their compact storage, calls the update, and stores the results back.
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 from collections.abc import Iterable
 
@@ -16,78 +15,24 @@ import torch
 
 from .. import formats
 from ..formats import correction_bits  # noqa: F401 (re-exported: checkpoint, tests)
+from .arguments import (
+    NEUTRAL_KEYWORDS,
+    check_fused_devices,
+    check_neutral_keywords,
+    compute_dtype,
+    scalar_hyperparameters,
+)
 
 MASTER_WEIGHT_BITS = (24, 32, None)
 STATE_BITS = (8, 32)
 FORMAT_VERSION = 1
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 PARAM_DTYPES = (torch.float32, torch.float64, *LOW_PRECISION)
-# torch.optim's implementation keywords, accepted at the value that changes nothing here.
-NEUTRAL_KEYWORDS = {"foreach": (None, False), "capturable": (False,), "differentiable": (False,)}
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
     """The shard this rank owns for a DTensor (FSDP2), the tensor itself otherwise."""
     return t.to_local() if hasattr(t, "to_local") else t
-
-
-def compute_dtype(param: torch.Tensor) -> torch.dtype:
-    """float64 params are their own master and step in float64; all others in float32."""
-    return torch.float64 if param.dtype == torch.float64 else torch.float32
-
-
-def to_scalar(value):
-    """A 1-element tensor hyper-parameter as a 0-d tensor (as torch.optim reads it), so
-    ``lr=torch.tensor([[1e-3]])`` cannot broadcast a flat parameter to 2-d."""
-    if isinstance(value, torch.Tensor) and value.dim() != 0:
-        return value.reshape(())
-    if isinstance(value, tuple) and any(isinstance(v, torch.Tensor) for v in value):
-        return tuple(to_scalar(v) for v in value)
-    return value
-
-
-def scalar_hyperparameters(group: dict) -> dict:
-    """``group`` itself, or a copy whose tensor hyper-parameters are 0-d."""
-    fixed = {}
-    for key, value in group.items():
-        if key != "params" and isinstance(value, torch.Tensor | tuple):
-            scalar = to_scalar(value)
-            if scalar is not value:
-                fixed[key] = scalar
-    return {**group, **fixed} if fixed else group
-
-
-def check_neutral_keywords(where: str, values: dict) -> None:
-    """Refuse torch.optim's implementation keywords where they would ask for something."""
-    for name, neutral in NEUTRAL_KEYWORDS.items():
-        if name in values and not any(values[name] is v for v in neutral):
-            allowed = " or ".join(repr(v) for v in neutral)
-            raise ValueError(
-                f"{name}={values[name]!r} ({where}) is not supported: slimoptim has one "
-                f"implementation, chosen by fused= (Triton kernels on CUDA, docs/kernels.md); "
-                f"its step is graph-capturable without capturable=True and is not "
-                f"differentiable. Pass {name}={allowed} or leave it out."
-            )
-
-
-def check_betas(betas, upper_open: bool) -> None:
-    """torch.optim's rules for ``betas``: two numbers in [0, 1) (Lion: [0, 1]), both
-    Python numbers or both one-element tensors."""
-    if not (isinstance(betas, tuple | list) and len(betas) == 2):
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}.")
-    tensors = [isinstance(b, torch.Tensor) for b in betas]
-    if tensors[0] != tensors[1]:
-        raise ValueError(
-            f"betas must be either both floats or both Tensors, got {betas!r}: pass two "
-            "numbers or two one-element tensors."
-        )
-    for i, beta in enumerate(betas):
-        if tensors[i] and beta.numel() != 1:
-            raise ValueError(f"Tensor betas[{i}] must be 1-element, got shape {tuple(beta.shape)}.")
-        in_range = 0.0 <= beta < 1.0 if upper_open else 0.0 <= beta <= 1.0
-        if not in_range:
-            bound = "[0, 1)" if upper_open else "[0, 1]"
-            raise ValueError(f"Invalid beta parameter at index {i}: {beta} (must be in {bound}).")
 
 
 def _check_modes(group: dict) -> None:
@@ -113,22 +58,6 @@ def _check_params(group: dict) -> None:
                 f"slimoptim optimizers step float32, float64, bfloat16 or float16 parameters; "
                 f"got a {p.dtype} parameter of shape {tuple(p.shape)}. Cast it "
                 "(slimoptim.cast_model) or leave it out of the optimizer."
-            )
-
-
-def _check_fused_devices(items) -> None:
-    """torch.optim's wording (searchable), then what slimoptim supports."""
-    if all(p.is_cuda for _, p in items):
-        return
-    devices = ["cuda", "cpu"] if os.environ.get("TRITON_INTERPRET") == "1" else ["cuda"]
-    for _, p in items:
-        if p.device.type not in devices:
-            raise RuntimeError(
-                "`fused=True` requires all the params to be floating point Tensors of "
-                f"supported devices: {devices} but {p.dtype} and {p.device.type}. "
-                "slimoptim's fused step is a Triton kernel for CUDA (on the CPU only under "
-                "TRITON_INTERPRET=1); use fused=None to pick it on CUDA and the reference "
-                "path elsewhere."
             )
 
 
@@ -371,7 +300,7 @@ class SlimOptimizer(torch.optim.Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         if self.fused:
-            _check_fused_devices(items)
+            check_fused_devices(items)
         if self.fused is not False:
             from ..kernels import fused_step  # noqa: PLC0415 (Triton is optional)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .base import SlimOptimizer, StateSpec, check_betas
+from .arguments import check_betas
+from .base import SlimOptimizer, StateSpec
 
 
 def lion_update(w, g, exp_avg, *, lr, beta1, beta2, weight_decay):
