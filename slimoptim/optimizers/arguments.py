@@ -11,8 +11,15 @@ import os
 
 import torch
 
-# torch.optim's implementation keywords, accepted at the value that changes nothing here.
+# torch.optim's implementation keywords, accepted at the value that changes nothing here,
+# and why any other value is refused.
 NEUTRAL_KEYWORDS = {"foreach": (None, False), "capturable": (False,), "differentiable": (False,)}
+_WHY_NOT = {
+    "foreach": "slimoptim has one implementation, chosen by fused= (Triton kernels on CUDA)",
+    "capturable": "the fused CUDA step can be captured in a CUDA graph without it "
+    "(docs/kernels.md)",
+    "differentiable": "the step runs under no_grad on compact storage",
+}
 
 
 def compute_dtype(param: torch.Tensor) -> torch.dtype:
@@ -47,10 +54,8 @@ def check_neutral_keywords(where: str, values: dict) -> None:
         if name in values and not any(values[name] is v for v in neutral):
             allowed = " or ".join(repr(v) for v in neutral)
             raise ValueError(
-                f"{name}={values[name]!r} ({where}) is not supported: slimoptim has one "
-                f"implementation, chosen by fused= (Triton kernels on CUDA, docs/kernels.md); "
-                f"its step is graph-capturable without capturable=True and is not "
-                f"differentiable. Pass {name}={allowed} or leave it out."
+                f"{name}={values[name]!r} ({where}) is not supported: {_WHY_NOT[name]}. "
+                f"Pass {name}={allowed} or leave it out."
             )
 
 
