@@ -200,6 +200,9 @@ def check(opt, state_dict: dict) -> LoadPlan:
     unknown = set(saved) - known
     if unknown:
         _fail(f"state for unknown parameter ids {sorted(unknown, key=str)}.")
+    from .distributed import localize  # noqa: PLC0415  (imports this module)
+
+    saved = localize(opt, pairs, saved)  # FSDP2's sharding-independent form -> local tensors
     for p, group, saved_id in pairs:
         if saved_id in saved:
             _check_state(opt, p, group, saved_id, saved[saved_id])

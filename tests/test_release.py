@@ -323,36 +323,45 @@ def test_ddp_is_rejected_with_a_suggestion():
         dist.destroy_process_group()
 
 
-def test_fsdp2_single_rank_is_bit_identical():
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_fsdp2_single_rank_is_bit_identical(device):
     """FSDP2 runs the hooks of its sharded (DTensor) params after the reduce-scatter."""
     import torch.distributed as dist
 
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
+    if device == "cuda" and not (torch.cuda.is_available() and dist.is_nccl_available()):
+        pytest.skip("needs CUDA and NCCL")
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     seed = new_seed()
     torch.manual_seed(seed)
     layers = (nn.Linear(DIM, 2 * DIM), nn.GELU(), nn.Linear(2 * DIM, DIM))
-    ref_model = slimoptim.cast_model(nn.Sequential(*layers), torch.bfloat16)
+    ref_model = slimoptim.cast_model(nn.Sequential(*layers), torch.bfloat16).to(device)
     model = copy.deepcopy(ref_model)
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    backend = "nccl" if device == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     try:
-        fully_shard(model[0])
-        fully_shard(model[2])
-        fully_shard(model)
+        # An explicit mesh: by default fully_shard picks CUDA where there is one, and the
+        # reference would then be on another device than the sharded model.
+        mesh = init_device_mesh(device, (1,))
+        fully_shard(model[0], mesh=mesh)
+        fully_shard(model[2], mesh=mesh)
+        fully_shard(model, mesh=mesh)
         ref_opt = slimoptim.AdamW(ref_model.parameters(), lr=1e-2)
         opt = slimoptim.AdamW(model.parameters(), lr=1e-2)
         slimoptim.enable_gradient_release(model, opt, bucket_bytes=0)
         gen = torch.Generator().manual_seed(seed)
         for _ in range(3):
-            x = torch.randn(BATCH, DIM, generator=gen).bfloat16()
+            x = torch.randn(BATCH, DIM, generator=gen).bfloat16().to(device)
             ref_model(x).float().square().mean().backward()
             ref_opt.step()
             ref_opt.zero_grad()
             model(x).float().square().mean().backward()
             assert all(p.grad is None for p in model.parameters())
         for a, b in zip(ref_model.parameters(), model.parameters(), strict=True):
+            assert b.to_local().device == a.device
             assert torch.equal(a, b.full_tensor()), f"seed {seed}"
     finally:
         dist.destroy_process_group()

@@ -362,9 +362,11 @@ class SlimOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         """torch's state_dict (native compact tensors) plus a ``slimoptim`` header."""
+        from ..distributed import to_row_form  # noqa: PLC0415  (a higher layer)
         from ..state_io import with_header  # noqa: PLC0415  (state_io imports this module)
 
-        return with_header(self, super().state_dict())
+        # DTensor (FSDP2) states go out in a sharding-independent form DCP can reshard.
+        return to_row_form(self, with_header(self, super().state_dict()))
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a state_dict of this optimizer type and mode, exactly, without casts.
