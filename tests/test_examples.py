@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parents[1]
 # example -> packages it needs beyond slimoptim's own dependencies
 EXAMPLES = {
     "plain_loop.py": [],
+    "accelerate_fsdp2.py": ["accelerate"],  # FSDP2 on GPUs; unsharded on a CPU
     "hf_trainer.py": ["transformers", "accelerate"],  # Trainer needs accelerate
     "lightning_module.py": ["lightning"],
 }
