@@ -136,6 +136,8 @@ def stage_fsdp(rank: int, world: int, workdir: str) -> dict:
     out["init"] = snapshot(model, opt)
     train(model, opt, range(STEPS), rank, world)
     out["straight"] = snapshot(model, opt)
+    masters = sdist.sharded_fp32_state_dict(model, opt)
+    out["fp32_masters"] = {name: full(v) for name, v in masters.items()}
 
     for flatten in (False, True):
         model, opt = fsdp_pair(world)
@@ -149,12 +151,38 @@ def stage_fsdp(rank: int, world: int, workdir: str) -> dict:
         train(model, opt, range(SAVE_AT, STEPS), rank, world)
         out["resumed_flat" if flatten else "resumed"] = snapshot(model, opt)
 
+    out["resumed_full"] = full_state_dict_resume(rank, world, workdir)
+
     model, opt = fsdp_pair(world)
     slimoptim.enable_gradient_release(model, opt, bucket_bytes=0)
     train(model, opt, range(STEPS), rank, world, release=True)
     out["release_grads_freed"] = all(p.grad is None for p in model.parameters())
     out["release"] = snapshot(model, opt)
     return {**out, **stage_reshard(rank, world, workdir)}
+
+
+def full_state_dict_resume(rank: int, world: int, workdir: str) -> dict:
+    """full_state_dict=True: whole tensors in one file (rank 0 writes it), loaded by all."""
+    from torch.distributed.checkpoint import state_dict as dsd
+
+    options = dsd.StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model, opt = fsdp_pair(world)
+    train(model, opt, range(SAVE_AT), rank, world)
+    path = os.path.join(workdir, f"full_w{world}.pt")
+    whole = {
+        "model": dsd.get_model_state_dict(model, options=options),
+        "optim": dsd.get_optimizer_state_dict(model, opt, options=options),
+    }
+    if rank == 0:
+        torch.save(whole, path)
+    dist.barrier()
+    model, opt = fsdp_pair(world, seed=1)
+    whole = torch.load(path)
+    load_options = dsd.StateDictOptions(full_state_dict=True)
+    dsd.set_model_state_dict(model, whole["model"], options=load_options)
+    dsd.set_optimizer_state_dict(model, opt, whole["optim"], options=load_options)
+    train(model, opt, range(SAVE_AT, STEPS), rank, world)
+    return snapshot(model, opt)
 
 
 def stage_reshard(rank: int, world: int, workdir: str) -> dict:

@@ -105,6 +105,20 @@ def test_dcp_resume_is_bit_identical(runs, world):
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
+def test_full_state_dict_resume_is_bit_identical(runs, world):
+    fsdp = runs[world]["fsdp"]
+    assert_same(fsdp["straight"], fsdp["resumed_full"], f"full_state_dict, world {world}")
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_sharded_fp32_state_dict_holds_the_masters(runs, world):
+    fsdp = runs[world]["fsdp"]
+    for name, entry in fsdp["straight"].items():
+        assert fsdp["fp32_masters"][name].dtype == torch.float32
+        assert torch.equal(fsdp["fp32_masters"][name], entry["master"]), name
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
 def test_gradient_release_is_bit_identical_and_frees_sharded_grads(runs, world):
     fsdp = runs[world]["fsdp"]
     assert fsdp["release_grads_freed"]
@@ -212,6 +226,7 @@ def test_ddp_is_bit_identical_to_averaging_the_ranks_gradients(runs):
 # ---------------------------------------------------- conversions, refusals
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP in one process
 def test_fsdp2_checkpoint_to_one_file_and_fp32_weights(runs, tmp_path):
     saved = runs[2]["fsdp"]["at_save"]
     model = worker.build(7)
@@ -235,6 +250,17 @@ def test_fsdp2_checkpoint_to_one_file_and_fp32_weights(runs, tmp_path):
     for name, entry in saved.items():
         assert weights[name].dtype == torch.float32
         assert torch.equal(weights[name], entry["master"]), name
+
+
+def test_full_state_dict_loads_into_an_unsharded_optimizer(runs):
+    whole = torch.load(os.path.join(runs["workdir"], "full_w2.pt"))
+    model = worker.build(9)
+    opt = worker.optimizer(model)
+    model.load_state_dict(whole["model"])
+    opt.load_state_dict(whole["optim"])  # row form, whole tensors: the one shard is all rows
+    for name, p in model.named_parameters():
+        saved = runs[2]["fsdp"]["at_save"][name]
+        assert torch.equal(opt.master_weight(p).view(p.shape), saved["master"]), name
 
 
 def test_dtensor_states_into_an_unsharded_optimizer_are_refused(runs):
