@@ -28,6 +28,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -42,6 +43,7 @@ from slimoptim import demo_data  # noqa: E402
 from slimoptim.demo_model import ByteGPT, ModelSize  # noqa: E402
 
 OUT = ROOT / "benchmarks" / "results" / "fsdp2_gpu"
+CKPT = Path(tempfile.gettempdir()) / "slimoptim_fsdp2_gpu"  # DCP checkpoints (GBs): not in git
 SMALL = ModelSize(layers=12, width=768, heads=12, context=1024, batch=16)  # global batch
 LARGE = ModelSize(layers=30, width=2048, heads=16, context=1024, batch=4)  # per GPU
 STEPS, SAVE_AT, LR = 200, 100, 6e-4
@@ -199,7 +201,7 @@ def part_w1() -> None:
     model = shard(build(size), 1)
     opt = optimizer(model)
     train(model, opt, range(10), 0, 1, size)
-    path = OUT / "ckpt_w1"
+    path = CKPT / "ckpt_w1"
     dcp_save(model, opt, path)
     model = shard(build(size, seed=1), 1)
     opt = optimizer(model)
@@ -227,7 +229,7 @@ def part_fsdp() -> None:
     opt = optimizer(model)
     start = time.perf_counter()
     losses = train(model, opt, range(SAVE_AT), rank, world, SMALL)
-    dcp_save(model, opt, OUT / "ckpt_w2_step100")
+    dcp_save(model, opt, CKPT / "ckpt_w2_step100")
     losses += train(model, opt, range(SAVE_AT, STEPS), rank, world, SMALL)
     result.update(losses=losses, seconds=time.perf_counter() - start)
     straight = local_params(model)
@@ -235,7 +237,7 @@ def part_fsdp() -> None:
 
     model = shard(build(SMALL, seed=1), world)
     opt = optimizer(model)
-    dcp_load(model, opt, OUT / "ckpt_w2_step100")
+    dcp_load(model, opt, CKPT / "ckpt_w2_step100")
     result["resumed_losses"] = train(model, opt, range(SAVE_AT, STEPS), rank, world, SMALL)
     result["resume_bit_identical"] = all_ranks(same(straight, local_params(model)))
     del model, opt
@@ -253,7 +255,7 @@ def part_reshard1() -> None:
     rank, world = init()
     model = shard(build(SMALL, seed=1), world)
     opt = optimizer(model)
-    dcp_load(model, opt, OUT / "ckpt_w2_step100")
+    dcp_load(model, opt, CKPT / "ckpt_w2_step100")
     losses = train(model, opt, range(SAVE_AT, STEPS), rank, world, SMALL)
     write("reshard1", {"world": world, "losses": losses})
     dist.destroy_process_group()
