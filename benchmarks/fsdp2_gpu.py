@@ -325,11 +325,11 @@ def part_memory() -> None:
 # ------------------------------------------------------------------ driver
 
 
-def launch(part: str, gpus: int, script: str = __file__) -> int:
+def launch(part: str, gpus: int, script: str = __file__, torchrun: bool = False) -> int:
     """Run ``script part`` on ``gpus`` GPUs (torchrun for more than one); its exit code."""
     env = {**os.environ, **SAFE_ENV, "PYTHONPATH": str(ROOT)}
     args = [script, part] if part else [script]
-    if gpus == 1:
+    if gpus == 1 and not torchrun:
         cmd = [sys.executable, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
@@ -345,8 +345,8 @@ def run_checks(gpus: int) -> dict:
     print("$", " ".join(test), flush=True)
     codes = {"pytest_release_fsdp2": subprocess.run(test, env=env, cwd=ROOT).returncode}
     example = str(ROOT / "examples" / "accelerate_fsdp2.py")
-    for n in sorted({1, min(gpus, 2)}):
-        codes[f"accelerate_fsdp2_example_{n}gpu"] = launch("", n, example)
+    for n in sorted({1, min(gpus, 2)}):  # torchrun: Accelerate shards only when launched
+        codes[f"accelerate_fsdp2_example_{n}gpu"] = launch("", n, example, torchrun=True)
     return codes
 
 

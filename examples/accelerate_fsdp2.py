@@ -1,11 +1,11 @@
 """slimoptim with Hugging Face Accelerate and FSDP2, checkpointed with save_state/load_state.
 
-On GPUs, run it with one process per GPU (``accelerate launch --num_processes N
-examples/accelerate_fsdp2.py``, ``torchrun --nproc-per-node N ...``, or plain ``python``
-for one GPU): Accelerate shards the model with FSDP2 (``fsdp_version=2``) and slimoptim
-steps each rank's shard; ``save_state``/``load_state`` go through
-``torch.distributed.checkpoint`` and resume bit for bit (the script checks). Accelerate
-enables FSDP only on accelerators: on a CPU the same script trains unsharded.
+On GPUs, launch it with one process per GPU (``accelerate launch --num_processes N
+examples/accelerate_fsdp2.py`` or ``torchrun --nproc-per-node N ...``, also for N = 1):
+Accelerate shards the model with FSDP2 (``fsdp_version=2``) and slimoptim steps each
+rank's shard; ``save_state``/``load_state`` go through ``torch.distributed.checkpoint``
+and resume bit for bit (the script checks). Accelerate shards only when launched so and
+only on accelerators: under plain ``python``, or on a CPU, the script trains unsharded.
 
 The changes from a torch.optim script: cast the model to bf16 with ``slimoptim.cast_model``
 and build ``slimoptim.AdamW`` before ``accelerator.prepare`` (Accelerate swaps in the

@@ -158,13 +158,16 @@ def test_training_continues_after_a_reshard(runs, source, target):
         continued = runs["reshard_to_1"][f"continued_w{source}"]
     else:
         continued = runs[target]["fsdp"][f"continued_w{source}"]
-    straight = runs[source]["fsdp"]["straight"]
-    assert relative_gap(straight, continued, runs[source]["fsdp"]["init"]) < 0.1
+    straight, init = runs[source]["fsdp"]["straight"], runs[source]["fsdp"]["init"]
+    # As close to the uninterrupted run as a run at the target world size from the start
+    # (within a factor of 2): the reshard itself adds no error of its own size.
+    native = relative_gap(straight, runs[target]["fsdp"]["straight"], init)
+    assert relative_gap(straight, continued, init) < max(2 * native, 0.05)
 
 
-def test_world_sizes_differ_by_little(runs):
-    """Measured in docs/distributed.md: groups restart at each shard and the stochastic
-    rounding is indexed per shard, so runs differ across world sizes, by little."""
+@pytest.fixture(scope="module")
+def format_gap(runs) -> float:
+    """slimoptim's own gap (world size 1) to float32 torch.optim.AdamW on the same data."""
     init, one = runs[1]["fsdp"]["init"], runs[1]["fsdp"]["straight"]
     ref = torch.nn.Sequential(*copy.deepcopy(list(worker.build(0).float())))
     torch_opt = torch.optim.AdamW(ref.parameters(), lr=1e-2)
@@ -172,13 +175,19 @@ def test_world_sizes_differ_by_little(runs):
         ref(worker.batch(step, 0, 1, torch.float32)).square().mean().backward()
         torch_opt.step()
         torch_opt.zero_grad()
-    torch_run = {n: {"master": p.detach()} for n, p in ref.named_parameters()}
+    return relative_gap(one, {n: {"master": p.detach()} for n, p in ref.named_parameters()}, init)
+
+
+def test_world_sizes_differ_by_little(runs, format_gap):
+    """Measured in docs/distributed.md: groups restart at each shard and the stochastic
+    rounding is indexed per shard, so runs differ across world sizes, by little."""
+    init, one = runs[1]["fsdp"]["init"], runs[1]["fsdp"]["straight"]
     gaps = {w: relative_gap(one, runs[w]["fsdp"]["straight"], init) for w in (2, 3)}
-    gaps["torch_fp32"] = relative_gap(one, torch_run, init)
+    gaps["torch_fp32"] = format_gap
     print(f"\nrelative gap to world size 1 after {worker.STEPS} steps (seed {SEED}): {gaps}")
     # Sharding moves the result by no more than the 8-bit format itself does (its gap
     # to float32 torch.optim.AdamW), within a factor of 2; a mixed-up shard would be ~1.
-    bound = max(2 * gaps["torch_fp32"], 0.1)
+    bound = max(2 * format_gap, 0.1)
     assert gaps[2] < bound and gaps[3] < bound
     assert gaps[2] > 0 and gaps[3] > 0  # not identical: documented
 
@@ -190,11 +199,11 @@ def test_empty_shard_holds_empty_states(runs):
     assert fsdp["straight"]["5.weight"]["master"].shape == (2, 5)
 
 
-def test_mixed_precision_policies(runs):
+def test_mixed_precision_policies(runs, format_gap):
     mp = runs[2]["mixed_precision"]
-    init, reference = runs[1]["fsdp"]["init"], runs[1]["fsdp"]["straight"]
+    init, reference = runs[2]["fsdp"]["init"], runs[2]["fsdp"]["straight"]
     for name in ("fp32_params_bf16_compute", "bf16_params_fp32_reduce"):
-        assert relative_gap(reference, mp[name], init) < 0.15, name
+        assert relative_gap(reference, mp[name], init) < max(2 * format_gap, 0.1), name
     for entry in mp["fp32_params_bf16_compute"].values():
         assert entry["param"].dtype == torch.float32
         assert torch.equal(entry["param"], entry["master"])  # fp32 params: no correction
@@ -245,7 +254,9 @@ def test_fsdp2_checkpoint_to_one_file_and_fp32_weights(runs, tmp_path):
     continued = {
         n: {"master": fresh_opt.master_weight(p).view(p.shape)} for n, p in fresh.named_parameters()
     }
-    assert relative_gap(straight, continued, runs[2]["fsdp"]["init"]) < 0.1
+    init = runs[2]["fsdp"]["init"]
+    native = relative_gap(straight, runs[1]["fsdp"]["straight"], init)  # as in the reshard test
+    assert relative_gap(straight, continued, init) < max(2 * native, 0.05)
     weights = safetensors.torch.load_file(tmp_path / "fp32.safetensors")
     for name, entry in saved.items():
         assert weights[name].dtype == torch.float32
