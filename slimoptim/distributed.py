@@ -295,6 +295,11 @@ def flat_state(opt, p: torch.Tensor, group: dict, saved_id, saved_state: dict) -
             continue
         table = local[spec.scale_name]
         phase = _phases(table).to(own_phase.device)
+        if phase.numel() and not bool(((phase >= 0) & (phase < size)).all()):
+            _fail(
+                f"state '{spec.scale_name}' of parameter {saved_id!r} holds group phases outside "
+                f"[0, {size}): it was not written by slimoptim with group_size={size}."
+            )
         if torch.equal(phase, own_phase):  # same groups: exact
             local[spec.scale_name] = _gathered_scales(table, phase, n_rows, cols, size)
         elif spec.name in local:

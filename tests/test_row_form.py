@@ -82,3 +82,24 @@ def test_phase_digits_are_exact_up_to_the_largest_group():
     scale = torch.rand(3).to(torch.bfloat16)
     table = sdist._scale_table(scale, n_rows=3, cols=size - 1, size=size)
     assert torch.equal(sdist._phases(table), torch.tensor([0, size - 1, size - 2]))
+
+
+def test_a_table_with_impossible_phases_is_refused():
+    """Loading checks the phases before decoding with them; the optimizer is left as it was."""
+    import copy
+
+    import slimoptim
+    from slimoptim.state_io import CheckpointError
+
+    model = torch.nn.Linear(7, 5).bfloat16()
+    opt = slimoptim.AdamW(model.parameters(), lr=1e-2, group_size=4)
+    model(torch.randn(3, 7).bfloat16()).float().sum().backward()
+    opt.step()
+    with sdist.row_form(opt):
+        sd = copy.deepcopy(opt.state_dict())
+    before = copy.deepcopy(opt.state_dict())
+    sd["state"][0]["exp_avg_scale"][1, 1] = 9.0  # phase 9 in groups of 4
+    with pytest.raises(CheckpointError, match=r"phases outside \[0, 4\)"):
+        opt.load_state_dict(sd)
+    for key, value in before["state"][0].items():
+        assert torch.equal(value, opt.state_dict()["state"][0][key])
