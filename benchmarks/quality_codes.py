@@ -1,0 +1,185 @@
+"""State-code study: 8-bit codes measured on the real AdamW states of a training run.
+
+During the fp32 reference run (torch AdamW on float32 weights), its float32
+``exp_avg`` / ``exp_avg_sq`` are the shadow states: every N steps each 8-bit
+format encodes and decodes them, and we measure
+
+* the normalised error ``||decoded - x|| / ||x||`` of momentum and variance,
+* the normalised error of the AdamW update built from the decoded states,
+* on heavy-tailed groups (32 values whose largest and smallest v differ by more
+  than 1e4), the largest ``|update| / lr`` (the float32 states' own largest
+  value is the yardstick) and how many elements' decoded v is 0 while their
+  decoded momentum is not (the update is then ``m / eps``).
+
+Formats, all with groups of 32:
+
+* ``slimoptim``: the library's codes (``slimoptim.formats``): signed square-root
+  momentum and logarithmic variance, bf16 scales, stochastic rounding, and the
+  floor on the decoded sqrt(v) that the optimizer applies.
+* ``linear``: absmax-scaled int8 momentum and max-scaled uint8 variance, float32
+  scales, round to nearest (the plain 8-bit baseline).
+* ``flashoptim``: the published format as shared/design/NUMERICS.md describes it:
+  softsign-companded int8 momentum ``y = 2x / (1 + |x|)``, uint8 of sqrt(v) linear
+  below the group max, fp16 scales, round to nearest. Written here from that
+  description; it is not the flashoptim package.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from slimoptim import formats
+
+GROUP = 32
+HEAVY_RATIO = 1e4  # max v / min v within a group above which the group is heavy-tailed
+FORMATS = ("slimoptim", "linear", "flashoptim")
+
+
+# ------------------------------------------------------------ the three codes
+
+
+def _groupwise(x: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+    return formats.group_view(x, GROUP, fill)
+
+
+def _broadcast(per_group: torch.Tensor, numel: int) -> torch.Tensor:
+    return formats.per_element(per_group, GROUP, numel)
+
+
+def _divide_or_zero(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x / scale, 0 where the scale is 0 (a flushed fp16 scale loses its group)."""
+    ok = scale > 0
+    return torch.where(ok, x / torch.where(ok, scale, 1.0), 0.0)
+
+
+def slimoptim_codes(m: torch.Tensor, v: torch.Tensor, step: int):
+    """Decoded (m, v, floor on sqrt(v)) through slimoptim's own formats and dithers."""
+    noise_m, noise_v = formats.dither(m.numel(), torch.tensor(float(step)), m.device)
+    code, scale = formats.quantize_momentum(m, GROUP, noise_m)
+    m_hat = formats.dequantize_momentum(code, scale, GROUP)
+    code, scale = formats.quantize_variance(v, GROUP, noise_v)
+    v_hat = formats.dequantize_variance(code, scale, GROUP)
+    return m_hat, v_hat, formats.variance_floor(scale, GROUP, v.numel())
+
+
+def linear_codes(m: torch.Tensor, v: torch.Tensor, step: int):
+    n = m.numel()
+    m_scale = _broadcast(_groupwise(m.abs()).amax(1), n)
+    m_hat = torch.round(_divide_or_zero(m, m_scale) * 127) / 127 * m_scale
+    v_scale = _broadcast(_groupwise(v).amax(1), n)
+    v_hat = torch.round(_divide_or_zero(v, v_scale) * 255) / 255 * v_scale
+    return m_hat, v_hat, None
+
+
+def _fp16_scale(group_max: torch.Tensor, numel: int) -> torch.Tensor:
+    # Stored in float16: values under 6e-8 flush to 0, values over 65504 become inf.
+    return _broadcast(group_max.to(torch.float16).float(), numel)
+
+
+def flashoptim_codes(m: torch.Tensor, v: torch.Tensor, step: int):
+    n = m.numel()
+    m_scale = _fp16_scale(_groupwise(m.abs()).amax(1), n)
+    x = torch.clamp(_divide_or_zero(m, m_scale), -1, 1)
+    y = torch.round(2 * x / (1 + x.abs()) * 127) / 127
+    m_hat = y / (2 - y.abs()) * m_scale
+    root = v.sqrt()
+    v_scale = _fp16_scale(_groupwise(root).amax(1), n)
+    r = torch.round(torch.clamp(_divide_or_zero(root, v_scale), 0, 1) * 255) / 255
+    v_hat = (r * v_scale) ** 2
+    # An inf scale decodes to inf * 0 = nan: that state is lost, count it as 0.
+    return torch.nan_to_num(m_hat), torch.nan_to_num(v_hat), None
+
+
+CODECS = {"slimoptim": slimoptim_codes, "linear": linear_codes, "flashoptim": flashoptim_codes}
+
+
+# ------------------------------------------------------------ the measurement
+
+
+def adam_direction(m, v, *, step: int, beta1: float, beta2: float, eps: float, floor=None):
+    """``update / lr`` of AdamW without weight decay: m_hat / (sqrt(v_hat) + eps)."""
+    root = v.sqrt()
+    if floor is not None:
+        root = torch.maximum(root, floor)
+    bias1 = 1 - beta1**step
+    bias2 = 1 - beta2**step
+    return (m / bias1) / (root / bias2**0.5 + eps)
+
+
+def heavy_groups(v: torch.Tensor) -> torch.Tensor:
+    """Per element: does its group's v span more than HEAVY_RATIO (zeros count as 0)?"""
+    groups = _groupwise(v, fill=float("nan"))
+    top = groups.nan_to_num(-1.0).amax(1)
+    bottom = groups.nan_to_num(float("inf")).amin(1)
+    heavy = (top > 0) & (top > bottom * HEAVY_RATIO)
+    return _broadcast(heavy, v.numel())
+
+
+class Accumulator:
+    """Sums over tensors for the normalised errors and maxima of one measurement."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.maxima: dict[str, float] = {}
+
+    def add(self, key: str, value: torch.Tensor) -> None:
+        self.sums[key] = self.sums.get(key, 0.0) + float(value)
+
+    def top(self, key: str, value: torch.Tensor) -> None:
+        self.maxima[key] = max(self.maxima.get(key, 0.0), float(value))
+
+    def ratio(self, num: str, den: str) -> float:
+        den_value = self.sums.get(den, 0.0)
+        return self.sums.get(num, 0.0) / den_value if den_value > 0 else 0.0
+
+
+@torch.no_grad()
+def measure_adamw_states(optimizer: torch.optim.Optimizer, step: int) -> dict:
+    """Errors of every format on the float32 AdamW states ``optimizer`` holds now."""
+    acc = Accumulator()
+    for group in optimizer.param_groups:
+        beta1, beta2 = group["betas"]
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            if "exp_avg" not in state:
+                continue
+            m = state["exp_avg"].detach().float().reshape(-1)
+            v = state["exp_avg_sq"].detach().float().reshape(-1)
+            hyper = dict(step=step, beta1=beta1, beta2=beta2, eps=group["eps"])
+            exact = adam_direction(m, v, **hyper)
+            heavy = heavy_groups(v)
+            acc.add("m_norm", m.square().sum())
+            acc.add("v_norm", v.square().sum())
+            acc.add("u_norm", exact.square().sum())
+            acc.add("elements", m.numel())
+            acc.add("heavy_elements", heavy.sum())
+            acc.top("fp32_max_update", exact.abs().max())
+            acc.top("fp32_max_update_heavy", torch.where(heavy, exact.abs(), 0.0).max())
+            for name, codec in CODECS.items():
+                m_hat, v_hat, floor = codec(m, v, step)
+                update = adam_direction(m_hat, v_hat, floor=floor, **hyper)
+                acc.add(f"{name}_m_err", (m_hat - m).square().sum())
+                acc.add(f"{name}_v_err", (v_hat - v).square().sum())
+                acc.add(f"{name}_u_err", (update - exact).square().sum())
+                acc.add(f"{name}_zero_v", ((v_hat == 0) & (m_hat != 0)).sum())
+                acc.top(f"{name}_max_update", update.abs().max())
+                acc.top(f"{name}_max_update_heavy", torch.where(heavy, update.abs(), 0.0).max())
+    out = {
+        "step": step,
+        "elements": int(acc.sums.get("elements", 0)),
+        "heavy_group_fraction": acc.ratio("heavy_elements", "elements"),
+        "fp32": {
+            "max_update_over_lr": acc.maxima.get("fp32_max_update", 0.0),
+            "max_update_over_lr_heavy": acc.maxima.get("fp32_max_update_heavy", 0.0),
+        },
+    }
+    for name in FORMATS:
+        out[name] = {
+            "momentum_error": acc.ratio(f"{name}_m_err", "m_norm") ** 0.5,
+            "variance_error": acc.ratio(f"{name}_v_err", "v_norm") ** 0.5,
+            "update_error": acc.ratio(f"{name}_u_err", "u_norm") ** 0.5,
+            "zero_v_nonzero_m": int(acc.sums.get(f"{name}_zero_v", 0)),
+            "max_update_over_lr": acc.maxima.get(f"{name}_max_update", 0.0),
+            "max_update_over_lr_heavy": acc.maxima.get(f"{name}_max_update_heavy", 0.0),
+        }
+    return out
