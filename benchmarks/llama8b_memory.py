@@ -39,8 +39,11 @@ from pathlib import Path
 
 import torch
 
-import slimoptim
-from slimoptim import plan
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # this checkout's slimoptim first
+
+import slimoptim  # noqa: E402
+from slimoptim import plan  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GB = 1e9

@@ -37,15 +37,17 @@ from pathlib import Path
 
 import torch
 
-import slimoptim
-from slimoptim.demo import lr_factor, resolve_device, seed_everything
-from slimoptim.demo_data import load_corpus, random_windows
-from slimoptim.demo_model import ByteGPT
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # this checkout's slimoptim first
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_codes  # noqa: E402  (benchmarks/ is not a package)
 import quality_report  # noqa: E402
 import quality_runs as Q  # noqa: E402
+
+import slimoptim  # noqa: E402
+from slimoptim.demo import lr_factor, resolve_device, seed_everything  # noqa: E402
+from slimoptim.demo_data import load_corpus, random_windows  # noqa: E402
+from slimoptim.demo_model import ByteGPT  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EVAL_POINTS = 12
@@ -206,6 +208,7 @@ def environment(device) -> dict:
         "torch": torch.__version__,
         "triton": triton_version,
         "python": platform.python_version(),
+        "slimoptim": str(Path(slimoptim.__file__).parent),
         "commit": commit.stdout.strip() or None,
         "commit_dirty": bool(dirty.stdout.strip()),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

@@ -30,10 +30,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import slimoptim
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # this checkout's slimoptim first
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_report  # noqa: E402
+
+import slimoptim  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HYPER = {
