@@ -282,34 +282,6 @@ def main(argv=None) -> dict:
         f"fine-tuning {args.finetune_steps} steps; {len(plan)} runs planned"
         + (f", budget {args.budget_s:.0f} s" if args.budget_s else "")
     )
-    env = environment(device)
-    started, measured, results, skipped = time.perf_counter(), {}, [], []
-    probed = False
-    for run, seed in plan:
-        steps = args.finetune_steps if run.finetune else args.steps
-        estimate = estimate_seconds(run, steps, measured)
-        elapsed = time.perf_counter() - started
-        if args.budget_s and estimate is not None and elapsed + estimate > args.budget_s:
-            skipped.append(f"{run.name} seed {seed} (needs ~{estimate:.0f} s)")
-            print(f"  skip {run.name} seed {seed}: ~{estimate:.0f} s would pass the budget")
-            continue
-        probe = run.name == "adamw_fp32" and not probed
-        probed |= probe
-        run_start = time.perf_counter()
-        result = study.train(run, seed, probe=probe)
-        wall = time.perf_counter() - run_start
-        kind = (run.optimizer, run.library, run.param_dtype, run.master_weight_bits, run.state_bits)
-        measured[kind] = wall / steps
-        results.append(result | {"wall_seconds": wall, "environment": env})
-        extra = f", improvement {result['improvement']:+.4f}" if run.finetune else ""
-        print(
-            f"  {run.label:<48} seed {seed}: val loss {result['final_validation_loss']:.4f}"
-            f"{extra} ({result['seconds_per_step'] * 1e3:.1f} ms/step, {wall:.0f} s)",
-            flush=True,
-        )
-    total = time.perf_counter() - started
-    print(f"ran {len(results)} runs in {total:.0f} s; skipped {len(skipped)}: {skipped or '-'}")
-
     settings = {
         "size": args.size,
         "model": size.as_dict() | {"num_params": params},
@@ -322,10 +294,43 @@ def main(argv=None) -> dict:
     }
     out = args.out or RESULTS / f"quality_{args.size}_{device.type}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    summary = merge_results(out, settings, results)
-    summary["environment"] = env
-    summary["last_invocation"] = {"argv": sys.argv[1:], "seconds": total, "skipped": skipped}
-    out.write_text(json.dumps(summary, indent=1) + "\n")
+    env = environment(device)
+    invocation = {"argv": sys.argv[1:] if argv is None else argv, "skipped": []}
+    started, measured, summary = time.perf_counter(), {}, None
+    probed = False
+    for run, seed in plan:
+        steps = args.finetune_steps if run.finetune else args.steps
+        estimate = estimate_seconds(run, steps, measured)
+        elapsed = time.perf_counter() - started
+        if args.budget_s and estimate is not None and elapsed + estimate > args.budget_s:
+            invocation["skipped"].append(f"{run.name} seed {seed} (needs ~{estimate:.0f} s)")
+            print(f"  skip {run.name} seed {seed}: ~{estimate:.0f} s would pass the budget")
+            continue
+        probe = run.name == "adamw_fp32" and not probed
+        probed |= probe
+        run_start = time.perf_counter()
+        result = study.train(run, seed, probe=probe)
+        wall = time.perf_counter() - run_start
+        kind = (run.optimizer, run.library, run.param_dtype, run.master_weight_bits, run.state_bits)
+        measured[kind] = wall / steps
+        # Saved after every run: a run cut short by a time limit keeps what it finished.
+        summary = merge_results(
+            out, settings, [result | {"wall_seconds": wall, "environment": env}]
+        )
+        invocation["seconds"] = time.perf_counter() - started
+        summary |= {"environment": env, "last_invocation": invocation}
+        out.write_text(json.dumps(summary, indent=1) + "\n")
+        extra = f", improvement {result['improvement']:+.4f}" if run.finetune else ""
+        print(
+            f"  {run.label:<48} seed {seed}: val loss {result['final_validation_loss']:.4f}"
+            f"{extra} ({result['seconds_per_step'] * 1e3:.1f} ms/step, {wall:.0f} s)",
+            flush=True,
+        )
+    total = time.perf_counter() - started
+    skipped = invocation["skipped"]
+    print(f"ran for {total:.0f} s; skipped {len(skipped)}: {skipped or '-'}")
+    if summary is None:
+        return {}
     print(f"results: {out}")
     if not args.no_report:
         for path in quality_report.write_report(out, args.plots):

@@ -20,7 +20,7 @@ SIZES = {
     "small": ModelSize(layers=12, width=768, heads=12, context=512, batch=16),
 }
 EVAL_BATCHES = {"tiny": 1, "cpu": 8, "small": 32}  # fixed validation windows, batch-sized
-DEFAULT_STEPS = {"tiny": 20, "cpu": 250, "small": 1200}
+DEFAULT_STEPS = {"tiny": 20, "cpu": 200, "small": 1200}
 DEFAULT_FINETUNE_STEPS = {"tiny": 10, "cpu": 100, "small": 300}
 GRAD_CLIP = 1.0
 FINETUNE_LR = 1e-5
