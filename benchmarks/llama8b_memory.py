@@ -209,6 +209,10 @@ def worker(args) -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb * GB / total), device)
     try:
         result |= train_steps(args.worker, args, device)
+        peak = result["peak_allocated_bytes"]
+        if args.cap_gb and peak is not None and peak > args.cap_gb * GB:
+            # The allocator did not hold the cap: do not call this a fit.
+            result |= {"fits": None, "error": f"peak {peak / GB:.1f} GB above the cap"}
     except torch.OutOfMemoryError as error:
         result |= {"fits": False, "error": str(error).split("\n")[0][:300]}
         if device.type == "cuda":

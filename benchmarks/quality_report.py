@@ -41,12 +41,13 @@ def by_name(results: dict) -> dict[str, list[dict]]:
     return out
 
 
-def compare(reference: list[float], other: list[float], finetune: bool, what="val loss") -> str:
-    """Verdict of ``other`` against ``reference``: relative gap, seed noise, 0.5% target.
+def compare(reference: dict, other: dict, finetune: bool, what: str = "val loss") -> str:
+    """Verdict of ``other`` against ``reference`` ({seed: value}): relative gap, seed noise
+    (unpaired, and paired over the seeds both ran: same init, same batches), 0.5% target.
 
     For fine-tuning the values are loss improvements (higher is better), else losses."""
-    ref_mean, ref_std = mean_std(reference)
-    mean, std = mean_std(other)
+    ref_mean, ref_std = mean_std(list(reference.values()))
+    mean, std = mean_std(list(other.values()))
     gap = mean - ref_mean
     if finetune:
         relative = mean / ref_mean - 1 if ref_mean else float("nan")
@@ -60,6 +61,10 @@ def compare(reference: list[float], other: list[float], finetune: bool, what="va
         noise_text = f"{within} seed noise (|gap| {abs(gap):.4f} vs 2 s.e. {2 * noise:.4f})"
     else:
         noise_text = "seed noise unknown (one seed)"
+    shared = sorted(set(reference) & set(other))
+    if len(shared) > 1:
+        paired_mean, paired_std = mean_std([other[s] - reference[s] for s in shared])
+        noise_text += f"; paired gap {paired_mean:+.4f} ± {paired_std:.4f} (n={len(shared)})"
     worse = -relative if finetune else relative
     if abs(relative) <= TARGET_RELATIVE:
         target = "within the 0.5% target"
@@ -95,10 +100,10 @@ def family_table(family: str, runs: dict[str, list[dict]]) -> list[str]:
         )
     lines.append("")
     if reference:
-        ref_values = [_metric(r) for r in runs[reference]]
+        ref_values = {r["seed"]: _metric(r) for r in runs[reference]}
         for name in names:
             if name != reference:
-                values = [_metric(r) for r in runs[name]]
+                values = {r["seed"]: _metric(r) for r in runs[name]}
                 verdict = compare(ref_values, values, finetune)
                 lines.append(f"- {runs[name][0]['run']['label']}: {verdict}.")
         lines.append("")

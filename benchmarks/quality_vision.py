@@ -164,10 +164,11 @@ def report(summary: dict, md: Path, plot: Path | None) -> None:
         )
     lines.append("")
     for family in ("sgd", "adamw"):
-        ref = [r["test_loss"] for r in by_name.get(f"{family}_fp32", [])]
+        ref = {r["seed"]: r["test_loss"] for r in by_name.get(f"{family}_fp32", [])}
         for name, runs in by_name.items():
             if name.startswith(family) and name != f"{family}_fp32" and ref:
-                verdict = quality_report.compare(ref, [r["test_loss"] for r in runs], False, "loss")
+                values = {r["seed"]: r["test_loss"] for r in runs}
+                verdict = quality_report.compare(ref, values, False, "loss")
                 lines.append(f"- {runs[0]['run']['label']}: test {verdict}.")
     md.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
