@@ -53,7 +53,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 EVAL_POINTS = 12
 
 
-def build_optimizer(run: Q.Run, model: torch.nn.Module, hyper: dict):
+def build_optimizer(run: Q.Run, model: torch.nn.Module, hyper: dict, fused: bool | None = None):
     # Weight decay on matrices only, as GPT-2 training does.
     params = list(model.parameters())
     groups = [
@@ -65,9 +65,8 @@ def build_optimizer(run: Q.Run, model: torch.nn.Module, hyper: dict):
             return torch.optim.SGD(groups, **hyper)
         return torch.optim.AdamW(groups, **hyper, fused=True if params[0].is_cuda else None)
     cls = getattr(slimoptim, Q.OPTIMIZER_CLASSES[run.optimizer])
-    return cls(
-        groups, **hyper, master_weight_bits=run.master_weight_bits, state_bits=run.state_bits
-    )
+    bits = dict(master_weight_bits=run.master_weight_bits, state_bits=run.state_bits)
+    return cls(groups, **hyper, **bits, fused=fused)
 
 
 def load_start(run: Q.Run, model, optimizer, state_dict: dict) -> None:
@@ -120,7 +119,7 @@ class Study:
         if run.param_dtype == "bfloat16":
             slimoptim.cast_model(model)
         model.to(device)
-        optimizer = build_optimizer(run, model, hyper)
+        optimizer = build_optimizer(run, model, hyper, args.fused)
         if run.finetune:
             load_start(run, model, optimizer, self.pretrained)
             schedule = None  # constant lr
@@ -248,6 +247,12 @@ def parse_args(argv=None):
     parser.add_argument("--code-every", type=int, help="state-code measurement period (steps)")
     parser.add_argument("--budget-s", type=float, help="skip runs that would end past this")
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument(
+        "--fused",
+        action="store_true",
+        default=None,
+        help="force slimoptim's Triton kernels (on the CPU only with TRITON_INTERPRET=1)",
+    )
     parser.add_argument("--out", type=Path, help="results JSON (default benchmarks/results/)")
     parser.add_argument("--plots", type=Path, default=quality_report.PLOTS, help="plot folder")
     parser.add_argument("--no-report", action="store_true", help="skip tables and plots")
