@@ -4,7 +4,9 @@ During the fp32 reference run (torch AdamW on float32 weights), its float32
 ``exp_avg`` / ``exp_avg_sq`` are the shadow states: every N steps each 8-bit
 format encodes and decodes them, and we measure
 
-* the normalised error ``||decoded - x|| / ||x||`` of momentum and variance,
+* the normalised error ``||decoded - x|| / ||x||`` of momentum and variance (set by
+  the large elements) and the median per-element relative error (set by the typical,
+  small ones),
 * the normalised error of the AdamW update built from the decoded states,
 * on heavy-tailed groups (32 values whose largest and smallest v differ by more
   than 1e4), the largest ``|update| / lr`` (the float32 states' own largest
@@ -16,6 +18,7 @@ Formats, all with groups of 32:
 * ``slimoptim``: the library's codes (``slimoptim.formats``): signed square-root
   momentum and logarithmic variance, bf16 scales, stochastic rounding, and the
   floor on the decoded sqrt(v) that the optimizer applies.
+* ``slimoptim_nearest``: the same codes rounded to nearest (for comparison only).
 * ``linear``: absmax-scaled int8 momentum and max-scaled uint8 variance, float32
   scales, round to nearest (the plain 8-bit baseline).
 * ``flashoptim``: the published format as shared/design/NUMERICS.md describes it:
@@ -32,7 +35,7 @@ from slimoptim import formats
 
 GROUP = 32
 HEAVY_RATIO = 1e4  # max v / min v within a group above which the group is heavy-tailed
-FORMATS = ("slimoptim", "linear", "flashoptim")
+FORMATS = ("slimoptim", "slimoptim_nearest", "linear", "flashoptim")
 
 
 # ------------------------------------------------------------ the three codes
@@ -52,9 +55,15 @@ def _divide_or_zero(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, x / torch.where(ok, scale, 1.0), 0.0)
 
 
-def slimoptim_codes(m: torch.Tensor, v: torch.Tensor, step: int):
-    """Decoded (m, v, floor on sqrt(v)) through slimoptim's own formats and dithers."""
+def slimoptim_codes(m: torch.Tensor, v: torch.Tensor, step: int, nearest: bool = False):
+    """Decoded (m, v, floor on sqrt(v)) through slimoptim's own formats and dithers.
+
+    ``nearest`` rounds to the nearest level instead (not what the optimizer does): it
+    shows how much of one snapshot's error is the stochastic rounding, whose errors
+    average out over steps instead of accumulating."""
     noise_m, noise_v = formats.dither(m.numel(), torch.tensor(float(step)), m.device)
+    if nearest:
+        noise_m, noise_v = torch.full_like(noise_m, formats.DITHER_LEVELS / 2), None
     code, scale = formats.quantize_momentum(m, GROUP, noise_m)
     m_hat = formats.dequantize_momentum(code, scale, GROUP)
     code, scale = formats.quantize_variance(v, GROUP, noise_v)
@@ -90,7 +99,13 @@ def flashoptim_codes(m: torch.Tensor, v: torch.Tensor, step: int):
     return torch.nan_to_num(m_hat), torch.nan_to_num(v_hat), None
 
 
-CODECS = {"slimoptim": slimoptim_codes, "linear": linear_codes, "flashoptim": flashoptim_codes}
+CODECS = {
+    "slimoptim": slimoptim_codes,
+    "slimoptim_nearest": lambda m, v, step: slimoptim_codes(m, v, step, nearest=True),
+    "linear": linear_codes,
+    "flashoptim": flashoptim_codes,
+}
+MEDIAN_SAMPLE = 1 << 24  # elements kept for the median relative errors (a strided sample)
 
 
 # ------------------------------------------------------------ the measurement
@@ -116,11 +131,23 @@ def heavy_groups(v: torch.Tensor) -> torch.Tensor:
 
 
 class Accumulator:
-    """Sums over tensors for the normalised errors and maxima of one measurement."""
+    """Sums over tensors for the normalised errors, maxima and medians of one measurement."""
 
     def __init__(self):
         self.sums: dict[str, float] = {}
         self.maxima: dict[str, float] = {}
+        self.samples: dict[str, list[torch.Tensor]] = {}
+
+    def relative(self, key: str, decoded: torch.Tensor, exact: torch.Tensor) -> None:
+        """Keep |decoded - exact| / |exact| of the non-zero elements for a median."""
+        nonzero = exact != 0
+        error = ((decoded - exact).abs() / exact.abs())[nonzero]
+        self.samples.setdefault(key, []).append(error)
+
+    def median(self, key: str) -> float:
+        errors = torch.cat(self.samples.pop(key, [torch.zeros(1)]))
+        stride = max(1, errors.numel() // MEDIAN_SAMPLE)
+        return errors[::stride].median().item()
 
     def add(self, key: str, value: torch.Tensor) -> None:
         self.sums[key] = self.sums.get(key, 0.0) + float(value)
@@ -158,6 +185,8 @@ def measure_adamw_states(optimizer: torch.optim.Optimizer, step: int) -> dict:
             for name, codec in CODECS.items():
                 m_hat, v_hat, floor = codec(m, v, step)
                 update = adam_direction(m_hat, v_hat, floor=floor, **hyper)
+                acc.relative(f"{name}_m_rel", m_hat, m)
+                acc.relative(f"{name}_v_rel", v_hat, v)
                 acc.add(f"{name}_m_err", (m_hat - m).square().sum())
                 acc.add(f"{name}_v_err", (v_hat - v).square().sum())
                 acc.add(f"{name}_u_err", (update - exact).square().sum())
@@ -176,6 +205,8 @@ def measure_adamw_states(optimizer: torch.optim.Optimizer, step: int) -> dict:
     for name in FORMATS:
         out[name] = {
             "momentum_error": acc.ratio(f"{name}_m_err", "m_norm") ** 0.5,
+            "momentum_median_relative_error": acc.median(f"{name}_m_rel"),
+            "variance_median_relative_error": acc.median(f"{name}_v_rel"),
             "variance_error": acc.ratio(f"{name}_v_err", "v_norm") ** 0.5,
             "update_error": acc.ratio(f"{name}_u_err", "u_norm") ** 0.5,
             "zero_v_nonzero_m": int(acc.sums.get(f"{name}_zero_v", 0)),

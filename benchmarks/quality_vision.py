@@ -187,13 +187,7 @@ def report(summary: dict, md: Path, plot: Path | None) -> None:
     axes[1].set_title("test loss", fontsize=9)
     for ax in axes:
         ax.set_yscale("log")
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
-    fig.tight_layout()
-    plot.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(plot)
-    plt.close(fig)
+    quality_report.finish(fig, axes, "epoch", plot)
 
 
 def main(argv=None) -> dict:

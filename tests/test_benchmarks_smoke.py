@@ -22,6 +22,14 @@ sys.path.insert(0, str(BENCHMARKS))
 import quality_codes  # noqa: E402
 
 LN_256 = math.log(256)  # the loss of a uniform guess over bytes
+NEEDS_SKLEARN = pytest.mark.skipif(
+    importlib.util.find_spec("sklearn") is None,
+    reason="the vision study needs scikit-learn (pip install scikit-learn)",
+)
+NEEDS_TRANSFORMERS = pytest.mark.skipif(
+    importlib.util.find_spec("transformers") is None,
+    reason="the Llama memory benchmark needs transformers (pip install transformers)",
+)
 
 
 def spiked_states(groups: int = 64, steps: int = 30, seed: int = 0):
@@ -122,49 +130,23 @@ def test_quality_budget_skips_runs(tmp_path, capsys):
     assert "skip adamw_fp32 seed 1" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("sklearn") is None,
-    reason="the vision study needs scikit-learn (pip install scikit-learn)",
-)
-def test_vision_study_one_epoch(tmp_path):
+@NEEDS_SKLEARN
+def test_vision_study_two_epochs(tmp_path):
     import quality_vision
 
-    summary = quality_vision.main(
-        [
-            "--seeds",
-            "0",
-            "--epochs",
-            "2",
-            "--only",
-            "sgd_fp32,sgd_24_8",
-            "--out",
-            str(tmp_path / "v.json"),
-            "--no-plot",
-        ]  # fmt: skip
-    )
+    argv = "--seeds 0 --epochs 2 --only sgd_fp32,sgd_24_8 --no-plot".split()
+    summary = quality_vision.main([*argv, "--out", str(tmp_path / "v.json")])
     fp32, slim = summary["runs"]
     assert fp32["test_accuracy"] > 0.7 and slim["test_accuracy"] > 0.7  # 10 classes: 0.1 by chance
     assert slim["test_loss"] == pytest.approx(fp32["test_loss"], rel=0.25)
 
 
-@pytest.mark.skipif(
-    importlib.util.find_spec("transformers") is None,
-    reason="the Llama memory benchmark needs transformers (pip install transformers)",
-)
+@NEEDS_TRANSFORMERS
 def test_llama_memory_dry_run_matches_planner(tmp_path):
     import llama8b_memory
 
-    summary = llama8b_memory.main(
-        [
-            "--dry-run",
-            "--configs",
-            "torch_adamw_bf16,slim_24_8_release",
-            "--steps",
-            "2",
-            "--out",
-            str(tmp_path / "l.json"),
-        ]  # fmt: skip
-    )
+    argv = "--dry-run --configs torch_adamw_bf16,slim_24_8_release --steps 2".split()
+    summary = llama8b_memory.main([*argv, "--out", str(tmp_path / "l.json")])
     rows = {r["config"]: r for r in summary["rows"]}
     assert set(rows) == {"torch_adamw_bf16", "slim_24_8_release"}
     for name, row in rows.items():
