@@ -186,6 +186,14 @@ class Study:
 # ------------------------------------------------------------------ bookkeeping
 
 
+def _git(*args: str) -> str:
+    try:
+        done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+    except OSError:
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
 def environment(device) -> dict:
     try:
         import triton
@@ -193,11 +201,7 @@ def environment(device) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    root = Path(__file__).resolve().parent.parent
-    git = ["git", "-C", str(root)]
-    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run([*git, "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True)  # fmt: skip
+    commit = _git("rev-parse", "HEAD")
     return {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device)
@@ -208,8 +212,11 @@ def environment(device) -> dict:
         "triton": triton_version,
         "python": platform.python_version(),
         "slimoptim": str(Path(slimoptim.__file__).parent),
-        "commit": commit.stdout.strip() or None,
-        "commit_dirty": bool(dirty.stdout.strip()),
+        # None where the checkout has no .git (a copied working tree) or git is missing.
+        "commit": commit or None,
+        "commit_dirty": bool(_git("status", "--porcelain", "--untracked-files=no"))
+        if commit
+        else None,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
 
