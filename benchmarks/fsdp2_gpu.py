@@ -60,13 +60,18 @@ SAFE_ENV = {
     "NCCL_NVLS_ENABLE": "0",
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
     "NVSHMEM_DISABLE_NVLS": "1",
+    # deterministic cuBLAS, for the bit-identity checks (init(deterministic=True))
+    "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
 }
 
 
 # ----------------------------------------------------------------- helpers
 
 
-def init() -> tuple[int, int]:
+def init(deterministic: bool = True) -> tuple[int, int]:
+    # Bit-identity across runs needs deterministic kernels: flash attention's backward
+    # and cuBLAS split-K are not by default on the GPU. The memory/speed part leaves them.
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
     if "RANK" in os.environ:
         dist.init_process_group(BACKEND)
     else:
@@ -300,7 +305,7 @@ def measure(model, opt, rank, world, steps=25, warmup=5) -> dict:
 def part_memory() -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    rank, world = init()
+    rank, world = init(deterministic=False)
     result = {"world": world, "model": LARGE.as_dict()}
     model = shard(build(LARGE), world)
     result["params"] = sum(p.numel() for p in model.parameters())

@@ -238,7 +238,7 @@ def _local_part(p, saved_id, name, value, global_shape) -> torch.Tensor:
 def _per_element_scales(table, phase, cols, size) -> torch.Tensor:
     """Each value's saved group scale, from its row's phase and column."""
     j = torch.arange(cols, device=table.device, dtype=torch.int64)
-    column = PHASE_COLUMNS + (phase[:, None] + j[None, :]) // size
+    column = PHASE_COLUMNS + (phase.to(table.device)[:, None] + j[None, :]) // size
     return torch.gather(table, 1, column).reshape(-1)
 
 
@@ -247,6 +247,7 @@ def _gathered_scales(table, phase, n_rows, cols, size) -> torch.Tensor:
     n_groups = formats.num_groups(n_rows * cols, size)
     first = torch.arange(n_groups, device=table.device, dtype=torch.int64) * size
     row = first // cols if cols else first
+    phase = phase.to(table.device)  # a checkpoint loaded to the CPU for a CUDA model
     column = (phase[row] + first - row * cols) // size
     return table[row, PHASE_COLUMNS + column]
 
