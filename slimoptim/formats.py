@@ -33,10 +33,11 @@ VARIANCE_LEVELS = 255
 DENOM_FLOOR = 1.0 / MOMENTUM_LEVELS**2
 
 # (mantissa bits, smallest exponent the correction's unit follows) of each low-precision
-# dtype. Below 2**-100 a bf16 master keeps the correction unit of that binade (its
-# extra precision fades out there), so that the unit and its inverse are each one
-# float32 power of two: split and join then cost one multiply (docs/formats.md).
+# dtype. A bf16 master below 2**-100 keeps no correction (it is its bf16 value), so that
+# the unit and its inverse are each one float32 power of two: split and join then cost
+# one multiply (docs/formats.md).
 _LOW_PRECISION = {torch.bfloat16: (7, -100), torch.float16: (10, -14)}
+_MIN_FIELD_BITS = (_LOW_PRECISION[torch.bfloat16][1] + 127) << 23  # bf16 codes stop below it
 CODE_DTYPES = {8: torch.int8, 16: torch.int16}
 
 
@@ -99,7 +100,12 @@ def split_master(w: torch.Tensor, dtype: torch.dtype, code_bits: int):
     scaled = (w - b) * _code_units(b, dtype, code_bits)[1]
     limit = 2 ** (code_bits - 1) - 1
     code = torch.clamp(torch.floor(scaled + 0.5), -limit, limit)
-    code = torch.where(torch.isfinite(scaled), code, torch.zeros_like(code))
+    keep = torch.isfinite(scaled)
+    if dtype == torch.bfloat16:
+        # Below 2**-100 the unit no longer divides b's half ulp, and a rebuilt master
+        # could re-round elsewhere: such tiny values keep no correction.
+        keep &= (_bits(b) & 0x7F800000) >= _MIN_FIELD_BITS
+    code = torch.where(keep, code, torch.zeros_like(code))
     return b, code.to(CODE_DTYPES[code_bits])
 
 

@@ -128,7 +128,10 @@ def split_master(w, PARAM: tl.constexpr, CODE_BITS: tl.constexpr, HW_ROUND: tl.c
     scaled = (w - b) * inverse
     LIMIT: tl.constexpr = 2 ** (CODE_BITS - 1) - 1  # symmetric, see formats.split_master
     code = tl.minimum(tl.maximum(tl.floor(scaled + 0.5), -LIMIT), LIMIT)
-    code = tl.where(is_finite(scaled), code, 0.0)
+    keep = is_finite(scaled)
+    if PARAM == 1:  # formats.split_master: tiny bf16 masters keep no correction
+        keep = keep & ((as_bits(b) & 0x7F800000) >= (BF16_MIN_FIELD << 23))
+    code = tl.where(keep, code, 0.0)
     return b, code
 
 
