@@ -73,7 +73,7 @@ CASES = [
 
 @pytest.mark.parametrize("kwargs", CASES, ids=str)
 def test_exact_mode_matches_torch_muon(kwargs, monkeypatch):
-    """Tolerance 1e-3 relative over 100 steps (measured: at most 2e-4).
+    """Tolerance 1e-3 relative over 100 steps (measured: at most 4e-4 over 8 seeds).
 
     The only difference is rounding: torch's momentum lerp uses a fused multiply-add,
     so a buffer element now and then differs by one float32 ulp, which can flip its
@@ -96,13 +96,17 @@ def test_default_mode_tracks_the_fp32_reference(kwargs):
     """24-bit master and 8-bit momentum on bf16 params, against torch.optim.Muon on fp32.
 
     Bound: the distance between trajectories stays under 8% of how far the fp32 one
-    moved (measured: 1-5%); bf16 params without a master drift further.
+    moved (measured over 8 seeds: 2.3-4.7%); bf16 params without a master drift over
+    twice as far (measured over 30 runs: 17.7-57%), so the bound tells the master apart.
     """
     seed = new_seed()
-    ref, ours, opt, w0 = _run_pair(kwargs, seed, dtype=torch.bfloat16)
-    for r, o, w in zip(ref, ours, w0, strict=True):
-        moved = (r.detach() - w).norm()
-        assert (opt.master_weight(o) - r.detach()).norm() / moved < 0.08, f"seed {seed}"
+    for master, low, high in ((24, 0.0, 0.08), (None, 0.16, math.inf)):
+        ref, ours, opt, w0 = _run_pair(
+            kwargs, seed, dtype=torch.bfloat16, master_weight_bits=master
+        )
+        for r, o, w in zip(ref, ours, w0, strict=True):
+            gap = (opt.master_weight(o) - r.detach()).norm() / (r.detach() - w).norm()
+            assert low <= gap < high, f"master {master}, seed {seed}"
 
 
 class TinyNet(nn.Module):
@@ -145,11 +149,13 @@ def _train_split(model, make_muon, make_adamw, seed, steps=150):
 
 
 def test_small_model_loss_matches_fp32_muon_with_adamw():
-    """Final loss (mean of the last 20 steps) within 10% of torch Muon + AdamW in fp32."""
+    """Final loss (mean of the last 20 steps) within 5% of torch Muon + AdamW in fp32
+    (measured over 6 seeds: 1-2% lower); without master weights it is over 1.5x (~2.4x)."""
     seed = new_seed()
     torch.manual_seed(seed)
     fp32 = TinyNet()
     slim = slimoptim.cast_model(copy.deepcopy(fp32), torch.bfloat16)
+    bare = copy.deepcopy(slim)
     ref_loss, first = _train_split(
         fp32,
         lambda ps: torch.optim.Muon(ps, lr=0.02),
@@ -162,8 +168,15 @@ def test_small_model_loss_matches_fp32_muon_with_adamw():
         lambda ps: slimoptim.AdamW(ps, lr=3e-3),
         seed,
     )
-    assert ref_loss < 0.5 * first, "the reference must learn for the comparison to mean much"
-    assert abs(slim_loss - ref_loss) < 0.1 * ref_loss, (slim_loss, ref_loss, seed)
+    bare_loss, _ = _train_split(
+        bare,
+        lambda ps: slimoptim.Muon(ps, lr=0.02, master_weight_bits=None),
+        lambda ps: slimoptim.AdamW(ps, lr=3e-3, master_weight_bits=None),
+        seed,
+    )
+    assert ref_loss < 0.05 * first, "the reference must learn for the comparison to mean much"
+    assert abs(slim_loss - ref_loss) < 0.05 * ref_loss, (slim_loss, ref_loss, seed)
+    assert bare_loss > 1.5 * ref_loss, (bare_loss, ref_loss, seed)
 
 
 # ---------------------------------------------------------------- semantics
