@@ -281,6 +281,31 @@ def test_state_dict_of_another_optimizer_is_refused():
         opt.load_state_dict(adamw.state_dict())
 
 
+def test_torch_muon_state_dicts_convert_both_ways():
+    """to_torch_state_dict -> torch.optim.Muon continues alike (1e-3 over 5 steps);
+    from_torch_state_dict at 32/32 takes torch's momentum exactly."""
+    gen = torch.Generator().manual_seed(new_seed())
+    p = nn.Parameter(torch.randn(48, 32, generator=gen))
+    q = nn.Parameter(p.detach().clone())
+    opt, ref_opt = slimoptim.Muon([p], lr=0.02, **EXACT), torch.optim.Muon([q], lr=0.02)
+    for _ in range(3):
+        p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    q.data.copy_(p.detach())
+    ref_opt.load_state_dict(checkpoint.to_torch_state_dict(opt))
+    for _ in range(5):
+        p.grad = torch.randn(p.shape, generator=gen)
+        q.grad = p.grad.clone()
+        opt.step()
+        ref_opt.step()
+    assert _rel(p.detach(), q.detach()) < 1e-3
+    back = slimoptim.Muon([nn.Parameter(q.detach().clone())], lr=0.5, **EXACT)
+    checkpoint.from_torch_state_dict(back, ref_opt.state_dict())
+    assert back.param_groups[0]["lr"] == 0.02
+    buf = next(iter(back.state.values()))["momentum_buffer"]
+    assert torch.equal(buf, ref_opt.state[q]["momentum_buffer"].reshape(-1))
+
+
 MODES = [(torch.bfloat16, 24, 8), (torch.bfloat16, None, 8), (torch.float32, 32, 32)]
 
 
@@ -486,3 +511,30 @@ def test_newton_schulz_orthogonalises():
     core = u.T @ muon_module.newton_schulz(x, muon_module.NS_COEFFICIENTS, 5, 1e-7).float() @ v
     off = core - torch.diag(torch.diagonal(core))
     assert off.norm() < 0.05 * core.norm()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_exact_mode_matches_torch_muon_without_host_syncs():
+    """On the GPU: same 1e-3 tolerance as on the CPU, and no step ever waits for the host
+    (the non-finite check is a device-side select)."""
+    gen = torch.Generator(device="cuda").manual_seed(new_seed())
+    shapes = [(256, 128), (96, 320)]
+    w0 = [torch.randn(s, device="cuda", generator=gen) for s in shapes]
+    ref = [nn.Parameter(w.clone()) for w in w0]
+    exact = [nn.Parameter(w.clone()) for w in w0]
+    compact = [nn.Parameter(w.clone().bfloat16()) for w in w0]
+    ref_opt = torch.optim.Muon(ref, lr=0.02)
+    opts = [slimoptim.Muon(exact, lr=0.02, **EXACT), slimoptim.Muon(compact, lr=0.02)]
+    for step in range(20):
+        for r, e, c in zip(ref, exact, compact, strict=True):
+            g = torch.randn(r.shape, device="cuda", generator=gen).bfloat16().float()
+            r.grad, e.grad, c.grad = g.clone(), g.clone(), g.bfloat16()
+        ref_opt.step()
+        torch.cuda.set_sync_debug_mode("error" if step else "default")
+        try:
+            for o in opts:
+                o.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for r, e in zip(ref, exact, strict=True):
+        assert _rel(opts[0].master_weight(e), r.detach()) < 1e-3
