@@ -236,6 +236,22 @@ def test_param_groups_step_as_separate_optimizers():
     assert ps[2] not in opt.state and torch.equal(ps[2], qs[2])
 
 
+def test_non_contiguous_param_steps_like_a_contiguous_one():
+    gen = torch.Generator().manual_seed(new_seed())
+    a = nn.Parameter(torch.randn(48, 32, generator=gen).bfloat16())
+    b = nn.Parameter(torch.empty(32, 48, dtype=torch.bfloat16))
+    b.data = a.detach().t().contiguous().t()  # the same (48, 32) values, column-major
+    assert not b.is_contiguous()
+    opts = [slimoptim.Muon([a], lr=0.02), slimoptim.Muon([b], lr=0.02)]
+    for _ in range(3):
+        g = torch.randn(48, 32, generator=gen).bfloat16()
+        a.grad, b.grad = g.clone(), g.clone()
+        for o in opts:
+            o.step()
+    assert torch.equal(a, b)
+    assert torch.equal(opts[0].master_weight(a), opts[1].master_weight(b))
+
+
 def _train(model, opt, steps, seed):
     for tokens, targets in _teacher_batches(seed, steps):
         opt.zero_grad()
