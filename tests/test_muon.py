@@ -478,6 +478,21 @@ def test_non_matrix_params_are_refused_with_the_recipe():
     assert len(opt.param_groups) == 1
 
 
+def test_bad_gradients_are_refused_before_any_matrix_steps():
+    a, b = nn.Parameter(torch.randn(8, 4)), nn.Parameter(torch.randn(8, 4))
+    opt = slimoptim.Muon([a, b])
+    before = a.detach().clone()
+    a.grad = torch.randn(8, 4)
+    for bad, error, match in [
+        (torch.randn(4, 8), ValueError, "does not match"),
+        (torch.randn(8, 4).to_sparse(), TypeError, "sparse"),
+    ]:
+        b.grad = bad
+        with pytest.raises(error, match=match):
+            opt.step()
+        assert torch.equal(a, before) and a not in opt.state
+
+
 def test_dtensor_params_are_refused():
     import torch.distributed as dist
 

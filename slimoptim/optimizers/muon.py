@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .base import SlimOptimizer, StateSpec, local_tensor
+from .base import SlimOptimizer, StateSpec, _check_grad, local_tensor
 
 # Keller Jordan's quintic coefficients and step count, torch.optim.Muon's defaults.
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -164,20 +164,19 @@ class Muon(SlimOptimizer):
         """Step the given ``(param_group, param)`` pairs, one whole matrix at a time."""
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        for _, p in items:  # every check before any step
+            _check_grad(p, p.grad)
         for group, p in items:
             self._step_reference(p, group, grad_scale, found_inf)
 
     def _step_reference(self, p, group, grad_scale, found_inf) -> None:
         state = self._ensure_state(p, group)
-        g = local_tensor(p.grad).detach().reshape(-1).float()
+        grad = local_tensor(p.grad).detach()
+        ok = matrix_ok(grad, found_inf)
+        state["step"] += ok.to(torch.float32)  # a skipped matrix keeps its step count
+        g = grad.reshape(-1).float()
         if grad_scale is not None:
             g = g / grad_scale.to(g.device)
-        # One flag for the whole matrix (see the class docstring); GradScaler's
-        # found_inf skips every matrix. A skipped matrix keeps its step count.
-        ok = torch.isfinite(g).all()
-        if found_inf is not None:
-            ok = ok & (found_inf.to(g.device) == 0).reshape(())
-        state["step"] += ok.to(torch.float32)
         g = torch.where(ok, g, 0.0)
 
         w = self.master_weight(p, group).reshape(-1)
@@ -195,6 +194,15 @@ class Muon(SlimOptimizer):
         )
         self._store_weight(p, state, group, torch.where(ok, new_w, w))
         self._store_states(state, group, {"momentum_buffer": buf}, ok, ok)
+
+
+def matrix_ok(grad: torch.Tensor, found_inf: torch.Tensor | None) -> torch.Tensor:
+    """True (a 0-d device bool) when the matrix steps: its gradient, as given, holds no
+    NaN or Inf (see the Muon docstring) and GradScaler found no Inf anywhere."""
+    ok = torch.isfinite(grad).all()
+    if found_inf is not None:
+        ok = ok & (found_inf.to(grad.device) == 0).reshape(())
+    return ok
 
 
 def _check_muon_param(p: torch.Tensor) -> None:
