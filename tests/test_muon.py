@@ -483,14 +483,10 @@ def test_bad_gradients_are_refused_before_any_matrix_steps():
     opt = slimoptim.Muon([a, b])
     before = a.detach().clone()
     a.grad = torch.randn(8, 4)
-    for bad, error, match in [
-        (torch.randn(4, 8), ValueError, "does not match"),
-        (torch.randn(8, 4).to_sparse(), TypeError, "sparse"),
-    ]:
-        b.grad = bad
-        with pytest.raises(error, match=match):
-            opt.step()
-        assert torch.equal(a, before) and a not in opt.state
+    b.grad = torch.randn(8, 4).to_sparse()
+    with pytest.raises(TypeError, match="sparse"):
+        opt.step()
+    assert torch.equal(a, before) and a not in opt.state
 
 
 def test_dtensor_params_are_refused():
