@@ -166,8 +166,38 @@ class Muon(SlimOptimizer):
         found_inf = getattr(self, "found_inf", None)
         for _, p in items:  # every check before any step
             _check_grad(p, p.grad)
+        if self.fused is not False and items:
+            items = self._step_fused(items, grad_scale, found_inf)
         for group, p in items:
             self._step_reference(p, group, grad_scale, found_inf)
+
+    def _step_fused(self, items, grad_scale, found_inf) -> list:
+        """Step what the kernels can (pass A, Newton-Schulz, pass B per matrix); return the
+        items left to the reference path. Bit-identical to ``_step_reference``."""
+        from ..kernels import triton_available  # noqa: PLC0415 (Triton is optional)
+
+        if not triton_available():
+            if self.fused:
+                raise RuntimeError(
+                    "fused=True needs Triton (pip install 'slimoptim[triton]', Linux only); "
+                    "use fused=None or fused=False for the pure-PyTorch path."
+                )
+            return items
+        from ..kernels import muon as kernels  # noqa: PLC0415
+
+        fused, reference = kernels.split_fusable(self, items)
+        if not fused:
+            return reference
+        plan = kernels.plan_for(self, fused)
+        plan.upload_step([_kernel_values(group, p) for group, p in fused])
+        if grad_scale is not None:
+            grad_scale = grad_scale.to(plan.device, torch.float32).reshape(-1)
+        for i, (group, p) in enumerate(fused):
+            skip = (~matrix_ok(p.grad, found_inf)).to(torch.float32).reshape(1)
+            update = plan.momentum(i, skip, grad_scale, bool(group["nesterov"]))
+            ortho = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+            plan.master(i, skip, ortho, group["weight_decay"] != 0)
+        return reference
 
     def _step_reference(self, p, group, grad_scale, found_inf) -> None:
         state = self._ensure_state(p, group)
@@ -194,6 +224,18 @@ class Muon(SlimOptimizer):
         )
         self._store_weight(p, state, group, torch.where(ok, new_w, w))
         self._store_states(state, group, {"momentum_buffer": buf}, ok, ok)
+
+
+def _kernel_values(group: dict, p: torch.Tensor) -> list:
+    """The per-matrix values of the fused passes, from the same expressions the reference
+    evaluates (so each rounds to float32 where the reference's does)."""
+    lr, momentum = group["lr"], group["momentum"]
+    return [
+        1 - momentum,
+        momentum,
+        1 - lr * group["weight_decay"],
+        adjusted_lr(lr, group["adjust_lr_fn"], p.shape),
+    ]
 
 
 def matrix_ok(grad: torch.Tensor, found_inf: torch.Tensor | None) -> torch.Tensor:
