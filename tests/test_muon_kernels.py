@@ -148,6 +148,28 @@ def test_fused_gradient_release_matches_step():
     handle.remove()
 
 
+def test_a_larger_matrix_added_later_regrows_the_shared_scratch():
+    seed = random.randrange(2**31)
+    ps, qs, opt, ref = _pair(torch.bfloat16, seed, lr=0.02)
+    start = [p.detach().clone() for p in ps]
+    gen = torch.Generator().manual_seed(seed)
+    _set_grads(ps, qs, gen)
+    opt.step()
+    ref.step()
+    big = torch.randn(130, 120, generator=gen).bfloat16().to(DEVICE)
+    ps.append(nn.Parameter(big.clone()))
+    qs.append(nn.Parameter(big.clone()))
+    start.append(big)
+    opt.add_param_group({"params": [ps[-1]]})
+    ref.add_param_group({"params": [qs[-1]]})
+    for _ in range(2):
+        _set_grads(ps, qs, gen)
+        opt.step()
+        ref.step()
+    assert opt._slimoptim_muon_scratch[ps[0].device][0].numel() == 130 * 120
+    _assert_same(opt, ref, ps, qs, start)
+
+
 @pytest.mark.skipif(DEVICE == "cuda", reason="checks the CPU refusal outside the interpreter")
 def test_fused_true_on_cpu_without_the_interpreter_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")

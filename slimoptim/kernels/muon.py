@@ -60,11 +60,7 @@ class MuonPlan:
         self.states = [opt._ensure_state(p, group) for group, p in items]
         self.device = items[0][1].device
         n, device = len(items), self.device
-        largest = max(p.numel() for _, p in items)
-        # One scratch buffer each for the update and the orthogonalised matrix, reused by
-        # every matrix in turn (the stream runs A, Newton-Schulz, B of one before the next).
-        self.scratch = torch.empty(largest + 8, dtype=torch.bfloat16, device=device)
-        self.ortho = torch.empty(largest + 8, dtype=torch.bfloat16, device=device)
+        self.scratch, self.ortho = _scratch(opt, device)
         momentum = torch.zeros(n, cm.N_FIELDS.value, dtype=torch.int64)
         master = torch.zeros(n, cm.N_FIELDS.value, dtype=torch.int64)
         block, self.tiles = _tiling()
@@ -109,6 +105,9 @@ class MuonPlan:
         self.last_host = None
 
     def still_valid(self, opt) -> bool:
+        scratch = opt._slimoptim_muon_scratch[self.device][0]  # regrown by add_param_group
+        if scratch is not self.scratch:
+            return False
         return [p.data_ptr() for _, p in self.items] == self.param_ptrs and all(
             opt.state.get(p) is s for (_, p), s in zip(self.items, self.states, strict=True)
         )
@@ -194,6 +193,19 @@ def _launch(
         enable_fp_fusion=False,
         **({"maxnreg": CONFIG["maxnreg"]} if CONFIG.get("maxnreg") else {}),
     )
+
+
+def _scratch(opt, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 buffers for the update and the orthogonalised matrix, one pair per optimizer and
+    device, as large as its largest matrix: every matrix uses them in turn (the stream runs
+    A, Newton-Schulz and B of one matrix before the next), in every plan."""
+    buffers = opt.__dict__.setdefault("_slimoptim_muon_scratch", {})
+    largest = max(p.numel() for g in opt.param_groups for p in g["params"] if p.device == device)
+    if device not in buffers or buffers[device][0].numel() < largest:
+        buffers[device] = tuple(
+            torch.empty(largest, dtype=torch.bfloat16, device=device) for _ in range(2)
+        )
+    return buffers[device]
 
 
 def split_fusable(opt, items) -> tuple[list, list]:
