@@ -358,6 +358,10 @@ def muon_optimizers() -> dict:
         "torch Muon fp32": (fp32, lambda p: torch.optim.Muon(p, lr=0.02)),
         "torch Muon bf16": (bf16, lambda p: torch.optim.Muon(p, lr=0.02)),
         "slimoptim Muon 24/8": (bf16, lambda p: slimoptim.Muon(p, lr=0.02)),
+        "slimoptim Muon 24/8 unfused": (
+            bf16,
+            lambda p: slimoptim.Muon(p, lr=0.02, fused=False),
+        ),
         "slimoptim Muon none/8": (
             bf16,
             lambda p: slimoptim.Muon(p, lr=0.02, master_weight_bits=None),

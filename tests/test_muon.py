@@ -551,11 +551,16 @@ def test_cuda_exact_mode_matches_torch_muon_without_host_syncs():
     exact = [nn.Parameter(w.clone()) for w in w0]
     compact = [nn.Parameter(w.clone().bfloat16()) for w in w0]
     ref_opt = torch.optim.Muon(ref, lr=0.02)
-    opts = [slimoptim.Muon(exact, lr=0.02, **EXACT), slimoptim.Muon(compact, lr=0.02)]
+    unfused = [nn.Parameter(w.clone().bfloat16()) for w in w0]
+    opts = [
+        slimoptim.Muon(exact, lr=0.02, **EXACT),  # fused (the default on CUDA)
+        slimoptim.Muon(compact, lr=0.02),
+        slimoptim.Muon(unfused, lr=0.02, fused=False),
+    ]
     for step in range(20):
-        for r, e, c in zip(ref, exact, compact, strict=True):
+        for r, e, c, u in zip(ref, exact, compact, unfused, strict=True):
             g = torch.randn(r.shape, device="cuda", generator=gen).bfloat16().float()
-            r.grad, e.grad, c.grad = g.clone(), g.clone(), g.bfloat16()
+            r.grad, e.grad, c.grad, u.grad = g.clone(), g.clone(), g.bfloat16(), g.bfloat16()
         ref_opt.step()
         torch.cuda.set_sync_debug_mode("error" if step else "default")
         try:
@@ -565,3 +570,5 @@ def test_cuda_exact_mode_matches_torch_muon_without_host_syncs():
             torch.cuda.set_sync_debug_mode("default")
     for r, e in zip(ref, exact, strict=True):
         assert _rel(opts[0].master_weight(e), r.detach()) < 1e-3
+    for c, u in zip(compact, unfused, strict=True):  # kernels and reference: the same bits
+        assert torch.equal(c, u)

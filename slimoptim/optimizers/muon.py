@@ -96,8 +96,8 @@ class Muon(SlimOptimizer):
     device-side select, with no host sync.
 
     Newton-Schulz needs whole matrices, so DTensor (FSDP2-sharded) params are
-    refused. ``fused`` is accepted for API parity; every step currently runs the
-    PyTorch path (on the param's device, bf16 matmuls on CUDA, no host sync).
+    refused. ``fused`` as in AdamW: on CUDA the two elementwise steps run in the fused
+    kernels, Newton-Schulz on PyTorch bf16 matmuls between them; no host sync.
     """
 
     state_specs = (StateSpec("momentum_buffer", signed=True),)
@@ -171,6 +171,7 @@ class Muon(SlimOptimizer):
         for group, p in items:
             self._step_reference(p, group, grad_scale, found_inf)
 
+    @torch.compiler.disable  # opaque to torch.compile: raw pointers and Triton launches
     def _step_fused(self, items, grad_scale, found_inf) -> list:
         """Step what the kernels can (pass A, Newton-Schulz, pass B per matrix); return the
         items left to the reference path. Bit-identical to ``_step_reference``."""
