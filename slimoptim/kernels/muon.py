@@ -26,7 +26,8 @@ import triton.language as tl
 
 from ..formats import correction_bits
 from . import common as cm
-from .dispatch import CONFIG, KINDS, _aligned, _eligible, _tiling, interpreting
+from .dispatch import KINDS, _aligned, _eligible, _tiling
+from .launch import CONFIG, interpreting
 
 # Columns of the per-tensor float32 scalar rows; 0 is the step.
 ONE_MINUS_MOMENTUM, MOMENTUM = tl.constexpr(1), tl.constexpr(2)
