@@ -296,3 +296,16 @@ def test_muon_param_groups_splits_the_usual_way():
     split = slimoptim.muon_param_groups(net, exclude=["2"])
     assert [id(p) for p in split.muon] == [id(net[0].weight)]
     assert len(split.adamw) == 3
+
+
+def test_without_triton_fused_true_is_an_error_and_none_runs_the_reference(monkeypatch):
+    from slimoptim import kernels
+
+    monkeypatch.setattr(kernels, "triton_available", lambda: False)
+    p = nn.Parameter(torch.randn(8, 4))
+    p.grad = torch.randn(8, 4)
+    with pytest.raises(RuntimeError, match="needs Triton"):
+        slimoptim.Muon([p], fused=True).step()
+    opt = slimoptim.Muon([p])
+    opt.step()
+    assert opt.state[p]["step"] == 1

@@ -175,14 +175,9 @@ class Muon(SlimOptimizer):
     def _step_fused(self, items, grad_scale, found_inf) -> list:
         """Step what the kernels can (pass A, Newton-Schulz, pass B per matrix); return the
         items left to the reference path. Bit-identical to ``_step_reference``."""
-        from ..kernels import triton_available  # noqa: PLC0415 (Triton is optional)
+        from ..kernels import kernels_usable  # noqa: PLC0415 (Triton is optional)
 
-        if not triton_available():
-            if self.fused:
-                raise RuntimeError(
-                    "fused=True needs Triton (pip install 'slimoptim[triton]', Linux only); "
-                    "use fused=None or fused=False for the pure-PyTorch path."
-                )
+        if not kernels_usable(self, items):
             return items
         from ..kernels import muon as kernels  # noqa: PLC0415
 
