@@ -13,8 +13,9 @@ the skeleton with their own table rows:
 
 Each matrix is launched on its own, with its skip flag (non-finite gradient, or
 GradScaler's found_inf) as the skeleton's ``found_inf``: a skipped matrix keeps its
-state, master and step counter whole, as the reference does. Pass A advances the step
-counter; B does not. Nothing waits for the host.
+state, master and step counter whole, as the reference does. The step counters and the
+scalar rows of all matrices are updated by a few torch ops per step, before the passes.
+Nothing waits for the host.
 """
 
 from __future__ import annotations
@@ -97,7 +98,6 @@ class MuonPlan:
         self.momentum_table = momentum.to(device)
         self.master_table = master.to(device)
         self.ortho_ptr = torch.tensor([self.ortho.data_ptr()], dtype=torch.int64, device=device)
-        self.steps = torch.zeros(n, dtype=torch.float32, device=device)
         # Per step: gradient addresses, then per matrix (1 - momentum, momentum, decay, lr_adj).
         self.upload = torch.zeros(n * 5, dtype=torch.int64, device=device)
         self.grad_ptrs = self.upload[:n]
@@ -113,8 +113,9 @@ class MuonPlan:
             opt.state.get(p) is s for (_, p), s in zip(self.items, self.states, strict=True)
         )
 
-    def upload_step(self, rows: list[list]) -> None:
-        """Send this step's gradient addresses and per-matrix values (float or tensor)."""
+    def begin_step(self, rows: list[list], ok: torch.Tensor) -> None:
+        """Upload this step's gradient addresses and per-matrix values (float or tensor),
+        advance each step counter by its matrix's ``ok`` (bool [n]), build the scalar rows."""
         host = np.zeros((len(self.items), 4), dtype=np.float64)
         tensors = []
         for i, row in enumerate(rows):
@@ -133,37 +134,51 @@ class MuonPlan:
             self.last_host = payload
         for i, c, v in tensors:  # a tensor lr: device-side copy, no sync
             self.values[i, c] = v.to(device=self.device, dtype=torch.float64)
+        # The skip flag of each matrix is its launches' found_inf; a skipped matrix's
+        # counter adds 0, as in the reference. A handful of launches for all matrices.
+        ok = ok.to(torch.float32)
+        self.skip = 1 - ok
+        counters = [state["step"] for state in self.states]
+        torch._foreach_add_(counters, list(ok.unbind()))
+        steps = torch.stack(counters).double()[:, None]
+        width = cm.MAX_SCALARS.value
+        self.momentum_scalars = _rows(torch.cat([steps, self.values[:, :2]], 1), width)
+        self.master_scalars = _rows(torch.cat([steps, self.values[:, 2:]], 1), width)
 
-    def momentum(self, i, skip, grad_scale, nesterov) -> torch.Tensor:
+    def momentum(self, i, grad_scale, nesterov) -> torch.Tensor:
         """Pass A for matrix ``i``: the bf16 matrix to orthogonalise (a scratch view)."""
         p = self.items[i][1]
-        table = self.momentum_table[i : i + 1]
-        steps = self.steps[i : i + 1]
-        cm.bump_steps_kernel[(1,)](table, 1, steps, skip, HAS_FOUND_INF=True, BLOCK=16)
-        scalars = torch.cat([steps.double(), self.values[i, :2]])
         _launch(
-            self.launch[i], table, self.grad_ptrs[i : i + 1], scalars, skip, grad_scale,
+            self.launch[i], self.momentum_table[i : i + 1], self.grad_ptrs[i : i + 1],
+            self.momentum_scalars[i], self.skip[i : i + 1], grad_scale,
             muon_momentum_rule, 1, nesterov, KINDS[p.grad.dtype], 1, 0,
         )  # fmt: skip
         return self.scratch[: p.numel()].view(p.shape)
 
-    def master(self, i, skip, ortho: torch.Tensor, has_weight_decay) -> None:
-        """Pass B for matrix ``i`` with its orthogonalised update ``ortho`` (bf16)."""
+    def ortho_buffer(self, i) -> torch.Tensor:
+        """Where matrix ``i``'s orthogonalised update goes before pass B (bf16, its shape)."""
         p = self.items[i][1]
-        self.ortho[: p.numel()].view(p.shape).copy_(ortho)
-        scalars = torch.cat([self.steps[i : i + 1].double(), self.values[i, 2:]])
+        return self.ortho[: p.numel()].view(p.shape)
+
+    def master(self, i, has_weight_decay) -> None:
+        """Pass B for matrix ``i``, reading its update from ``ortho_buffer(i)``."""
         info = self.launch[i]
         _launch(
-            info, self.master_table[i : i + 1], self.ortho_ptr, scalars, skip, None,
-            muon_master_rule, 0, has_weight_decay, 1, info["PARAM_KIND"], info["CODE_BITS"],
+            info, self.master_table[i : i + 1], self.ortho_ptr, self.master_scalars[i],
+            self.skip[i : i + 1], None, muon_master_rule, 0, has_weight_decay, 1,
+            info["PARAM_KIND"], info["CODE_BITS"],
         )  # fmt: skip
 
 
+def _rows(values: torch.Tensor, width: int) -> torch.Tensor:
+    """float32 scalar rows [n, width] (column 0 the step) from float64 values [n, <= width]."""
+    return torch.nn.functional.pad(values.float(), (0, width - values.shape[1])).contiguous()
+
+
 def _launch(
-    info, table, grad_ptrs, scalars, skip, grad_scale, rule, n_states, flag, grad_kind,
+    info, table, grad_ptrs, row, skip, grad_scale, rule, n_states, flag, grad_kind,
     param_kind, code_bits,
 ):  # fmt: skip
-    row = torch.nn.functional.pad(scalars.float(), (0, cm.MAX_SCALARS.value - scalars.numel()))
     has_scale = grad_scale is not None
     cm.step_kernel[(info["n_chunks"],)](
         table,

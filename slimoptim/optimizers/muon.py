@@ -41,12 +41,14 @@ def muon_momentum(g, buf, *, momentum, nesterov):
     return update, buf
 
 
-def newton_schulz(update, coefficients, steps: int, eps: float) -> torch.Tensor:
+def newton_schulz(update, coefficients, steps: int, eps: float, out=None) -> torch.Tensor:
     """An approximately orthogonal matrix with ``update``'s singular vectors, in bf16.
 
     Quintic iterations X <- a X + (b A + c A A) X with A = X X^T, started from X
     scaled to unit Frobenius norm (so every singular value is at most 1). Run on
-    the wide orientation, so A is the smaller Gram matrix.
+    the wide orientation, so A is the smaller Gram matrix. With ``out`` (bf16, the
+    update's shape) the result is written there; a wide matrix's last product goes
+    straight into it.
     """
     a, b, c = coefficients
     x = update.bfloat16()
@@ -54,11 +56,15 @@ def newton_schulz(update, coefficients, steps: int, eps: float) -> torch.Tensor:
     if tall:
         x = x.mT
     x = x / x.norm().clamp(min=eps)
-    for _ in range(steps):
+    for k in range(steps):
         gram = x @ x.mT
         polynomial = torch.addmm(gram, gram, gram, beta=b, alpha=c)
-        x = torch.addmm(x, polynomial, x, beta=a)
-    return x.mT if tall else x
+        last = out is not None and not tall and k == steps - 1
+        x = torch.addmm(x, polynomial, x, beta=a, out=out if last else None)
+    x = x.mT if tall else x
+    if out is None or x is out:
+        return x
+    return out.copy_(x)
 
 
 def adjusted_lr(lr, adjust_lr_fn: str | None, shape) -> float | torch.Tensor:
@@ -185,20 +191,21 @@ class Muon(SlimOptimizer):
         if not fused:
             return reference
         plan = kernels.plan_for(self, fused)
-        plan.upload_step([_kernel_values(group, p) for group, p in fused])
+        ok = matrices_ok([p.grad for _, p in fused], found_inf)
+        plan.begin_step([_kernel_values(group, p) for group, p in fused], ok)
         if grad_scale is not None:
             grad_scale = grad_scale.to(plan.device, torch.float32).reshape(-1)
-        for i, (group, p) in enumerate(fused):
-            skip = (~matrix_ok(p.grad, found_inf)).to(torch.float32).reshape(1)
-            update = plan.momentum(i, skip, grad_scale, bool(group["nesterov"]))
-            ortho = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
-            plan.master(i, skip, ortho, group["weight_decay"] != 0)
+        for i, (group, _) in enumerate(fused):
+            update = plan.momentum(i, grad_scale, bool(group["nesterov"]))
+            coefficients, steps, eps = group["ns_coefficients"], group["ns_steps"], group["eps"]
+            newton_schulz(update, coefficients, steps, eps, out=plan.ortho_buffer(i))
+            plan.master(i, group["weight_decay"] != 0)
         return reference
 
     def _step_reference(self, p, group, grad_scale, found_inf) -> None:
         state = self._ensure_state(p, group)
         grad = local_tensor(p.grad).detach()
-        ok = matrix_ok(grad, found_inf)
+        ok = matrices_ok([grad], found_inf)[0]
         state["step"] += ok.to(torch.float32)  # a skipped matrix keeps its step count
         g = grad.reshape(-1).float()
         if grad_scale is not None:
@@ -234,12 +241,12 @@ def _kernel_values(group: dict, p: torch.Tensor) -> list:
     ]
 
 
-def matrix_ok(grad: torch.Tensor, found_inf: torch.Tensor | None) -> torch.Tensor:
-    """True (a 0-d device bool) when the matrix steps: its gradient, as given, holds no
+def matrices_ok(grads: list[torch.Tensor], found_inf: torch.Tensor | None) -> torch.Tensor:
+    """Per matrix, True (device bools [n]) when it steps: its gradient, as given, holds no
     NaN or Inf (see the Muon docstring) and GradScaler found no Inf anywhere."""
-    ok = torch.isfinite(grad).all()
+    ok = torch.stack([torch.isfinite(g).all() for g in grads])
     if found_inf is not None:
-        ok = ok & (found_inf.to(grad.device) == 0).reshape(())
+        ok = ok & (found_inf.to(ok.device) == 0).reshape(())
     return ok
 
 
