@@ -62,7 +62,7 @@ CASES = [
 
 @pytest.mark.parametrize("kwargs", CASES, ids=str)
 def test_exact_mode_matches_torch_muon(kwargs, monkeypatch):
-    """Tolerance 1e-3 relative over 100 steps (measured: at most 4e-4 over 8 seeds).
+    """Tolerance 2e-3 relative over 100 steps (measured: at most 5e-4 over 38 seeds).
 
     The only difference is rounding: torch's momentum lerp uses a fused multiply-add,
     so a buffer element now and then differs by one float32 ulp, which can flip its
@@ -73,7 +73,7 @@ def test_exact_mode_matches_torch_muon(kwargs, monkeypatch):
     seed = new_seed()
     ref, ours, opt, _ = _run_pair(kwargs, seed, **EXACT)
     for r, o in zip(ref, ours, strict=True):
-        assert rel(opt.master_weight(o), r.detach()) < 1e-3, f"seed {seed}"
+        assert rel(opt.master_weight(o), r.detach()) < 2e-3, f"seed {seed}"
     _torch_rounding(monkeypatch)
     ref, ours, opt, _ = _run_pair(kwargs, seed, **EXACT)
     for r, o in zip(ref, ours, strict=True):
@@ -85,7 +85,7 @@ def test_default_mode_tracks_the_fp32_reference(kwargs):
     """24-bit master and 8-bit momentum on bf16 params, against torch.optim.Muon on fp32.
 
     Bound: the distance between trajectories stays under 8% of how far the fp32 one
-    moved (measured over 8 seeds: 2.3-4.7%); bf16 params without a master drift over
+    moved (measured over 38 seeds: 2.3-4.9%); bf16 params without a master drift over
     twice as far (measured over 30 runs: 17.7-57%), so the bound tells the master apart.
     """
     seed = new_seed()
@@ -217,7 +217,7 @@ def test_newton_schulz_orthogonalises():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_exact_mode_matches_torch_muon_without_host_syncs():
-    """On the GPU: same 1e-3 tolerance as on the CPU, and no step ever waits for the host
+    """On the GPU: the CPU's 2e-3 tolerance, and no step ever waits for the host
     (the non-finite check is a device-side select)."""
     gen = torch.Generator(device="cuda").manual_seed(new_seed())
     shapes = [(256, 128), (96, 320)]
@@ -244,6 +244,6 @@ def test_cuda_exact_mode_matches_torch_muon_without_host_syncs():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     for r, e in zip(ref, exact, strict=True):
-        assert rel(opts[0].master_weight(e), r.detach()) < 1e-3
+        assert rel(opts[0].master_weight(e), r.detach()) < 2e-3
     for c, u in zip(compact, unfused, strict=True):  # kernels and reference: the same bits
         assert torch.equal(c, u)
