@@ -247,3 +247,20 @@ def test_cuda_exact_mode_matches_torch_muon_without_host_syncs():
         assert rel(opts[0].master_weight(e), r.detach()) < 2e-3
     for c, u in zip(compact, unfused, strict=True):  # kernels and reference: the same bits
         assert torch.equal(c, u)
+
+
+def test_float64_params_and_a_one_element_lr_tensor_of_any_shape():
+    """float64 params are their own master (as for the other optimizers): exact mode stays
+    within the 2e-3 of torch's Muon on float64; ``lr=tensor([[0.02]])`` reads as 0.02."""
+    gen = torch.Generator().manual_seed(new_seed())
+    w0 = torch.randn(40, 24, generator=gen, dtype=torch.float64)
+    ref, ours = nn.Parameter(w0.clone()), nn.Parameter(w0.clone())
+    ref_opt = torch.optim.Muon([ref], lr=0.02)
+    opt = slimoptim.Muon([ours], lr=torch.tensor([[0.02]]), **EXACT)
+    for _ in range(20):
+        g = torch.randn(w0.shape, generator=gen, dtype=torch.float64)
+        ref.grad, ours.grad = g.clone(), g.clone()
+        ref_opt.step()
+        opt.step()
+    assert ours.dtype == torch.float64 and ours.shape == w0.shape
+    assert rel(ours.detach(), ref.detach()) < 2e-3

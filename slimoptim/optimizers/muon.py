@@ -21,6 +21,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .arguments import check_fused_devices, compute_dtype, scalar_hyperparameters
 from .base import SlimOptimizer, StateSpec, _check_grad, local_tensor
 
 # Keller Jordan's quintic coefficients and step count, torch.optim.Muon's defaults.
@@ -162,7 +163,7 @@ class Muon(SlimOptimizer):
                 f"adjust_lr_fn must be None, 'original' or 'match_rms_adamw', "
                 f"got {group['adjust_lr_fn']!r}."
             )
-        for p in group["params"]:
+        for p in group.get("params", ()):  # the constructor checks the defaults first
             _check_muon_param(p)
 
     @torch.no_grad()
@@ -172,6 +173,8 @@ class Muon(SlimOptimizer):
         found_inf = getattr(self, "found_inf", None)
         for _, p in items:  # every check before any step
             _check_grad(p, p.grad)
+        if self.fused:
+            check_fused_devices(items)
         if self.fused is not False and items:
             items = self._step_fused(items, grad_scale, found_inf)
         for group, p in items:
@@ -204,10 +207,11 @@ class Muon(SlimOptimizer):
 
     def _step_reference(self, p, group, grad_scale, found_inf) -> None:
         state = self._ensure_state(p, group)
+        group = scalar_hyperparameters(group)
         grad = local_tensor(p.grad).detach()
         ok = matrices_ok([grad], found_inf)[0]
         state["step"] += ok.to(torch.float32)  # a skipped matrix keeps its step count
-        g = grad.reshape(-1).float()
+        g = grad.reshape(-1).to(compute_dtype(p))
         if grad_scale is not None:
             g = g / grad_scale.to(g.device)
         g = torch.where(ok, g, 0.0)
@@ -232,6 +236,7 @@ class Muon(SlimOptimizer):
 def _kernel_values(group: dict, p: torch.Tensor) -> list:
     """The per-matrix values of the fused passes, from the same expressions the reference
     evaluates (so each rounds to float32 where the reference's does)."""
+    group = scalar_hyperparameters(group)
     lr, momentum = group["lr"], group["momentum"]
     return [
         1 - momentum,
