@@ -264,3 +264,25 @@ def test_float64_params_and_a_one_element_lr_tensor_of_any_shape():
         opt.step()
     assert ours.dtype == torch.float64 and ours.shape == w0.shape
     assert rel(ours.detach(), ref.detach()) < 2e-3
+
+
+def test_torch_muon_optim_inputs_match_in_exact_mode():
+    """Every constructor input torch's own Muon tests use (optim_db): exact mode follows
+    torch.optim.Muon over 30 steps, within the 2e-3 above."""
+    pytest.importorskip("expecttest")  # torch.testing._internal needs it
+    from torch_optim_infos import TORCH_INFOS
+
+    gen = torch.Generator().manual_seed(new_seed())
+    inputs = TORCH_INFOS["Muon"].optim_inputs_func(device="cpu", dtype=torch.float32)
+    assert len(inputs) >= 6
+    for case in inputs:
+        w0 = torch.randn(24, 40, generator=gen)
+        ref, ours = nn.Parameter(w0.clone()), nn.Parameter(w0.clone())
+        ref_opt = torch.optim.Muon([ref], **case.kwargs)
+        opt = slimoptim.Muon([ours], **case.kwargs, **EXACT)
+        for _ in range(30):
+            g = torch.randn(w0.shape, generator=gen)
+            ref.grad, ours.grad = g.clone(), g.clone()
+            ref_opt.step()
+            opt.step()
+        assert rel(ours.detach(), ref.detach()) < 2e-3, case.desc

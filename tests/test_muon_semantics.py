@@ -236,7 +236,7 @@ def test_memory_report_at_default_is_4_06_bytes_per_param():
         (dict(ns_steps=100), "ns_steps"),
         (dict(ns_steps=2.5), "ns_steps"),
         (dict(ns_coefficients=(1.0, 2.0)), "ns_coefficients"),
-        (dict(adjust_lr_fn="rms"), "adjust_lr_fn"),
+        (dict(adjust_lr_fn="rms"), "function rms is not supported.*adjust_lr_fn"),
         (dict(master_weight_bits=16), "master_weight_bits"),
         (dict(state_bits=4), "state_bits"),
     ],
@@ -247,10 +247,10 @@ def test_invalid_arguments_name_the_parameter(kwargs, match):
 
 
 def test_non_matrix_params_are_refused_with_the_recipe():
-    with pytest.raises(ValueError, match=r"shape \(8,\).*muon_param_groups"):
+    with pytest.raises(ValueError, match=r"2D parameters .* size: \(8,\).*muon_param_groups"):
         slimoptim.Muon([nn.Parameter(torch.randn(8, 4)), nn.Parameter(torch.randn(8))])
     opt = slimoptim.Muon([nn.Parameter(torch.randn(8, 4))])
-    with pytest.raises(ValueError, match="2-D"):
+    with pytest.raises(ValueError, match="2D"):
         opt.add_param_group({"params": [nn.Parameter(torch.randn(2, 3, 4))]})
     assert len(opt.param_groups) == 1
 
@@ -309,3 +309,28 @@ def test_without_triton_fused_true_is_an_error_and_none_runs_the_reference(monke
     opt = slimoptim.Muon([p])
     opt.step()
     assert opt.state[p]["step"] == 1
+
+
+def test_torch_muon_error_inputs_raise_as_torch_muon_does():
+    """torch's own Muon error inputs (optim_db): the same error type, and a message that
+    starts as torch's. Complex params are refused at construction (TypeError, as by every
+    slimoptim optimizer) instead of at the first step."""
+    pytest.importorskip("expecttest")  # torch.testing._internal needs it
+    from torch_optim_infos import TORCH_INFOS
+
+    errors = TORCH_INFOS["Muon"].optim_error_inputs_func(device="cpu", dtype=torch.float32)
+    checked = 0
+    for error in errors:
+        case = error.optimizer_error_input
+        if "complex" in case.desc:
+            with pytest.raises(TypeError, match="complex"):
+                slimoptim.Muon(case.params, **case.kwargs).step()
+            continue
+        if error.error_type is UserWarning:
+            with pytest.warns(UserWarning, match=error.error_regex):
+                slimoptim.Muon(case.params, **case.kwargs)
+        else:
+            with pytest.raises(error.error_type, match=error.error_regex):
+                slimoptim.Muon(case.params, **case.kwargs)
+        checked += 1
+    assert checked >= 8

@@ -148,7 +148,7 @@ class Muon(SlimOptimizer):
     def _check_hyperparameters(self, group):
         super()._check_hyperparameters(group)
         if not 0.0 <= group["momentum"]:
-            raise ValueError(f"Invalid momentum value: {group['momentum']}")
+            raise ValueError(f"Invalid momentum value: {group['momentum']} (must be >= 0).")
         if not 0.0 <= group["eps"]:
             raise ValueError(f"Invalid epsilon value: {group['eps']}")
         steps = group["ns_steps"]
@@ -160,8 +160,8 @@ class Muon(SlimOptimizer):
             )
         if group["adjust_lr_fn"] not in ADJUST_LR_FNS:
             raise ValueError(
-                f"adjust_lr_fn must be None, 'original' or 'match_rms_adamw', "
-                f"got {group['adjust_lr_fn']!r}."
+                f"Adjust learning rate function {group['adjust_lr_fn']} is not supported: "
+                "adjust_lr_fn must be None, 'original' or 'match_rms_adamw'."
             )
         for p in group.get("params", ()):  # the constructor checks the defaults first
             _check_muon_param(p)
@@ -264,9 +264,9 @@ def _check_muon_param(p: torch.Tensor) -> None:
         )
     if p.dim() != 2:
         raise ValueError(
-            f"Muon steps 2-D weight matrices only; got a parameter of shape {tuple(p.shape)}. "
-            "Train biases, norms, embeddings and the output head with slimoptim.AdamW: "
-            "slimoptim.muon_param_groups(model) splits a model's parameters that way."
+            "Muon only supports 2D parameters whereas we found a parameter with size: "
+            f"{tuple(p.shape)}. Train biases, norms, embeddings and the output head with "
+            "slimoptim.AdamW: slimoptim.muon_param_groups(model) splits a model that way."
         )
 
 
