@@ -80,10 +80,10 @@ class MuonPlan:
             rows = max(1, block // g)
             per_chunk = rows * g * self.tiles
             chunks = (p.numel() + per_chunk - 1) // per_chunk
+            # Each launch passes the whole tables; its chunks name row i.
             self.launch.append(
                 {
-                    "numel": torch.tensor([p.numel()], dtype=torch.int32, device=device),
-                    "chunk_tensor": torch.zeros(chunks, dtype=torch.int32, device=device),
+                    "chunk_tensor": torch.full((chunks,), i, dtype=torch.int32, device=device),
                     "chunk_start": torch.arange(chunks, dtype=torch.int32, device=device)
                     * per_chunk,
                     "n_chunks": chunks,
@@ -97,7 +97,8 @@ class MuonPlan:
             )
         self.momentum_table = momentum.to(device)
         self.master_table = master.to(device)
-        self.ortho_ptr = torch.tensor([self.ortho.data_ptr()], dtype=torch.int64, device=device)
+        self.numels = torch.tensor([p.numel() for _, p in items], dtype=torch.int32).to(device)
+        self.ortho_ptrs = torch.full((n,), self.ortho.data_ptr(), dtype=torch.int64, device=device)
         # Per step: gradient addresses, then per matrix (1 - momentum, momentum, decay, lr_adj).
         self.upload = torch.zeros(n * 5, dtype=torch.int64, device=device)
         self.grad_ptrs = self.upload[:n]
@@ -137,7 +138,8 @@ class MuonPlan:
         # The skip flag of each matrix is its launches' found_inf; a skipped matrix's
         # counter adds 0, as in the reference. A handful of launches for all matrices.
         ok = ok.to(torch.float32)
-        self.skip = 1 - ok
+        # One 16-byte row per matrix: each launch's found_inf pointer stays aligned.
+        self.skip = torch.nn.functional.pad((1 - ok)[:, None], (0, 3))
         counters = [state["step"] for state in self.states]
         torch._foreach_add_(counters, list(ok.unbind()))
         steps = torch.stack(counters).double()[:, None]
@@ -149,8 +151,8 @@ class MuonPlan:
         """Pass A for matrix ``i``: the bf16 matrix to orthogonalise (a scratch view)."""
         p = self.items[i][1]
         _launch(
-            self.launch[i], self.momentum_table[i : i + 1], self.grad_ptrs[i : i + 1],
-            self.momentum_scalars[i], self.skip[i : i + 1], grad_scale,
+            self.launch[i], self.momentum_table, self.numels, self.grad_ptrs,
+            self.momentum_scalars, self.skip[i], grad_scale,
             muon_momentum_rule, 1, nesterov, KINDS[p.grad.dtype], 1, 0,
         )  # fmt: skip
         return self.scratch[: p.numel()].view(p.shape)
@@ -164,8 +166,8 @@ class MuonPlan:
         """Pass B for matrix ``i``, reading its update from ``ortho_buffer(i)``."""
         info = self.launch[i]
         _launch(
-            info, self.master_table[i : i + 1], self.ortho_ptr, self.master_scalars[i],
-            self.skip[i : i + 1], None, muon_master_rule, 0, has_weight_decay, 1,
+            info, self.master_table, self.numels, self.ortho_ptrs, self.master_scalars,
+            self.skip[i], None, muon_master_rule, 0, has_weight_decay, 1,
             info["PARAM_KIND"], info["CODE_BITS"],
         )  # fmt: skip
 
@@ -176,17 +178,17 @@ def _rows(values: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def _launch(
-    info, table, grad_ptrs, row, skip, grad_scale, rule, n_states, flag, grad_kind,
-    param_kind, code_bits,
+    info, table, numels, grad_ptrs, scalars, skip, grad_scale, rule, n_states, flag,
+    grad_kind, param_kind, code_bits,
 ):  # fmt: skip
     has_scale = grad_scale is not None
     cm.step_kernel[(info["n_chunks"],)](
         table,
         grad_ptrs,
-        info["numel"],
+        numels,
         info["chunk_tensor"],
         info["chunk_start"],
-        row,
+        scalars,
         grad_scale if has_scale else skip,
         skip,
         RULE=rule,
