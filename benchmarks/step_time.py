@@ -339,3 +339,62 @@ def markdown(meta, results, check) -> str:
 
 if __name__ == "__main__":
     main()
+
+
+# ------------------------------------------------------------- Muon (issue 15)
+# Kept apart from main(): python -c "import sys; sys.path.insert(0, 'benchmarks'); \
+#   import step_time as s; print(s.muon_markdown(s.bench_muon()))"
+
+
+def tinyllama_hidden_shapes() -> list[tuple[int, ...]]:
+    """TinyLlama-1.1B's attention and MLP matrices: what Muon steps (154 tensors, 968M)."""
+    return [s for s in tinyllama_shapes()[1:-1] if len(s) == 2]
+
+
+def muon_optimizers() -> dict:
+    """name -> (param dtype, factory): torch.optim.Muon on fp32 and bf16 params, and ours."""
+    bf16, fp32 = torch.bfloat16, torch.float32
+    return {
+        "torch Muon fp32": (fp32, lambda p: torch.optim.Muon(p, lr=0.02)),
+        "torch Muon bf16": (bf16, lambda p: torch.optim.Muon(p, lr=0.02)),
+        "slimoptim Muon 24/8": (bf16, lambda p: slimoptim.Muon(p, lr=0.02)),
+        "slimoptim Muon 24/8 unfused": (
+            bf16,
+            lambda p: slimoptim.Muon(p, lr=0.02, fused=False),
+        ),
+        "slimoptim Muon none/8": (
+            bf16,
+            lambda p: slimoptim.Muon(p, lr=0.02, master_weight_bits=None),
+        ),
+    }
+
+
+def bench_muon(steps: int = 10) -> dict:
+    """Step time of every Muon row at TinyLlama-1.1B hidden-matrix shapes, in one run."""
+    ceiling = copy_ceiling_gbs()
+    shapes = tinyllama_hidden_shapes()
+    rows = {
+        name: bench_one(shapes, dtype, f, steps, ceiling)
+        for name, (dtype, f) in muon_optimizers().items()
+    }
+    return {
+        "gpu": torch.cuda.get_device_name(),
+        "copy_ceiling_gbs": round(ceiling, 1),
+        "rows": rows,
+    }
+
+
+def muon_markdown(result: dict) -> str:
+    ref = result["rows"]["torch Muon bf16"]["ms"]
+    lines = [
+        f"### Muon, TinyLlama-1.1B hidden matrices ({result['gpu']})",
+        "",
+        "| optimizer | step ms | × torch bf16 | state B/param | back-to-back ms | host ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in result["rows"].items():
+        lines.append(
+            f"| {name} | {r['ms']:.2f} | {r['ms'] / ref:.2f} | {r['state_bytes_per_param']:.2f} "
+            f"| {r['ms_back_to_back']:.2f} | {r['host_ms']:.2f} |"
+        )
+    return "\n".join(lines) + "\n"

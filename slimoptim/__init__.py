@@ -13,7 +13,7 @@ from .checkpoint import (
 )
 from .memory import memory_report, state_nbytes
 from .model import cast_model
-from .optimizers import SGD, Adam, AdamW, Lion, SlimOptimizer
+from .optimizers import SGD, Adam, AdamW, Lion, Muon, SlimOptimizer, muon_param_groups
 from .release import GradientRelease, enable_gradient_release
 
 __version__ = "0.1.0"
@@ -22,6 +22,8 @@ __all__ = [
     "Adam",
     "AdamW",
     "Lion",
+    "Muon",
+    "muon_param_groups",
     "SlimOptimizer",
     "GradientRelease",
     "CheckpointError",

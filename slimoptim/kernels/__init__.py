@@ -28,24 +28,30 @@ def fused_step(opt, items, grad_scale, found_inf) -> list:
     forces them (CPU params only under TRITON_INTERPRET=1, else an error); False
     never calls this.
     """
-    if not items:
-        return items
-    if not triton_available():
-        if opt.fused:
-            raise RuntimeError(
-                "fused=True needs Triton (pip install 'slimoptim[triton]', Linux only); "
-                "use fused=None or fused=False for the pure-PyTorch path."
-            )
-        if items[0][1].is_cuda:
-            warnings.warn(
-                "slimoptim: Triton is not installed, so CUDA params are stepped by the slower "
-                "pure-PyTorch reference path (pip install 'slimoptim[triton]').",
-                stacklevel=3,
-            )
+    if not items or not kernels_usable(opt, items):
         return items
     from .dispatch import step_fused  # noqa: PLC0415
 
     return step_fused(opt, items, grad_scale, found_inf)
+
+
+def kernels_usable(opt, items) -> bool:
+    """True when Triton imports. Otherwise ``fused=True`` is an error, and CUDA params get a
+    warning that they take the slower reference path."""
+    if triton_available():
+        return True
+    if opt.fused:
+        raise RuntimeError(
+            "fused=True needs Triton (pip install 'slimoptim[triton]', Linux only); "
+            "use fused=None or fused=False for the pure-PyTorch path."
+        )
+    if items[0][1].is_cuda:
+        warnings.warn(
+            "slimoptim: Triton is not installed, so CUDA params are stepped by the slower "
+            "pure-PyTorch reference path (pip install 'slimoptim[triton]').",
+            stacklevel=4,
+        )
+    return False
 
 
 def refresh_hyperparameters(opt) -> None:

@@ -1,0 +1,253 @@
+"""Muon's two elementwise passes as rules of the step-kernel skeleton (kernels/common.py).
+
+A Muon step of one matrix is: (A) the momentum pass, then Newton-Schulz on PyTorch
+matmuls (the optimizer runs it), then (B) the master pass. Both passes are launches of
+the skeleton with their own table rows:
+
+* A reads the gradient and the momentum state and stores the new state; the matrix to
+  orthogonalise goes out through the skeleton's param slot, into a bf16 scratch buffer
+  with no correction (its round to nearest even is the ``.bfloat16()`` that starts
+  Newton-Schulz).
+* B reads the param and its correction, with the orthogonalised matrix in the gradient
+  slot and no state, and stores the new master.
+
+Each matrix is launched on its own, with its skip flag (non-finite gradient, or
+GradScaler's found_inf) as the skeleton's ``found_inf``: a skipped matrix keeps its
+state, master and step counter whole, as the reference does. The step counters and the
+scalar rows of all matrices are updated by a few torch ops per step, before the passes.
+Nothing waits for the host.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from ..formats import correction_bits
+from . import common as cm
+from .dispatch import KINDS, _aligned, _eligible, _tiling
+from .launch import CONFIG, interpreting
+
+# Columns of the per-tensor float32 scalar rows; 0 is the step.
+ONE_MINUS_MOMENTUM, MOMENTUM = tl.constexpr(1), tl.constexpr(2)
+DECAY, LR_ADJUSTED = tl.constexpr(1), tl.constexpr(2)
+
+
+@triton.jit
+def muon_momentum_rule(_scratch, g, buf, _s1, _floor, k, NESTEROV, _UNUSED1, _UNUSED2):
+    """optimizers.muon.muon_momentum, operation for operation: (update, new buffer)."""
+    buf = buf + (g - buf) * k[ONE_MINUS_MOMENTUM]
+    if NESTEROV:
+        update = g + (buf - g) * k[MOMENTUM]
+    else:
+        update = buf
+    return update, buf, _s1
+
+
+@triton.jit
+def muon_master_rule(w, ortho, _s0, _s1, _floor, k, HAS_WEIGHT_DECAY, _UNUSED1, _UNUSED2):
+    """optimizers.muon.muon_master_update, operation for operation."""
+    if HAS_WEIGHT_DECAY:
+        w = w * k[DECAY]
+    return w - ortho * k[LR_ADJUSTED], _s0, _s1
+
+
+class MuonPlan:
+    """Device tables of a list of matrices, built once, and the per-step uploads."""
+
+    def __init__(self, opt, items):
+        self.items = items
+        self.states = [opt._ensure_state(p, group) for group, p in items]
+        self.device = items[0][1].device
+        n, device = len(items), self.device
+        self.scratch, self.ortho = _scratch(opt, device)
+        momentum = torch.zeros(n, cm.N_FIELDS.value, dtype=torch.int64)
+        master = torch.zeros(n, cm.N_FIELDS.value, dtype=torch.int64)
+        block, self.tiles = _tiling()
+        self.launch = []
+        for i, ((group, p), state) in enumerate(zip(items, self.states, strict=True)):
+            momentum[i, cm.PARAM.value] = self.scratch.data_ptr()
+            momentum[i, cm.STEP.value] = master[i, cm.STEP.value] = state["step"].data_ptr()
+            momentum[i, cm.STATE0.value] = state["momentum_buffer"].data_ptr()
+            if "momentum_buffer_scale" in state:
+                momentum[i, cm.STATE0.value + 1] = state["momentum_buffer_scale"].data_ptr()
+            master[i, cm.PARAM.value] = p.data_ptr()
+            if "correction" in state:
+                master[i, cm.CORRECTION.value] = state["correction"].data_ptr()
+            g = group["group_size"]
+            rows = max(1, block // g)
+            per_chunk = rows * g * self.tiles
+            chunks = (p.numel() + per_chunk - 1) // per_chunk
+            # Each launch passes the whole tables; its chunks name row i.
+            self.launch.append(
+                {
+                    "chunk_tensor": torch.full((chunks,), i, dtype=torch.int32, device=device),
+                    "chunk_start": torch.arange(chunks, dtype=torch.int32, device=device)
+                    * per_chunk,
+                    "n_chunks": chunks,
+                    "TILES": self.tiles,
+                    "G": g,
+                    "ROWS": rows,
+                    "PARAM_KIND": KINDS[p.dtype],
+                    "CODE_BITS": correction_bits(p, group["master_weight_bits"]) or 0,
+                    "STATE_BITS": group["state_bits"],
+                }
+            )
+        self.momentum_table = momentum.to(device)
+        self.master_table = master.to(device)
+        self.numels = torch.tensor([p.numel() for _, p in items], dtype=torch.int32).to(device)
+        self.ortho_ptrs = torch.full((n,), self.ortho.data_ptr(), dtype=torch.int64, device=device)
+        # Per step: gradient addresses, then per matrix (1 - momentum, momentum, decay, lr_adj).
+        self.upload = torch.zeros(n * 5, dtype=torch.int64, device=device)
+        self.grad_ptrs = self.upload[:n]
+        self.values = self.upload[n:].view(torch.float64).view(n, 4)
+        self.param_ptrs = [p.data_ptr() for _, p in items]
+        self.last_host = None
+
+    def still_valid(self, opt) -> bool:
+        scratch = opt._slimoptim_muon_scratch[self.device][0]  # regrown by add_param_group
+        if scratch is not self.scratch:
+            return False
+        return [p.data_ptr() for _, p in self.items] == self.param_ptrs and all(
+            opt.state.get(p) is s for (_, p), s in zip(self.items, self.states, strict=True)
+        )
+
+    def begin_step(self, rows: list[list], ok: torch.Tensor) -> None:
+        """Upload this step's gradient addresses and per-matrix values (float or tensor),
+        advance each step counter by its matrix's ``ok`` (bool [n]), build the scalar rows."""
+        host = np.zeros((len(self.items), 4), dtype=np.float64)
+        tensors = []
+        for i, row in enumerate(rows):
+            for c, v in enumerate(row):
+                if isinstance(v, torch.Tensor):
+                    tensors.append((i, c, v))
+                else:
+                    host[i, c] = v
+        ptrs = np.asarray([p.grad.data_ptr() for _, p in self.items], dtype=np.int64)
+        payload = np.concatenate([ptrs, host.reshape(-1).view(np.int64)])
+        if self.last_host is None or not np.array_equal(payload, self.last_host):
+            staging = torch.from_numpy(payload)
+            if self.upload.is_cuda:
+                staging = staging.pin_memory()
+            self.upload.copy_(staging, non_blocking=True)
+            self.last_host = payload
+        for i, c, v in tensors:  # a tensor lr: device-side copy, no sync
+            self.values[i, c] = v.to(device=self.device, dtype=torch.float64)
+        # The skip flag of each matrix is its launches' found_inf; a skipped matrix's
+        # counter adds 0, as in the reference. A handful of launches for all matrices.
+        ok = ok.to(torch.float32)
+        # One 16-byte row per matrix: each launch's found_inf pointer stays aligned.
+        self.skip = torch.nn.functional.pad((1 - ok)[:, None], (0, 3))
+        counters = [state["step"] for state in self.states]
+        torch._foreach_add_(counters, list(ok.unbind()))
+        steps = torch.stack(counters).double()[:, None]
+        width = cm.MAX_SCALARS.value
+        self.momentum_scalars = _rows(torch.cat([steps, self.values[:, :2]], 1), width)
+        self.master_scalars = _rows(torch.cat([steps, self.values[:, 2:]], 1), width)
+
+    def momentum(self, i, grad_scale, nesterov) -> torch.Tensor:
+        """Pass A for matrix ``i``: the bf16 matrix to orthogonalise (a scratch view)."""
+        p = self.items[i][1]
+        _launch(
+            self.launch[i], self.momentum_table, self.numels, self.grad_ptrs,
+            self.momentum_scalars, self.skip[i], grad_scale,
+            muon_momentum_rule, 1, nesterov, KINDS[p.grad.dtype], 1, 0,
+        )  # fmt: skip
+        return self.scratch[: p.numel()].view(p.shape)
+
+    def ortho_buffer(self, i) -> torch.Tensor:
+        """Where matrix ``i``'s orthogonalised update goes before pass B (bf16, its shape)."""
+        p = self.items[i][1]
+        return self.ortho[: p.numel()].view(p.shape)
+
+    def master(self, i, has_weight_decay) -> None:
+        """Pass B for matrix ``i``, reading its update from ``ortho_buffer(i)``."""
+        info = self.launch[i]
+        _launch(
+            info, self.master_table, self.numels, self.ortho_ptrs, self.master_scalars,
+            self.skip[i], None, muon_master_rule, 0, has_weight_decay, 1,
+            info["PARAM_KIND"], info["CODE_BITS"],
+        )  # fmt: skip
+
+
+def _rows(values: torch.Tensor, width: int) -> torch.Tensor:
+    """float32 scalar rows [n, width] (column 0 the step) from float64 values [n, <= width]."""
+    return torch.nn.functional.pad(values.float(), (0, width - values.shape[1])).contiguous()
+
+
+def _launch(
+    info, table, numels, grad_ptrs, scalars, skip, grad_scale, rule, n_states, flag,
+    grad_kind, param_kind, code_bits,
+):  # fmt: skip
+    has_scale = grad_scale is not None
+    cm.step_kernel[(info["n_chunks"],)](
+        table,
+        grad_ptrs,
+        numels,
+        info["chunk_tensor"],
+        info["chunk_start"],
+        scalars,
+        grad_scale if has_scale else skip,
+        skip,
+        RULE=rule,
+        N_STATES=n_states,
+        FLAG0=flag,
+        FLAG1=False,
+        FLAG2=False,
+        PARAM_KIND=param_kind,
+        GRAD_KIND=grad_kind,
+        CODE_BITS=code_bits,
+        STATE_BITS=info["STATE_BITS"],
+        G=info["G"],
+        ROWS=info["ROWS"],
+        TILES=info["TILES"],
+        MAXIMIZE=False,
+        HAS_GRAD_SCALE=has_scale,
+        HAS_FOUND_INF=True,
+        HW_ROUND=not interpreting(),
+        num_warps=CONFIG["num_warps"],
+        enable_fp_fusion=False,
+        **({"maxnreg": CONFIG["maxnreg"]} if CONFIG.get("maxnreg") else {}),
+    )
+
+
+def _scratch(opt, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 buffers for the update and the orthogonalised matrix, one pair per optimizer and
+    device, as large as its largest matrix: every matrix uses them in turn (the stream runs
+    A, Newton-Schulz and B of one matrix before the next), in every plan."""
+    buffers = opt.__dict__.setdefault("_slimoptim_muon_scratch", {})
+    largest = max(p.numel() for g in opt.param_groups for p in g["params"] if p.device == device)
+    if device not in buffers or buffers[device][0].numel() < largest:
+        buffers[device] = tuple(
+            torch.empty(largest, dtype=torch.bfloat16, device=device) for _ in range(2)
+        )
+    return buffers[device]
+
+
+def split_fusable(opt, items) -> tuple[list, list]:
+    """(items the Muon kernels step, items left to the reference path)."""
+    fused, reference = [], []
+    for group, p in items:
+        ok = _eligible(opt, group, p) and all(
+            _aligned(v) for v in opt._ensure_state(p, group).values() if v.dim() > 0
+        )
+        (fused if ok else reference).append((group, p))
+    device = fused[0][1].device if fused else None
+    reference += [(g, p) for g, p in fused if p.device != device]
+    return [(g, p) for g, p in fused if p.device == device], reference
+
+
+def plan_for(opt, items) -> MuonPlan:
+    plans = opt.__dict__.setdefault("_slimoptim_muon_plans", {})
+    modes = tuple(
+        (g["master_weight_bits"], g["state_bits"], g["group_size"]) for g in opt.param_groups
+    )
+    key = (tuple(id(p) for _, p in items), tuple(p.grad.dtype for _, p in items), modes)
+    plan = plans.get(key)
+    if plan is None or not plan.still_valid(opt):
+        if len(plans) >= 4096:
+            plans.clear()
+        plans[key] = plan = MuonPlan(opt, items)
+    return plan
