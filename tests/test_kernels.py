@@ -213,10 +213,12 @@ def test_fused_true_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
 
 def test_without_triton_the_reference_runs_and_warns_once(monkeypatch):
     monkeypatch.setattr(kernels, "triton_available", lambda: False)
-    p = torch.nn.Parameter(torch.randn(40))
-    p.grad = torch.randn(40)
+    # a param fused=True accepts (CUDA, or CPU under the interpreter): the error is Triton's
+    p = torch.nn.Parameter(torch.randn(40, device=DEVICE))
+    p.grad = torch.randn(40, device=DEVICE)
     with pytest.raises(RuntimeError, match="needs Triton"):
         slimoptim.SGD([p], fused=True).step()
+    p = torch.nn.Parameter(torch.randn(40))
     items = [({}, p)]
     if CUDA:
         p = torch.nn.Parameter(torch.randn(40, device="cuda"))

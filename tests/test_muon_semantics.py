@@ -302,8 +302,10 @@ def test_without_triton_fused_true_is_an_error_and_none_runs_the_reference(monke
     from slimoptim import kernels
 
     monkeypatch.setattr(kernels, "triton_available", lambda: False)
-    p = nn.Parameter(torch.randn(8, 4))
-    p.grad = torch.randn(8, 4)
+    # a param fused=True accepts (CUDA, or CPU under the interpreter): the error is Triton's
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    p = nn.Parameter(torch.randn(8, 4, device=device))
+    p.grad = torch.randn(8, 4, device=device)
     with pytest.raises(RuntimeError, match="needs Triton"):
         slimoptim.Muon([p], fused=True).step()
     opt = slimoptim.Muon([p])
