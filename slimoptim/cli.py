@@ -1,20 +1,23 @@
 """The ``slimoptim`` command line: ``slimoptim demo`` and ``slimoptim plan``.
 
 The subcommands live in :mod:`slimoptim.demo` and :mod:`slimoptim.plan`; this
-module defines the arguments, turns expected failures (bad values, a missing
-device or package) into one-line errors with exit status 2, and holds the
-small text-table helper both commands print with.
+module defines the arguments and turns expected failures (bad values, a missing
+device or package, a closed output pipe) into one-line errors with exit status 2.
+Dependencies point one way: this module imports the commands, never the reverse
+(what they share is in :mod:`slimoptim.cli_common`).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import os
+import re
 import sys
 import textwrap
 from collections.abc import Sequence
 
-# --optimizers names -> slimoptim class names (shared by demo and plan)
-OPTIMIZER_CLASSES = {"adamw": "AdamW", "sgd": "SGD", "lion": "Lion"}
+from .cli_common import OPTIMIZERS, CommandError
 
 DEMO_EXAMPLES = """\
   slimoptim demo                     # ~2 min on a 2-core CPU: torch AdamW vs slimoptim AdamW
@@ -25,37 +28,15 @@ PLAN_EXAMPLES = """\
   slimoptim plan 7B --gpu-memory 80GB
   slimoptim plan llama --optimizers adamw      # transformers' default LlamaConfig
   slimoptim plan --hf-config path/to/config.json --world-size 8
-  slimoptim plan --module mypackage.models:build_model
+  slimoptim plan --module mypackage.models:build_model --module-arg layers=24
 """
+# A negative number where a count or size goes: argparse would take "-5B" for an option.
+_NEGATIVE = re.compile(r"-\d[\d.,]*(e[+-]?\d+)?\s*[a-z]*", re.IGNORECASE)
 
 
 def _paragraphs(*texts: str) -> str:
     """Wrap prose to 88 columns for the raw help formatter, which keeps our example layout."""
     return "\n\n".join(textwrap.fill(t, 88) for t in texts)
-
-
-class CommandError(Exception):
-    """An expected failure the user can fix; printed as one line, exit status 2."""
-
-
-def format_table(
-    header: Sequence[str], rows: Sequence[Sequence[object]], align: str | None = None
-) -> str:
-    """Plain-text table; ``align`` has one character per column, 'l' or 'r' (default:
-    first column left, the rest right). A row that is a single string is printed as is."""
-    align = align or "l" + "r" * (len(header) - 1)
-    cells = [[str(c) for c in row] for row in rows if not isinstance(row, str)]
-    widths = [max(len(r[i]) for r in [list(header), *cells]) for i in range(len(header))]
-
-    def line(row: Sequence[str]) -> str:
-        cells = zip(row, widths, align, strict=True)
-        parts = [c.ljust(w) if a == "l" else c.rjust(w) for c, w, a in cells]
-        return "  ".join(parts).rstrip()
-
-    out = [line(header), "  ".join("-" * w for w in widths)]
-    for row in rows:
-        out.append(row if isinstance(row, str) else line([str(c) for c in row]))
-    return "\n".join(out)
 
 
 def _comma_list(choices: Sequence[str]):
@@ -81,6 +62,18 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
     return value
+
+
+def _keyword_argument(text: str) -> tuple[str, object]:
+    """argparse type for --module-arg: KEY=VALUE, VALUE a Python literal or else a string."""
+    key, equals, value = text.partition("=")
+    if not equals or not key.strip().isidentifier():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, e.g. layers=24")
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        parsed = value  # a bare word such as gelu
+    return key.strip(), parsed
 
 
 def _add_demo(subparsers) -> None:
@@ -124,9 +117,9 @@ def _add_demo(subparsers) -> None:
     demo.add_argument(
         "--optimizers",
         metavar="LIST",
-        type=_comma_list(["adamw", "sgd", "lion"]),
+        type=_comma_list(list(OPTIMIZERS)),
         default=["adamw"],
-        help="slimoptim optimizers to run, comma-separated: adamw,sgd,lion (adamw)",
+        help=f"slimoptim optimizers to run, comma-separated: {','.join(OPTIMIZERS)} (adamw)",
     )
     demo.add_argument(
         "--master-weight-bits",
@@ -152,6 +145,13 @@ def _add_demo(subparsers) -> None:
         "--pure-bf16-baseline",
         action="store_true",
         help="also train torch AdamW directly on bf16 params (no master weights)",
+    )
+    demo.add_argument(
+        "--compute-dtype",
+        choices=["auto", "bfloat16", "float32"],
+        default="auto",
+        help="matmul dtype of every run; auto: bfloat16 where it is faster than float32 "
+        "(GPUs, CPUs with bf16 instructions: measured at start), else float32",
     )
     demo.add_argument("--no-plot", action="store_true", help="skip the PNG plot")
     demo.set_defaults(handler="demo")
@@ -185,6 +185,15 @@ def _add_plan(subparsers) -> None:
         "--module", metavar="PKG.MOD:FACTORY", help="a callable returning an nn.Module"
     )
     plan.add_argument(
+        "--module-arg",
+        metavar="KEY=VALUE",
+        type=_keyword_argument,
+        action="append",
+        default=[],
+        help="keyword argument for the --module factory (repeatable); VALUE is a Python "
+        "literal (24, 0.1, True, 'gelu') or else a string",
+    )
+    plan.add_argument(
         "--gpu-memory", metavar="SIZE", help="say whether each setup fits, e.g. 80GB, 24GiB"
     )
     plan.add_argument(
@@ -197,9 +206,15 @@ def _add_plan(subparsers) -> None:
     plan.add_argument(
         "--optimizers",
         metavar="LIST",
-        type=_comma_list(["adamw", "sgd", "lion"]),
-        default=["adamw", "sgd", "lion"],
-        help="slimoptim optimizers to list (adamw,sgd,lion)",
+        type=_comma_list(list(OPTIMIZERS)),
+        default=list(OPTIMIZERS),
+        help=f"slimoptim optimizers to list ({','.join(OPTIMIZERS)})",
+    )
+    plan.add_argument(
+        "--all-modes",
+        action="store_true",
+        help="every mode (master weight bits 24/32/none x state bits 8/32) and every "
+        "component, instead of the default modes (24/8 and none/8)",
     )
     plan.add_argument(
         "--group-size",
@@ -234,13 +249,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _reject_negative_numbers(argv: Sequence[str]) -> None:
+    """'plan -5B' would read as an unknown option '-5B': say what is wrong instead."""
+    for token in argv:
+        if _NEGATIVE.fullmatch(token):
+            raise CommandError(
+                f"{token!r}: counts and sizes must be positive (e.g. 7B, 350M, 80GB)"
+            )
+
+
+def _quiet_broken_pipe() -> None:
+    """The reader went away (``slimoptim plan 1.5T | head -5``): stop without a traceback.
+    Later writes, including the interpreter's final flush, go to /dev/null."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not hasattr(args, "handler"):
-        parser.print_help()
-        return 2
+    command = argv[0] if argv else None
     try:
+        if command == "plan":
+            _reject_negative_numbers(argv[1:])
+        args = parser.parse_args(argv)
+        if not hasattr(args, "handler"):
+            parser.print_help()
+            return 2
         if args.handler == "demo":
             from .demo import run_demo
 
@@ -249,9 +284,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             from .plan import run_plan
 
             run_plan(args)
+        sys.stdout.flush()  # a closed pipe fails here, inside the handler below
     except CommandError as error:
-        print(f"slimoptim {args.handler}: error: {error}", file=sys.stderr)
+        print(f"slimoptim {command}: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        _quiet_broken_pipe()
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -25,23 +25,16 @@ import torch
 import slimoptim
 
 from . import _io
-from .cli import OPTIMIZER_CLASSES, CommandError, format_table
+from .cli_common import OPTIMIZERS, CommandError, optimizer_class, require_cli_extra
 from .demo_data import Corpus, load_corpus, random_windows
 from .demo_model import SIZES, ByteGPT, ModelSize
+from .demo_report import comparison_lines, results_table, save_plot
 
 DEFAULT_STEPS = {"tiny": 40, "small": 300, "medium": 2000}
 EVAL_POINTS = 12  # validation losses per run, besides the one at step 0
 EVAL_BATCHES = 8
 VALIDATION_SEED = 1234  # the validation windows do not change with --seed
 GRAD_CLIP = 1.0
-
-# AdamW as for small GPTs; SGD and Lion picked by a short sweep on the tiny size (SGD at
-# lr 0.5 diverged early, Lion at 3e-4 crawled). Lion wants a smaller step and more decay.
-HYPERPARAMETERS = {
-    "adamw": dict(lr=3e-3, betas=(0.9, 0.95), weight_decay=0.1),
-    "sgd": dict(lr=0.1, momentum=0.9, weight_decay=0.0),
-    "lion": dict(lr=1.5e-3, betas=(0.9, 0.99), weight_decay=0.2),
-}
 
 
 @dataclass(frozen=True)
@@ -52,26 +45,26 @@ class RunSpec:
     optimizer: str  # adamw | sgd | lion
     library: str  # torch | slimoptim
     param_dtype: str  # float32 | bfloat16
-    autocast: bool
+    autocast: bool  # bf16 autocast around a float32 model (the baseline on bf16 hardware)
+    compute_dtype: str  # matmul dtype: bfloat16 | float32
     master_weight_bits: int | None = None
     state_bits: int | None = None
     gradient_release: bool = False
 
 
-def _bits_label(bits: int | None) -> str:
-    return "none" if bits is None else str(bits)
-
-
-def plan_runs(args, autocast: bool) -> list[RunSpec]:
+def plan_runs(args, compute_dtype: torch.dtype) -> list[RunSpec]:
+    """The baseline, then one slimoptim run per optimizer and mode asked for."""
+    autocast = compute_dtype == torch.bfloat16
+    compute = str(compute_dtype).removeprefix("torch.")
     baseline = "fp32 + bf16 autocast" if autocast else "fp32"
-    runs = [RunSpec(f"torch AdamW {baseline}", "adamw", "torch", "float32", autocast)]
+    runs = [RunSpec(f"torch AdamW {baseline}", "adamw", "torch", "float32", autocast, compute)]
     if args.pure_bf16_baseline:
-        runs.append(RunSpec("torch AdamW pure bf16", "adamw", "torch", "bfloat16", False))
+        runs.append(RunSpec("torch AdamW pure bf16", "adamw", "torch", "bfloat16", False, compute))
     for name in args.optimizers:
         for master in args.master_weight_bits:
             for state in args.state_bits:
                 master_bits = None if master == "none" else int(master)
-                label = f"slimoptim {OPTIMIZER_CLASSES[name]} {master}/{state}"
+                label = f"slimoptim {OPTIMIZERS[name].class_name} {master}/{state}"
                 if args.gradient_release:
                     label += " +release"
                 runs.append(
@@ -81,6 +74,7 @@ def plan_runs(args, autocast: bool) -> list[RunSpec]:
                         "slimoptim",
                         "bfloat16",
                         False,
+                        compute,
                         master_bits,
                         int(state),
                         args.gradient_release,
@@ -116,6 +110,50 @@ def resolve_device(text: str) -> torch.device:
     return device
 
 
+def _median_seconds(fn, repeats: int = 7) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[repeats // 2]
+
+
+def bf16_matmul_ratio(size: ModelSize) -> float:
+    """Time of a bf16 matmul of the model's MLP shape over the float32 one, on this CPU.
+    CPUs without bf16 instructions emulate it, several times slower than float32."""
+    x = torch.randn(size.batch * size.context, size.width)
+    w = torch.randn(4 * size.width, size.width)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    torch.nn.functional.linear(x, w), torch.nn.functional.linear(xb, wb)  # warm up
+    fp32 = _median_seconds(lambda: torch.nn.functional.linear(x, w))
+    bf16 = _median_seconds(lambda: torch.nn.functional.linear(xb, wb))
+    return bf16 / fp32
+
+
+def choose_compute_dtype(
+    requested: str, device: torch.device, size: ModelSize
+) -> tuple[torch.dtype, str]:
+    """The dtype every run's matmuls use, and why. bf16 where it is fast; elsewhere float32,
+    for both runs, so that the demo finishes in minutes on any CPU (the slimoptim run keeps
+    bf16 weights, gradients and states either way: only the arithmetic is float32)."""
+    if requested != "auto":
+        return getattr(torch, requested), "--compute-dtype"
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, "this GPU supports bf16"
+        return torch.float32, "this GPU has no bf16 support"
+    if device.type != "cpu":
+        return torch.float32, f"the default on {device.type}"
+    ratio = bf16_matmul_ratio(size)
+    if ratio < 1:
+        return torch.bfloat16, f"a bf16 matmul took {ratio:.2f}x the float32 time on this CPU"
+    return torch.float32, (
+        f"a bf16 matmul took {ratio:.1f}x the float32 time on this CPU (no bf16 "
+        "instructions), so both runs compute in float32"
+    )
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)
@@ -138,12 +176,11 @@ def build_optimizer(spec: RunSpec, model: torch.nn.Module) -> torch.optim.Optimi
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-    hyper = HYPERPARAMETERS[spec.optimizer]
+    hyper = OPTIMIZERS[spec.optimizer].demo_hyperparameters
     if spec.library == "torch":
         fused = True if next(model.parameters()).is_cuda else None
         return torch.optim.AdamW(groups, **hyper, fused=fused)
-    cls = getattr(slimoptim, OPTIMIZER_CLASSES[spec.optimizer])
-    return cls(
+    return optimizer_class(spec.optimizer)(
         groups, **hyper, master_weight_bits=spec.master_weight_bits, state_bits=spec.state_bits
     )
 
@@ -162,13 +199,46 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_run(
-    spec: RunSpec, size: ModelSize, corpus: Corpus, steps: int, seed: int, device, progress: bool
-) -> dict:
-    from tqdm.auto import tqdm
+class Progress:
+    """A tqdm bar on a terminal (with the cli extra installed); elsewhere, as on a pipe or
+    in a file, one flushed line per evaluation, so a log shows the run moving."""
 
+    def __init__(self, label: str, steps: int, bar: bool):
+        self.label, self.steps, self.start = label, steps, time.perf_counter()
+        self.bar = None
+        if bar:
+            try:
+                from tqdm.auto import tqdm
+            except ImportError:
+                pass  # lines instead
+            else:
+                self.bar = tqdm(total=steps, desc=label, leave=True, ncols=90)
+
+    def step(self) -> None:
+        if self.bar is not None:
+            self.bar.update()
+
+    def evaluated(self, step: int, loss: float, tokens_per_second: float) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(val_loss=f"{loss:.3f}")
+            return
+        elapsed = time.perf_counter() - self.start
+        print(
+            f"  {self.label}: step {step:>{len(str(self.steps))}}/{self.steps}  "
+            f"validation loss {loss:.3f}  {tokens_per_second:,.0f} tokens/s  {elapsed:.0f} s",
+            flush=True,
+        )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def train_run(
+    spec: RunSpec, size: ModelSize, corpus: Corpus, steps: int, seed: int, device, bar: bool
+) -> dict:
     seed_everything(seed)
-    model = ByteGPT(size)
+    model = ByteGPT(size, compute_dtype=getattr(torch, spec.compute_dtype))
     if spec.param_dtype == "bfloat16":
         slimoptim.cast_model(model)
     model.to(device)
@@ -194,8 +264,8 @@ def train_run(
         torch.cuda.reset_peak_memory_stats(device)
 
     train_seconds = 0.0
-    bar = tqdm(range(1, steps + 1), desc=spec.label, disable=not progress, leave=True, ncols=90)
-    for step in bar:
+    progress = Progress(spec.label, steps, bar)
+    for step in range(1, steps + 1):
         tokens = random_windows(corpus.train, size.batch, size.context + 1, batches).to(device)
         _sync(device)
         start = time.perf_counter()
@@ -219,10 +289,12 @@ def train_run(
         _sync(device)
         train_seconds += time.perf_counter() - start
         train_losses.append(loss.detach())
+        progress.step()
         if step in eval_at:
             validation.append((step, evaluate(model, windows, spec.autocast, device)))
-            bar.set_postfix(val_loss=f"{validation[-1][1]:.3f}")
-    bar.close()
+            speed = step * size.batch * size.context / train_seconds
+            progress.evaluated(step, validation[-1][1], speed)
+    progress.close()
     if release is not None:
         release.remove()
 
@@ -230,7 +302,7 @@ def train_run(
     return {
         "label": spec.label,
         "spec": asdict(spec),
-        "hyperparameters": HYPERPARAMETERS[spec.optimizer],
+        "hyperparameters": OPTIMIZERS[spec.optimizer].demo_hyperparameters,
         "final_validation_loss": validation[-1][1],
         "validation_curve": validation,
         "train_loss": torch.stack(train_losses).float().tolist(),
@@ -241,93 +313,21 @@ def train_run(
     }
 
 
-# ----------------------------------------------------------------- output
-
-
-def results_table(results: list[dict], on_gpu: bool) -> str:
-    memory = "peak MiB" if on_gpu else "held MiB"
-    header = ["run", "val loss", "tokens/s", memory, "param", "grad", "master", "states", "scales"]
-    header.append("total B/param")
-    rows = []
-    for r in results:
-        per_param = r["memory_report"]["bytes_per_param"]
-        held = r["peak_memory_bytes"] if on_gpu else r["memory_report"]["total_bytes"]
-        scales = per_param["state_scales"] + per_param["step"]
-        cells = [per_param[k] for k in ("params", "grads", "master_correction", "states")]
-        rows.append(
-            [
-                r["label"],
-                f"{r['final_validation_loss']:.3f}",
-                f"{r['tokens_per_second']:,.0f}",
-                f"{held / 2**20:.2f}",
-                *(f"{c:.2f}" for c in cells),
-                f"{scales:.2f}",
-                f"{r['memory_report']['total_bytes_per_param']:.2f}",
-            ]
-        )
-    return format_table(header, rows)
-
-
-def comparison_lines(results: list[dict], on_gpu: bool) -> list[str]:
-    base = results[0]
-    key = "peak_memory_bytes" if on_gpu else None
-
-    def held(r):
-        return r[key] if key else r["memory_report"]["total_bytes"]
-
-    lines = []
-    for r in results[1:]:
-        change = r["final_validation_loss"] / base["final_validation_loss"] - 1
-        lines.append(
-            f"{r['label']}: {held(r) / held(base):.2f}x the "
-            f"{'peak memory' if on_gpu else 'memory held'} of the baseline, "
-            f"validation loss {change:+.1%}"
-        )
-    return lines
-
-
-def save_plot(results: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=120)
-    for i, r in enumerate(results):
-        color = f"C{i}"
-        train = torch.tensor(r["train_loss"])
-        # A running mean over 10 steps keeps the training curve readable.
-        window = min(10, len(train))
-        smooth = train.unfold(0, window, 1).mean(dim=1)
-        ax.plot(range(window, len(train) + 1), smooth, color=color, alpha=0.35, lw=1)
-        steps = [step for step, _ in r["validation_curve"]]
-        losses = [loss for _, loss in r["validation_curve"]]
-        ax.plot(steps, losses, color=color, marker="o", ms=3, lw=1.5, label=r["label"])
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per byte)")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(title="validation (dots), training (faint)", fontsize=8, title_fontsize=8)
-    final = [r["final_validation_loss"] for r in results]
-    ax.set_ylim(min(final) - 0.3, max(r["validation_curve"][0][1] for r in results) + 0.1)
-    fig.tight_layout()
-    with _io.atomic_open(path) as f:  # a half-written plot never replaces a good one
-        fig.savefig(f, format=Path(path).suffix.lstrip(".") or "png")
-    plt.close(fig)
-
-
 def run_demo(args) -> dict:
+    started = time.perf_counter()
     device = resolve_device(args.device)
     size = SIZES[args.size]
     steps = args.steps or DEFAULT_STEPS[args.size]
+    if not args.no_plot:  # before minutes of training, not after
+        require_cli_extra("matplotlib", "the plot", "pass --no-plot")
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise CommandError(f"cannot create the output folder {out}: {error}") from None
 
-    autocast = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
-    runs = plan_runs(args, autocast)
+    compute_dtype, why = choose_compute_dtype(args.compute_dtype, device, size)
+    runs = plan_runs(args, compute_dtype)
     corpus = load_corpus()
     num_params = sum(p.numel() for p in ByteGPT(size).parameters())
     tokens = steps * size.batch * size.context
@@ -341,12 +341,9 @@ def run_demo(args) -> dict:
         f"({corpus.train.numel() / 1e6:.1f} / {corpus.validation.numel() / 1e6:.1f} MB) "
         f"of the Python {platform.python_version()} standard library"
     )
-    progress = sys.stderr.isatty()  # bars on a terminal; one line per run in logs
-    results = []
-    for spec in runs:
-        results.append(train_run(spec, size, corpus, steps, args.seed, device, progress))
-        if not progress:
-            print(f"  {spec.label}: validation loss {results[-1]['final_validation_loss']:.3f}")
+    print(f"compute: {str(compute_dtype).removeprefix('torch.')} matmuls: {why}", flush=True)
+    bar = sys.stderr.isatty()  # bars on a terminal; a line per evaluation in logs
+    results = [train_run(spec, size, corpus, steps, args.seed, device, bar) for spec in runs]
 
     on_gpu = device.type == "cuda"
     print()
@@ -366,20 +363,27 @@ def run_demo(args) -> dict:
         "steps": steps,
         "seed": args.seed,
         "device": str(device),
+        "compute_dtype": str(compute_dtype).removeprefix("torch."),
+        "compute_dtype_reason": why,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "data": corpus.describe(),
         "runs": results,
     }
     results_path = out / "results.json"
+    if not args.no_plot:
+        plot_path = out / "results.png"
+        title = (
+            f"byte-level GPT ({num_params / 1e6:.2f}M params) on the Python standard library, "
+            f"{device.type}, {summary['compute_dtype']} matmuls"
+        )
+        save_plot(results, plot_path, title)
+    summary["wall_seconds"] = time.perf_counter() - started
     _io.write_text(results_path, json.dumps(summary, indent=1) + "\n")  # atomic
     print(f"\nresults: {results_path}")
     if not args.no_plot:
-        plot_path = out / "loss_curves.png"
-        title = (
-            f"byte-level GPT ({num_params / 1e6:.2f}M params) on the Python standard library, "
-            f"{device.type}"
-        )
-        save_plot(results, plot_path, title)
         print(f"plot:    {plot_path}")
+    print(f"wall time {summary['wall_seconds']:.0f} s")
     return summary

@@ -30,7 +30,7 @@ class ModelSize:
         return asdict(self)
 
 
-# tiny: tests; small: the default, about two minutes for two runs on a 2-core CPU;
+# tiny: tests; small: the default, under three minutes for two runs on a 2-core CPU;
 # medium: a GPU (``--device cuda --size medium``).
 SIZES = {
     "tiny": ModelSize(layers=2, width=64, heads=4, context=64, batch=8),
@@ -39,16 +39,37 @@ SIZES = {
 }
 
 
+def _as(t: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    return None if t is None else t.to(x.dtype)
+
+
+class Linear(nn.Linear):
+    """nn.Linear that computes in its input's dtype. bf16 weights can then run float32
+    matmuls (much faster on CPUs without bf16 instructions) while the weights and their
+    gradients stay bf16: the cast is part of the graph. A no-op when the dtypes agree."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, _as(self.weight, x), _as(self.bias, x))
+
+
+class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm that computes in its input's dtype (see Linear)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = _as(self.weight, x), _as(self.bias, x)
+        return F.layer_norm(x, self.normalized_shape, weight, bias, self.eps)
+
+
 class Block(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
         self.heads = heads
-        self.attn_norm = nn.LayerNorm(width)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.attn_out = nn.Linear(width, width)
-        self.mlp_norm = nn.LayerNorm(width)
-        self.mlp_in = nn.Linear(width, 4 * width)
-        self.mlp_out = nn.Linear(4 * width, width)
+        self.attn_norm = LayerNorm(width)
+        self.qkv = Linear(width, 3 * width)
+        self.attn_out = Linear(width, width)
+        self.mlp_norm = LayerNorm(width)
+        self.mlp_in = Linear(width, 4 * width)
+        self.mlp_out = Linear(4 * width, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, length, width = x.shape
@@ -60,13 +81,14 @@ class Block(nn.Module):
 
 
 class ByteGPT(nn.Module):
-    def __init__(self, size: ModelSize):
+    def __init__(self, size: ModelSize, compute_dtype: torch.dtype | None = None):
         super().__init__()
         self.size = size
+        self.compute_dtype = compute_dtype  # None: the weights' dtype
         self.embed = nn.Embedding(VOCAB_SIZE, size.width)
         self.position = nn.Embedding(size.context, size.width)
         self.blocks = nn.ModuleList(Block(size.width, size.heads) for _ in range(size.layers))
-        self.final_norm = nn.LayerNorm(size.width)
+        self.final_norm = LayerNorm(size.width)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -82,11 +104,13 @@ class ByteGPT(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Logits (batch, length, 256) for byte ``tokens`` (batch, length)."""
         positions = torch.arange(tokens.shape[1], device=tokens.device)
-        x = self.embed(tokens) + self.position(positions)
+        dtype = self.compute_dtype or self.embed.weight.dtype
+        x = self.embed(tokens).to(dtype) + self.position(positions).to(dtype)
         for block in self.blocks:
             x = block(x)
         # The output layer reuses the byte embedding (weight tying, as in GPT-2).
-        return F.linear(self.final_norm(x), self.embed.weight)
+        x = self.final_norm(x)
+        return F.linear(x, _as(self.embed.weight, x))
 
     def loss(self, tokens: torch.Tensor) -> torch.Tensor:
         """Mean next-byte cross-entropy (nats) over ``tokens`` (batch, context + 1)."""

@@ -33,26 +33,55 @@ def _cast_floats(obj, dtype):
     return obj
 
 
-def cast_model(
-    model: nn.Module, dtype: torch.dtype = torch.bfloat16, keep_fp32: Iterable = DEFAULT_KEEP_FP32
-) -> nn.Module:
-    """Cast ``model``'s floating params and buffers to ``dtype`` in place; return it.
-
-    ``keep_fp32`` lists name patterns (fnmatch, e.g. ``"*.norm"``), module types
-    or module objects to keep in float32. Each kept module gets hooks that cast
-    its floating inputs to float32 and its outputs back to ``dtype``, so the
-    model still runs end to end. Pass ``keep_fp32=()`` to cast everything.
-    """
-    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
-        raise ValueError(
-            f"dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype}."
-        )
-    keep = tuple(keep_fp32)
+def _check_rules(keep: tuple) -> None:
     for rule in keep:
         if not isinstance(rule, (str, type, nn.Module)):
             raise TypeError(
                 f"keep_fp32 entries must be name patterns, module types or modules; got {rule!r}."
             )
+
+
+def _check_every_rule_matches(model: nn.Module, keep: tuple) -> None:
+    """A keep_fp32 entry that selects nothing is a typo or a wrong name: say which."""
+    named = list(model.named_modules())
+    for rule in keep:
+        if any(_matches(name, module, (rule,)) for name, module in named):
+            continue
+        examples = ", ".join(repr(name) for name, _ in named[1:6])
+        what = rule.__name__ if isinstance(rule, type) else repr(rule)
+        raise ValueError(
+            f"keep_fp32 entry {what} matches no module of this {type(model).__name__}. "
+            f"Patterns match module names relative to the model, without a leading dot "
+            f"(here: {examples}, ...); types match with isinstance."
+        )
+
+
+def cast_model(
+    model: nn.Module,
+    dtype: torch.dtype = torch.bfloat16,
+    keep_fp32: Iterable = (),
+    *,
+    keep_batchnorm_fp32: bool = True,
+) -> nn.Module:
+    """Cast ``model``'s floating params and buffers to ``dtype`` in place; return it.
+
+    BatchNorm layers stay float32 (``keep_batchnorm_fp32=False`` casts them too).
+    ``keep_fp32`` adds name patterns (fnmatch on module names, e.g. ``"*.norm"`` or
+    ``"head"``), module types or module objects to keep in float32; an entry that
+    matches no module raises ``ValueError``. Each kept module gets hooks that cast its
+    floating inputs to float32 and its outputs back to ``dtype``, so the model still
+    runs end to end.
+    """
+    if dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(
+            f"dtype must be torch.bfloat16, torch.float16 or torch.float32, got {dtype}."
+        )
+    if isinstance(keep_fp32, (str, type, nn.Module)):
+        keep_fp32 = (keep_fp32,)  # one entry given bare
+    extra = tuple(keep_fp32)
+    _check_rules(extra)
+    _check_every_rule_matches(model, extra)
+    keep = (DEFAULT_KEEP_FP32 if keep_batchnorm_fp32 else ()) + extra
     kept = [m for name, m in model.named_modules() if keep and _matches(name, m, keep)]
     kept_ids = {id(m) for m in kept}
     for name, module in model.named_modules():

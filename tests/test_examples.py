@@ -44,3 +44,5 @@ def test_example_runs(name):
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert STATE_LINE.get(name, "optimizer state: 3.13 bytes/param") in result.stdout
+    if name == "hf_trainer.py":  # Trainer's own no-decay grouping, checked by the script
+        assert "weight decay on 10 tensors, none on 18 (biases and norms)" in result.stdout

@@ -30,12 +30,39 @@ def test_defaults_keep_batchnorm_fp32_and_still_run():
     assert model.bn.weight.grad.dtype == torch.float32
 
 
-def test_name_patterns_and_module_types_select_fp32_layers():
+def test_name_patterns_and_module_types_add_to_the_batchnorm_default():
     model = slimoptim.cast_model(Net(), torch.float16, keep_fp32=("head.*", nn.LayerNorm))
     assert model.head[1].weight.dtype == torch.float32
     assert model.norm.weight.dtype == torch.float32
-    assert model.bn.weight.dtype == torch.float16  # not in this keep list
+    assert model.bn.weight.dtype == torch.float32  # the default still applies
+    assert model.conv.weight.dtype == torch.float16
     assert model(torch.randn(2, 3, 8, 8, dtype=torch.float16)).dtype == torch.float16
+
+
+def test_batchnorm_default_can_be_turned_off():
+    model = slimoptim.cast_model(Net(), torch.bfloat16, keep_batchnorm_fp32=False)
+    assert model.bn.weight.dtype == torch.bfloat16 and model.bn.running_var.dtype == torch.bfloat16
+    model = slimoptim.cast_model(Net(), keep_fp32="norm", keep_batchnorm_fp32=False)  # bare
+    assert model.norm.weight.dtype == torch.float32 and model.bn.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    "keep, named",
+    [
+        (("*.2",), "'\\*\\.2'"),
+        ((nn.LayerNorm,), "LayerNorm"),
+        ((nn.Linear(2, 2),), r"Linear\(in_features=2"),
+    ],
+)
+def test_keep_fp32_entry_that_matches_nothing_is_refused(keep, named):
+    # A top-level module is named "2", not "*.2"; this model has no LayerNorm; the Linear
+    # given is not one of its modules.
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.BatchNorm1d(4))
+    with pytest.raises(ValueError, match=f"keep_fp32 entry {named}.* matches no module"):
+        slimoptim.cast_model(model, keep_fp32=keep)
+    assert model[0].weight.dtype == torch.float32  # refused before casting anything
+    slimoptim.cast_model(model, keep_fp32=("2",))  # the right name works
+    assert model[2].weight.dtype == torch.float32 and model[0].weight.dtype == torch.bfloat16
 
 
 def test_optimizer_over_a_mixed_model_matches_reference_per_dtype():

@@ -401,6 +401,18 @@ class SlimOptimizer(torch.optim.Optimizer):
                 )
         return out
 
+    def __repr__(self) -> str:
+        # torch's repr starts "AdamW (", the same as torch.optim.AdamW's: name the library
+        # and the mode, e.g. "slimoptim.AdamW (master 24-bit, states 8-bit) (".
+        def bits(key: str) -> str:
+            values = dict.fromkeys(g[key] for g in self.param_groups) or [self.defaults[key]]
+            return "/".join("none" if v is None else f"{v}-bit" for v in values)
+
+        name = type(self).__name__
+        listing = super().__repr__().removeprefix(name)
+        mode = f"master {bits('master_weight_bits')}, states {bits('state_bits')}"
+        return f"slimoptim.{name} ({mode}){listing}"
+
 
 def warn_once(message: str, _seen: set = set()) -> None:  # noqa: B006 (deliberate cache)
     if message not in _seen:
