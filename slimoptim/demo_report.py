@@ -9,8 +9,10 @@ import torch
 from . import _io
 from .cli_common import format_table
 
-# One hue per run (validation: dots; training: a thin line of the same hue).
+# One hue and marker per run (validation: markers; training: a thin line of the same hue).
+# Later runs get hollow markers and dashes, so curves that coincide stay visible.
 RUN_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2")
+RUN_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 # memory_report component -> (legend label, colour) for the bytes/param panel
 COMPONENTS = {
     "params": ("parameters", "#4c4c4c"),
@@ -77,10 +79,12 @@ def _draw_losses(ax, results: list[dict], zoom: bool) -> None:
     for i, r in enumerate(results):
         colour = RUN_COLOURS[i % len(RUN_COLOURS)]
         steps, smooth = _smoothed(r["train_loss"])
-        ax.plot(steps, smooth, color=colour, alpha=0.45, lw=0.8)
+        ax.plot(steps, smooth, color=colour, alpha=0.5, lw=0.8)
         val_steps = [step for step, _ in r["validation_curve"]]
         val = [loss for _, loss in r["validation_curve"]]
-        ax.plot(val_steps, val, color=colour, marker="o", ms=3.5, lw=1.5, label=r["label"])
+        style = dict(ls="-", ms=4) if i == 0 else dict(ls="--", ms=7, mfc="none", mew=1.3)
+        marker = RUN_MARKERS[i % len(RUN_MARKERS)]
+        ax.plot(val_steps, val, color=colour, marker=marker, lw=1.4, label=r["label"], **style)
     if zoom:
         # The second half of training, where a difference between the runs would show.
         last = max(step for step, _ in results[0]["validation_curve"])
@@ -103,7 +107,7 @@ def _draw_memory(ax, results: list[dict]) -> None:
     ax.set_xlim(0, max(left) * 1.18)
     ax.set_xlabel("bytes per parameter held between steps")
     ax.tick_params(axis="y", labelsize=8)
-    ax.legend(fontsize=7, loc="lower right", ncol=2)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.45, -0.2), ncol=3, frameon=False)
     ax.grid(axis="x", alpha=0.3)
 
 
@@ -121,7 +125,10 @@ def save_plot(results: list[dict], path: Path, title: str) -> None:
     loss_ax.set_ylabel("loss (nats per byte)")
     loss_ax.grid(alpha=0.3)
     loss_ax.legend(
-        title="validation (dots), training (thin)", fontsize=8, title_fontsize=8, loc="lower left"
+        title="validation (markers), training (thin)",
+        fontsize=8,
+        title_fontsize=8,
+        loc="lower left",
     )
     inset = loss_ax.inset_axes([0.45, 0.45, 0.52, 0.5])
     _draw_losses(inset, results, zoom=True)
