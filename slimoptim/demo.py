@@ -238,7 +238,9 @@ def train_run(
     spec: RunSpec, size: ModelSize, corpus: Corpus, steps: int, seed: int, device, bar: bool
 ) -> dict:
     seed_everything(seed)
-    model = ByteGPT(size, compute_dtype=getattr(torch, spec.compute_dtype))
+    # bf16 compute: bf16 weights compute in bf16, the float32 baseline under autocast (its
+    # residual stream stays float32). float32 compute: every run's activations in float32.
+    model = ByteGPT(size, compute_dtype=torch.float32 if spec.compute_dtype == "float32" else None)
     if spec.param_dtype == "bfloat16":
         slimoptim.cast_model(model)
     model.to(device)
@@ -318,13 +320,13 @@ def run_demo(args) -> dict:
     device = resolve_device(args.device)
     size = SIZES[args.size]
     steps = args.steps or DEFAULT_STEPS[args.size]
-    if not args.no_plot:  # before minutes of training, not after
-        require_cli_extra("matplotlib", "the plot", "pass --no-plot")
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise CommandError(f"cannot create the output folder {out}: {error}") from None
+    if not args.no_plot:  # before minutes of training, not after
+        require_cli_extra("matplotlib", "the plot", "pass --no-plot")
 
     compute_dtype, why = choose_compute_dtype(args.compute_dtype, device, size)
     runs = plan_runs(args, compute_dtype)

@@ -30,7 +30,7 @@ from .plan_models import (  # noqa: F401 (re-exported: the plan's inputs)
 
 # memory_report's components, then the weights of frozen parameters
 COMPONENTS = ("params", "master_correction", "grads", "states", "state_scales", "step")
-FROZEN = "frozen_params"
+FROZEN = "frozen_weights"
 STEP_BYTES = 4  # torch.optim and slimoptim keep a float32 step counter per tensor
 RELEASE_BUCKET_BYTES = 32 * 2**20  # enable_gradient_release's default bucket_bytes
 DEFAULT_MODES = ((24, 8), (None, 8))  # (master weight bits, state bits) shown by default

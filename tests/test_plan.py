@@ -10,23 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cli import run_main  # main(args) in this process: (status, stdout, stderr)
 from torch import nn
 
 import slimoptim
 from slimoptim import plan
-from slimoptim.cli import main
 from slimoptim.cli_common import OPTIMIZERS, CommandError, optimizer_class
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run_main(capsys, *args: str) -> tuple[int, str, str]:
-    try:
-        status = main(list(args))
-    except SystemExit as exit_:
-        status = exit_.code
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 @pytest.mark.parametrize(
