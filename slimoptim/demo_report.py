@@ -118,17 +118,20 @@ def save_plot(results: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, (loss_ax, memory_ax) = plt.subplots(
-        1, 2, figsize=(11, 4.2), dpi=120, gridspec_kw={"width_ratios": [1.25, 1]}
+        1, 2, figsize=(11, 4.6), dpi=120, gridspec_kw={"width_ratios": [1.25, 1]}
     )
     _draw_losses(loss_ax, results, zoom=False)
     loss_ax.set_xlabel("step")
     loss_ax.set_ylabel("loss (nats per byte)")
     loss_ax.grid(alpha=0.3)
     loss_ax.legend(
-        title="validation (markers), training (thin)",
+        title="validation (markers), training (thin lines, 10-step mean)",
         fontsize=8,
         title_fontsize=8,
-        loc="lower left",
+        loc="upper center",
+        bbox_to_anchor=(0.5, -0.2),
+        ncol=2,
+        frameon=False,
     )
     inset = loss_ax.inset_axes([0.45, 0.45, 0.52, 0.5])
     _draw_losses(inset, results, zoom=True)
