@@ -26,6 +26,11 @@ NEEDS_SKLEARN = pytest.mark.skipif(
     importlib.util.find_spec("sklearn") is None,
     reason="the vision study needs scikit-learn (pip install scikit-learn)",
 )
+# matplotlib is in the slimoptim[cli] extra, not a dependency of the library.
+NEEDS_MATPLOTLIB = pytest.mark.skipif(
+    importlib.util.find_spec("matplotlib") is None,
+    reason="the quality report's plots need matplotlib (pip install 'slimoptim[cli]')",
+)
 NEEDS_TRANSFORMERS = pytest.mark.skipif(
     importlib.util.find_spec("transformers") is None,
     reason="the Llama memory benchmark needs transformers (pip install transformers)",
@@ -87,6 +92,7 @@ def test_flashoptim_fp16_scale_flushes_tiny_states():
     assert torch.allclose(m_hat, m, rtol=0.02) and torch.allclose(v_hat, v, rtol=0.15)
 
 
+@NEEDS_MATPLOTLIB
 def test_quality_study_tiny_runs_merges_and_reports(tmp_path):
     import quality
 
