@@ -45,6 +45,11 @@ def rule_for(opt):
     return RULES.get(name) if name is not None else None
 
 
+def _chunk_elements() -> int:
+    block, tiles = _tiling()
+    return block * tiles
+
+
 def _tiling() -> tuple[int, int]:
     config = INTERPRETER_CONFIG if interpreting() else CONFIG
     return config["block"], config["tiles"]
@@ -169,7 +174,10 @@ def _eligible(opt, group, p) -> bool:
     if p.grad is None or hasattr(p, "to_local") != hasattr(p.grad, "to_local"):
         return False
     p, grad = _local(p), _local(p.grad)
-    if not p.is_contiguous() or p.numel() >= 2**31:
+    # int32 element offsets: a chunk's end must stay below 2**31
+    if not p.is_contiguous() or p.numel() > 2**31 - 1 - _chunk_elements():
+        return False
+    if grad.shape != p.shape:  # a DTensor grad placed unlike its param
         return False
     if p.dtype not in KINDS:  # float64 params are their own master: reference path
         return False
@@ -313,5 +321,8 @@ def step_fused(opt, items, grad_scale, found_inf) -> list:
             plan.last_grad_ptrs, plan.last_values = ptrs, values.tobytes()
         else:
             _upload_tensors(plan, tensors)
+    # Nothing is stepped before every gradient has been checked: the reference leftovers
+    # (sparse, complex, ...) raise here, before the kernels run.
+    opt.check_grads(plan.reference)
     launch_plan(plan, grad_scale, found_inf, capturing=_capturing(items))
     return plan.reference

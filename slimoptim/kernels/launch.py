@@ -40,14 +40,14 @@ def launch_plan(plan, grad_scale, found_inf, capturing: bool) -> None:
     """Step every bucket of ``plan`` (gradient addresses and hyper-parameters uploaded)."""
     scale = _device_scalar(grad_scale, plan.device)
     inf = _device_scalar(found_inf, plan.device)
-    if not USE_GRAPHS or plan.device.type != "cuda" or capturing:
+    if not USE_GRAPHS or plan.device.type != "cuda" or capturing or interpreting():
         _launch_all(plan, scale, inf)
         return
     key = (scale is not None, inf is not None)
     graphs = plan.__dict__.setdefault("graphs", {})
     if key not in graphs:
-        graphs[key] = None  # the first run of this kind is eager: it compiles the kernels
-        _launch_all(plan, scale, inf)
+        _launch_all(plan, scale, inf)  # the first run of this kind is eager: it compiles
+        graphs[key] = None  # ... and only once it has run is the plan captured
         return
     if graphs[key] is None:
         graphs[key] = _capture(plan, key)
@@ -67,7 +67,12 @@ def _capture(plan, key) -> torch.cuda.CUDAGraph:
         graph = torch.cuda.CUDAGraph()
         # thread_local: gradient release captures inside backward, while autograd's
         # threads keep launching their own work.
-        with torch.cuda.graph(graph, pool=_pool(plan), capture_error_mode="thread_local"):
+        # Each device its own capture stream: torch's default one is created on whatever
+        # device was current at the process's first capture.
+        stream = plan.shared.setdefault(("capture_stream", plan.device), torch.cuda.Stream())
+        with torch.cuda.graph(
+            graph, pool=_pool(plan), stream=stream, capture_error_mode="thread_local"
+        ):
             _launch_all(
                 plan,
                 plan.static_scale if has_scale else None,
@@ -77,12 +82,13 @@ def _capture(plan, key) -> torch.cuda.CUDAGraph:
 
 
 def _pool(plan):
-    # One memory pool for all of an optimizer's graphs on a device: their temporaries
-    # live only within a replay, and replays run one after another on one stream.
-    pools = plan.shared.setdefault("graph_pools", {})
-    if plan.device not in pools:
-        pools[plan.device] = torch.cuda.graph_pool_handle()
-    return pools[plan.device]
+    # One memory pool for an optimizer's graphs captured from one stream of a device: their
+    # temporaries live only within a replay, and replays on one stream run one after
+    # another. (Gradient release steps from the streams autograd runs on.)
+    key = ("graph_pool", plan.device, torch.cuda.current_stream(plan.device))
+    if key not in plan.shared:
+        plan.shared[key] = torch.cuda.graph_pool_handle()
+    return plan.shared[key]
 
 
 def _launch_all(plan, scale, inf) -> None:

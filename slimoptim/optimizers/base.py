@@ -307,10 +307,15 @@ class SlimOptimizer(torch.optim.Optimizer):
             # The Triton kernels step what they can (checking the gradients they take);
             # the rest is left to the reference.
             items = fused_step(self, items, grad_scale, found_inf)
-        for _, p in items:  # every check before any reference step
-            _check_grad(p, p.grad)
+        self.check_grads(items)  # every check before any reference step
         for group, p in items:
             self._step_reference(p, group, grad_scale, found_inf)
+
+    @staticmethod
+    def check_grads(items) -> None:
+        """Raise for a gradient the optimizer cannot take (sparse, complex, misshapen)."""
+        for _, p in items:
+            _check_grad(p, p.grad)
 
     def _step_reference(self, p, group, grad_scale, found_inf) -> None:
         state = self._ensure_state(p, group)
