@@ -243,7 +243,7 @@ STAGES = {
 }
 
 
-def run(stages: str, rank: int, world: int, workdir: str, store=None) -> dict:
+def run(stages: str, rank: int, world: int, workdir: str, store=None, destroy=True) -> dict:
     """Run the comma-separated ``stages`` in one process group; rank 0 saves their results."""
     if store is None:
         store = dist.FileStore(os.path.join(workdir, f"store_{stages}_w{world}"), world)
@@ -256,7 +256,8 @@ def run(stages: str, rank: int, world: int, workdir: str, store=None) -> dict:
                 out[stage] = STAGES[stage](rank, world, workdir)
         dist.barrier()
     finally:
-        dist.destroy_process_group()
+        if destroy:
+            dist.destroy_process_group()
     if rank == 0:
         torch.save(out, os.path.join(workdir, f"w{world}_{stages}.pt"))
     return out
@@ -264,4 +265,10 @@ def run(stages: str, rank: int, world: int, workdir: str, store=None) -> dict:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    run(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    run(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], destroy=False)
+    # Every rank passed the final barrier and rank 0 saved: leave without gloo's teardown,
+    # whose transport threads can abort a rank (SIGABRT, "terminate called without an
+    # active exception") while its peers are already exiting. Errors raise before this.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
