@@ -8,7 +8,6 @@ their compact storage, calls the update, and stores the results back.
 from __future__ import annotations
 
 import functools
-import warnings
 from collections.abc import Iterable
 
 import torch
@@ -417,9 +416,3 @@ class SlimOptimizer(torch.optim.Optimizer):
         listing = super().__repr__().removeprefix(name)
         mode = f"master {bits('master_weight_bits')}, states {bits('state_bits')}"
         return f"slimoptim.{name} ({mode}){listing}"
-
-
-def warn_once(message: str, _seen: set = set()) -> None:  # noqa: B006 (deliberate cache)
-    if message not in _seen:
-        _seen.add(message)
-        warnings.warn(message, stacklevel=3)
