@@ -70,6 +70,12 @@ def round_to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x
 
 
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The shard this rank owns for a DTensor (FSDP2), the tensor itself otherwise: what
+    the formats and the kernels operate on."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def correction_bits(param: torch.Tensor, master_weight_bits: int | None) -> int | None:
     """Bits of the stored master-weight correction for ``param``, None when none is kept."""
     if param.dtype not in _LOW_PRECISION or master_weight_bits is None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..formats import correction_bits
+from ..formats import correction_bits, local_tensor
 from . import common as cm
 from .adamw import AdamWRule
 from .launch import CONFIG, INTERPRETER_CONFIG, interpreting, launch_plan
@@ -55,13 +55,8 @@ def _tiling() -> tuple[int, int]:
     return config["block"], config["tiles"]
 
 
-def _local(t):
-    """The shard this rank holds of a DTensor (FSDP2): what the kernels step."""
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 def _aligned(t: torch.Tensor) -> bool:
-    return _local(t).data_ptr() % 16 == 0
+    return local_tensor(t).data_ptr() % 16 == 0
 
 
 class Bucket:
@@ -81,18 +76,18 @@ class Bucket:
 
         table = torch.zeros(self.n, cm.N_FIELDS.value, dtype=torch.int64)
         for i, (p, _, state) in enumerate(members):
-            table[i, cm.PARAM.value] = _local(p).data_ptr()
-            table[i, cm.STEP.value] = _local(state["step"]).data_ptr()
+            table[i, cm.PARAM.value] = local_tensor(p).data_ptr()
+            table[i, cm.STEP.value] = local_tensor(state["step"]).data_ptr()
             if "correction" in state:
-                table[i, cm.CORRECTION.value] = _local(state["correction"]).data_ptr()
+                table[i, cm.CORRECTION.value] = local_tensor(state["correction"]).data_ptr()
             for field, name in zip(
                 (cm.STATE0.value, cm.STATE1.value), rule.state_names, strict=False
             ):
                 if name in state:
-                    table[i, field] = _local(state[name]).data_ptr()
+                    table[i, field] = local_tensor(state[name]).data_ptr()
                     if f"{name}_scale" in state:
-                        table[i, field + 1] = _local(state[f"{name}_scale"]).data_ptr()
-        numels = torch.tensor([_local(p).numel() for p in self.params], dtype=torch.int32)
+                        table[i, field + 1] = local_tensor(state[f"{name}_scale"]).data_ptr()
+        numels = torch.tensor([local_tensor(p).numel() for p in self.params], dtype=torch.int32)
         chunks = (numels.long() + per_chunk - 1) // per_chunk
         chunk_tensor = torch.repeat_interleave(torch.arange(self.n), chunks)
         first_chunk = torch.cumsum(chunks, 0) - chunks
@@ -132,7 +127,7 @@ class Plan:
                 self.groups.append(group)
             key = (
                 KINDS[p.dtype],
-                KINDS[_local(p.grad).dtype],
+                KINDS[local_tensor(p.grad).dtype],
                 correction_bits(p, group["master_weight_bits"]) or 0,
                 group["state_bits"],
                 group["group_size"],
@@ -154,7 +149,7 @@ class Plan:
         # FSDP2 params and grads are DTensors: the kernels step their local shards.
         self.sharded = any(hasattr(p, "to_local") for p in self.grad_params)
         # Each step compares the params' addresses too (see _grad_pointers).
-        self.param_ptrs = [_local(p).data_ptr() for p in self.grad_params]
+        self.param_ptrs = [local_tensor(p).data_ptr() for p in self.grad_params]
         n_ptrs, n_vals = len(self.grad_params), len(self.groups) * len(rule.group_values)
         self.n_ptrs = n_ptrs
         if self.device is not None:
@@ -173,7 +168,7 @@ class Plan:
 def _eligible(opt, group, p) -> bool:
     if p.grad is None or hasattr(p, "to_local") != hasattr(p.grad, "to_local"):
         return False
-    p, grad = _local(p), _local(p.grad)
+    p, grad = local_tensor(p), local_tensor(p.grad)
     # int32 element offsets: a chunk's end must stay below 2**31
     if not p.is_contiguous() or p.numel() > 2**31 - 1 - _chunk_elements():
         return False
@@ -273,7 +268,7 @@ def _grad_pointers(plan) -> list | None:
     the plan was built. One pass of a few attribute reads per param: this runs every step."""
     grads = [p.grad for p in plan.grad_params]
     if plan.sharded:
-        grads = [None if g is None else _local(g) for g in grads]
+        grads = [None if g is None else local_tensor(g) for g in grads]
     try:
         ptrs = [g.data_ptr() for g in grads]  # None or a sparse grad raises
     except (AttributeError, RuntimeError):
@@ -283,7 +278,7 @@ def _grad_pointers(plan) -> list | None:
     # Module.to / .half() / cast_model replace p.data: the tables would point at freed
     # memory. (The grad's dtype, which autograd keeps equal to the param's, covers a
     # param that changed dtype in place of a freed one.)
-    params = [_local(p) for p in plan.grad_params] if plan.sharded else plan.grad_params
+    params = [local_tensor(p) for p in plan.grad_params] if plan.sharded else plan.grad_params
     if [p.data_ptr() for p in params] != plan.param_ptrs:
         return None
     if any(map((15).__and__, ptrs)):

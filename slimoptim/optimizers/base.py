@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import torch
 
 from .. import formats
-from ..formats import correction_bits  # noqa: F401 (re-exported: checkpoint, tests)
+from ..formats import correction_bits, local_tensor  # noqa: F401 (re-exported: checkpoint, release, tests)
 from .arguments import (
     NEUTRAL_KEYWORDS,
     check_fused_devices,
@@ -27,11 +27,6 @@ STATE_BITS = (8, 32)
 FORMAT_VERSION = 1
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 PARAM_DTYPES = (torch.float32, torch.float64, *LOW_PRECISION)
-
-
-def local_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The shard this rank owns for a DTensor (FSDP2), the tensor itself otherwise."""
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _check_modes(group: dict) -> None:
