@@ -202,7 +202,8 @@ def train_steps(name: str, args, device) -> dict:
 
 def worker(args) -> None:
     """Run one (config, cap) and print its result as one JSON line."""
-    device = torch.device("cpu" if args.dry_run else "cuda")
+    # An indexed device: set_per_process_memory_fraction refuses a bare "cuda".
+    device = torch.device("cpu") if args.dry_run else torch.device("cuda", 0)
     result = {"config": args.worker, "cap_gb": args.cap_gb}
     if device.type == "cuda" and args.cap_gb:
         total = torch.cuda.get_device_properties(device).total_memory

@@ -1,0 +1,139 @@
+"""Muon step time at TinyLlama-1.1B hidden-matrix shapes, every optimizer in one run.
+
+A Muon step is ~50 TFLOP of bf16 matmuls (Newton-Schulz) for these 154 matrices, so
+a run of it heats the GPU and its clock falls over a minute. Timing the optimizers one
+after another then favours whichever runs first. Here every optimizer is built up
+front and the timed steps are interleaved round by round (A, B, C, A, B, C, ...), so
+all rows see the same clock; the table reports each row's median.
+
+    python benchmarks/muon_step_time.py [--rounds 15] [--profile] [--out FILE]
+
+``--profile`` adds, per optimizer, the CUDA time of one step split into matmuls and
+everything else (torch.profiler), which tells the Newton-Schulz cost from ours.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # this checkout's slimoptim first
+
+from step_time import muon_optimizers, tinyllama_hidden_shapes  # noqa: E402
+
+import slimoptim  # noqa: E402
+
+
+def build(shapes, dtype, factory):
+    torch.manual_seed(0)
+    params = [
+        torch.nn.Parameter(torch.randn(s, device="cuda").mul_(0.02).to(dtype)) for s in shapes
+    ]
+    for p in params:
+        p.grad = torch.randn_like(p).mul_(1e-3)
+    opt = factory(params)
+    opt.step()  # creates the states and compiles the kernels
+    return opt
+
+
+def timed_step(opt) -> float:
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    opt.step()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def interleaved(opts: dict, rounds: int, warmup: int = 2) -> dict:
+    times = {name: [] for name in opts}
+    for r in range(warmup + rounds):
+        for name, opt in opts.items():
+            ms = timed_step(opt)
+            if r >= warmup:
+                times[name].append(ms)
+    return {
+        name: {
+            "ms": round(statistics.median(t), 3),
+            "ms_min": round(min(t), 3),
+            "ms_max": round(max(t), 3),
+        }
+        for name, t in times.items()
+    }
+
+
+def profile_split(opt) -> dict:
+    """CUDA ms of one step: matmul kernels vs the rest."""
+    from torch.profiler import ProfilerActivity, profile  # noqa: PLC0415
+
+    opt.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        opt.step()
+        torch.cuda.synchronize()
+    gemm = other = 0.0
+    top = {}
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if e.key.startswith("cuda") or us == 0:
+            continue
+        is_gemm = any(k in e.key.lower() for k in ("gemm", "sm90", "cutlass", "nvjet", "xmma"))
+        if is_gemm:
+            gemm += us
+        else:
+            other += us
+        top[e.key[:80]] = round(us / 1e3, 3)
+    largest = dict(sorted(top.items(), key=lambda kv: -kv[1])[:12])
+    return {"gemm_ms": round(gemm / 1e3, 3), "other_ms": round(other / 1e3, 3), "top": largest}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    shapes = tinyllama_hidden_shapes()
+    opts = {name: build(shapes, dtype, f) for name, (dtype, f) in muon_optimizers().items()}
+    rows = interleaved(opts, args.rounds)
+    if args.profile:
+        for name, opt in opts.items():
+            rows[name]["profile"] = profile_split(opt)
+    for name, opt in opts.items():
+        rows[name]["state_bytes_per_param"] = round(
+            slimoptim.state_nbytes(opt) / sum(p.numel() for p in opt.param_groups[0]["params"]),
+            3,
+        )
+    result = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__,
+        "matrices": len(shapes),
+        "params": sum(torch.Size(s).numel() for s in shapes),
+        "rounds": args.rounds,
+        "rows": rows,
+    }
+    ref = rows["torch Muon bf16"]["ms"]
+    print(f"### Muon step, TinyLlama-1.1B hidden matrices ({result['gpu']}), interleaved")
+    print("| optimizer | median ms | min-max ms | x torch bf16 | state B/param |")
+    print("|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(
+            f"| {name} | {r['ms']:.2f} | {r['ms_min']:.1f}-{r['ms_max']:.1f} "
+            f"| {r['ms'] / ref:.3f} | {r['state_bytes_per_param']:.2f} |"
+        )
+        if "profile" in r:
+            split = r["profile"]
+            print(f"|  profile | gemm {split['gemm_ms']} ms, other {split['other_ms']} ms |")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
