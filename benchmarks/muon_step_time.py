@@ -93,6 +93,30 @@ def profile_split(opt) -> dict:
     return {"gemm_ms": round(gemm / 1e3, 3), "other_ms": round(other / 1e3, 3), "top": largest}
 
 
+def bit_check(shapes, steps: int = 3) -> dict:
+    """Fused vs reference (fused=False) on the GPU at real shapes: identical bits?"""
+    torch.manual_seed(1)
+    start = [torch.randn(s, device="cuda").mul_(0.02).bfloat16() for s in shapes]
+    pairs = []
+    for fused in (True, False):
+        params = [torch.nn.Parameter(w.clone()) for w in start]
+        pairs.append((params, slimoptim.Muon(params, lr=0.02, fused=fused)))
+    for _ in range(steps):
+        grads = [torch.randn_like(w).mul_(1e-3) for w in start]
+        for params, opt in pairs:
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+    (ours, fused), (theirs, ref) = pairs
+    differing = 0
+    for p, q in zip(ours, theirs, strict=True):
+        differing += int((p.view(torch.int16) != q.view(torch.int16)).sum())
+        for name, value in fused.state[p].items():
+            other = ref.state[q][name]
+            differing += int((value != other).sum()) if value.dim() else int(value != other)
+    return {"matrices": len(shapes), "steps": steps, "differing_values": differing}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=15)
@@ -100,6 +124,12 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     shapes = tinyllama_hidden_shapes()
+    # Two layers' matrices: several Newton-Schulz batches of each shape.
+    check = bit_check(shapes[:14])
+    print(
+        f"fused vs reference, {check['matrices']} matrices x {check['steps']} steps: "
+        f"{check['differing_values']} differing values"
+    )
     opts = {name: build(shapes, dtype, f) for name, (dtype, f) in muon_optimizers().items()}
     rows = interleaved(opts, args.rounds)
     if args.profile:
@@ -117,6 +147,7 @@ def main() -> None:
         "matrices": len(shapes),
         "params": sum(torch.Size(s).numel() for s in shapes),
         "rounds": args.rounds,
+        "bit_check": check,
         "rows": rows,
     }
     ref = rows["torch Muon bf16"]["ms"]

@@ -20,8 +20,9 @@ import slimoptim
 pytest.importorskip("triton")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# tall, wide, sizes off the 32-value groups, and one spanning several interpreter chunks
-SHAPES = [(48, 32), (33, 70), (1, 40), (100, 90)]
+# tall, wide, sizes off the 32-value groups, one spanning several interpreter chunks, and
+# three tall (48, 32): one Newton-Schulz batch (the second of them gets the NaN below)
+SHAPES = [(48, 32), (48, 32), (33, 70), (1, 40), (100, 90), (48, 32)]
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -86,6 +87,20 @@ def test_fused_passes_match_the_reference_bit_for_bit(dtype, kwargs):
     assert "_slimoptim_muon_plans" in opt.__dict__, "the kernels did not run"
     assert opt.state[ps[1]]["step"] == 2 and opt.state[ps[0]]["step"] == 3
     _assert_same(opt, ref, ps, qs, start)
+
+
+def test_newton_schulz_batches_hold_same_shape_matrices_of_a_group_up_to_the_scratch():
+    from slimoptim.kernels.muon import _batches  # noqa: PLC0415
+
+    a, b = {}, {}
+    shapes = [(4, 16), (16, 4), (4, 16), (3, 5), (4, 16), (3, 5), (4, 16), (4, 16)]
+    groups = [a, a, a, a, a, a, b, a]
+    items = [(g, torch.empty(s)) for g, s in zip(groups, shapes, strict=True)]
+    batches, slots = _batches(items, capacity=3 * 64)
+    # (4, 16): three fit the scratch, the fourth opens a batch; (3, 5) (15 elements) stays
+    # alone to keep 16-byte slots; the other group's (4, 16) is its own batch.
+    assert batches == [[0, 2, 4], [1], [3], [5], [6], [7]]
+    assert slots == [0, 0, 1, 0, 2, 0, 0, 0]
 
 
 def test_fused_tensor_lr_scheduler_groups_and_state_dict_reload():

@@ -11,7 +11,13 @@ the skeleton with their own table rows:
 * B reads the param and its correction, with the orthogonalised matrix in the gradient
   slot and no state, and stores the new master.
 
-Each matrix is launched on its own, with its skip flag (non-finite gradient, or
+Same-shape matrices of a param group go through Newton-Schulz together (``_batches``):
+pass A of each writes its own slot of the scratch buffer, one batched Newton-Schulz
+orthogonalises every slot, then pass B of each reads its slot. A skipped matrix's slot
+keeps stale values; the batched matmuls keep each slot's result to itself and pass B
+does not read it.
+
+Each pass is launched per matrix, with its skip flag (non-finite gradient, or
 GradScaler's found_inf) as the skeleton's ``found_inf``: a skipped matrix keeps its
 state, master and step counter whole, as the reference does. The step counters and the
 scalar rows of all matrices are updated by a few torch ops per step, before the passes.
@@ -66,9 +72,12 @@ class MuonPlan:
         momentum = torch.zeros(n, cm.N_FIELDS.value, dtype=torch.int64)
         master = torch.zeros(n, cm.N_FIELDS.value, dtype=torch.int64)
         block, self.tiles = _tiling()
+        self.batches, slots = _batches(items, self.scratch.numel())
+        # Byte offset of each matrix's slot in the scratch buffers (bf16).
+        offsets = [slot * p.numel() * 2 for slot, (_, p) in zip(slots, items, strict=True)]
         self.launch = []
         for i, ((group, p), state) in enumerate(zip(items, self.states, strict=True)):
-            momentum[i, cm.PARAM.value] = self.scratch.data_ptr()
+            momentum[i, cm.PARAM.value] = self.scratch.data_ptr() + offsets[i]
             momentum[i, cm.STEP.value] = master[i, cm.STEP.value] = state["step"].data_ptr()
             momentum[i, cm.STATE0.value] = state["momentum_buffer"].data_ptr()
             if "momentum_buffer_scale" in state:
@@ -98,7 +107,8 @@ class MuonPlan:
         self.momentum_table = momentum.to(device)
         self.master_table = master.to(device)
         self.numels = torch.tensor([p.numel() for _, p in items], dtype=torch.int32).to(device)
-        self.ortho_ptrs = torch.full((n,), self.ortho.data_ptr(), dtype=torch.int64, device=device)
+        ortho = [self.ortho.data_ptr() + offset for offset in offsets]
+        self.ortho_ptrs = torch.tensor(ortho, dtype=torch.int64).to(device)
         # Per step: gradient addresses, then per matrix (1 - momentum, momentum, decay, lr_adj).
         self.upload = torch.zeros(n * 5, dtype=torch.int64, device=device)
         self.grad_ptrs = self.upload[:n]
@@ -147,20 +157,25 @@ class MuonPlan:
         self.momentum_scalars = _rows(torch.cat([steps, self.values[:, :2]], 1), width)
         self.master_scalars = _rows(torch.cat([steps, self.values[:, 2:]], 1), width)
 
-    def momentum(self, i, grad_scale, nesterov) -> torch.Tensor:
-        """Pass A for matrix ``i``: the bf16 matrix to orthogonalise (a scratch view)."""
+    def momentum(self, i, grad_scale, nesterov) -> None:
+        """Pass A for matrix ``i``: its bf16 matrix to orthogonalise goes to its scratch slot."""
         p = self.items[i][1]
         _launch(
             self.launch[i], self.momentum_table, self.numels, self.grad_ptrs,
             self.momentum_scalars, self.skip[i], grad_scale,
             muon_momentum_rule, 1, nesterov, KINDS[p.grad.dtype], 1, 0,
         )  # fmt: skip
-        return self.scratch[: p.numel()].view(p.shape)
 
-    def ortho_buffer(self, i) -> torch.Tensor:
-        """Where matrix ``i``'s orthogonalised update goes before pass B (bf16, its shape)."""
-        p = self.items[i][1]
-        return self.ortho[: p.numel()].view(p.shape)
+    def batch_buffers(self, batch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The matrices to orthogonalise of ``batch`` (after pass A) and where their
+        orthogonalised updates go before pass B: bf16 views [rows, cols] for one matrix,
+        [k, rows, cols] for k."""
+        shape = self.items[batch[0]][1].shape
+        numel = shape.numel() * len(batch)
+        views = (self.scratch[:numel], self.ortho[:numel])
+        if len(batch) == 1:
+            return tuple(v.view(shape) for v in views)
+        return tuple(v.view(len(batch), *shape) for v in views)
 
     def master(self, i, has_weight_decay) -> None:
         """Pass B for matrix ``i``, reading its update from ``ortho_buffer(i)``."""
@@ -211,6 +226,24 @@ def _launch(
         enable_fp_fusion=False,
         **({"maxnreg": CONFIG["maxnreg"]} if CONFIG.get("maxnreg") else {}),
     )
+
+
+def _batches(items, capacity: int) -> tuple[list[list[int]], list[int]]:
+    """Newton-Schulz batches of the matrices (lists of item indices) and each matrix's slot
+    in its batch. A batch holds same-shape matrices of one param group, as many as the
+    scratch buffers (``capacity`` elements, the largest matrix) hold: batching costs no
+    memory. Shapes of odd sizes (not a multiple of 64 elements) stay alone, so every
+    slot keeps the kernels' alignment."""
+    open_batches, batches, slots = {}, [], []
+    for i, (group, p) in enumerate(items):
+        key = (tuple(p.shape), id(group))
+        batch = open_batches.get(key)
+        if batch is None or p.numel() % 64 or (len(batch) + 1) * p.numel() > capacity:
+            batch = open_batches[key] = []
+            batches.append(batch)
+        slots.append(len(batch))
+        batch.append(i)
+    return batches, slots
 
 
 def _scratch(opt, device) -> tuple[torch.Tensor, torch.Tensor]:

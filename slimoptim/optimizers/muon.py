@@ -47,25 +47,38 @@ def newton_schulz(update, coefficients, steps: int, eps: float, out=None) -> tor
 
     Quintic iterations X <- a X + (b A + c A A) X with A = X X^T, started from X
     scaled to unit Frobenius norm (so every singular value is at most 1). Run on
-    the wide orientation, so A is the smaller Gram matrix. With ``out`` (bf16, the
-    update's shape) the result is written there; a wide matrix's last product goes
-    straight into it.
+    the wide orientation, so A is the smaller Gram matrix. ``update`` is one matrix
+    or a batch [k, rows, cols] of same-shape matrices, each orthogonalised on its
+    own: one batched matmul for k small matrices fills the GPU where k single ones
+    do not (20 ms -> 0.7 ms for TinyLlama's 44 key/value matrices on an H200), and
+    it gives each matrix the bits of its own matmuls there and on the CPU (checked
+    by the tests). With ``out`` (bf16, the update's shape) the result is written
+    there; a wide matrix's last product goes straight into it.
     """
     a, b, c = coefficients
     x = update.bfloat16()
-    tall = x.size(0) > x.size(1)
+    tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT
-    x = x / x.norm().clamp(min=eps)
+    x = x / _frobenius_norms(x).clamp(min=eps)
+    addmm = torch.addmm if x.dim() == 2 else torch.baddbmm
     for k in range(steps):
         gram = x @ x.mT
-        polynomial = torch.addmm(gram, gram, gram, beta=b, alpha=c)
+        polynomial = addmm(gram, gram, gram, beta=b, alpha=c)
         last = out is not None and not tall and k == steps - 1
-        x = torch.addmm(x, polynomial, x, beta=a, out=out if last else None)
+        x = addmm(x, polynomial, x, beta=a, out=out if last else None)
     x = x.mT if tall else x
     if out is None or x is out:
         return x
     return out.copy_(x)
+
+
+def _frobenius_norms(x: torch.Tensor) -> torch.Tensor:
+    """The norm of a matrix, or of each matrix of a batch (shaped to divide it): each
+    reduced on its own, as a lone matrix is, so a batch's norms keep a lone matrix's bits."""
+    if x.dim() == 2:
+        return x.norm()
+    return torch.stack([m.norm() for m in x])[:, None, None]
 
 
 def adjusted_lr(lr, adjust_lr_fn: str | None, shape) -> float | torch.Tensor:
@@ -198,11 +211,15 @@ class Muon(SlimOptimizer):
         plan.begin_step([_kernel_values(group, p) for group, p in fused], ok)
         if grad_scale is not None:
             grad_scale = grad_scale.to(plan.device, torch.float32).reshape(-1)
-        for i, (group, _) in enumerate(fused):
-            update = plan.momentum(i, grad_scale, bool(group["nesterov"]))
+        for batch in plan.batches:  # same-shape matrices of one group
+            group = fused[batch[0]][0]
+            for i in batch:
+                plan.momentum(i, grad_scale, bool(group["nesterov"]))
             coefficients, steps, eps = group["ns_coefficients"], group["ns_steps"], group["eps"]
-            newton_schulz(update, coefficients, steps, eps, out=plan.ortho_buffer(i))
-            plan.master(i, group["weight_decay"] != 0)
+            updates, ortho = plan.batch_buffers(batch)
+            newton_schulz(updates, coefficients, steps, eps, out=ortho)
+            for i in batch:
+                plan.master(i, group["weight_decay"] != 0)
         return reference
 
     def _step_reference(self, p, group, grad_scale, found_inf) -> None:
