@@ -4,16 +4,24 @@ One command runs everything the GPUs present allow (about 5-8 minutes on 2 H200s
 
     python benchmarks/fsdp2_gpu.py            # writes benchmarks/results/fsdp2_gpu.json
 
-Parts (each also runs alone: ``python benchmarks/fsdp2_gpu.py PART``):
+Parts (each also runs alone: ``python benchmarks/fsdp2_gpu.py PART``; the 2-GPU parts
+launch themselves with torchrun and NVLink multicast off):
 
 * ``w1``: NCCL, one GPU. FSDP2 at world size 1 vs the unsharded model, 20 steps:
   bit-identical params with ``step()`` and with gradient release; a DCP save at
   step 10 resumed into fresh objects gives bit-identical params at step 20.
+The correctness parts (``w1``, ``single``, ``fsdp``, ``reshard1``) run deterministic
+kernels: attention through SDPA's math backend (cuDNN's and flash attention's backward
+accumulate with atomics), ``torch.use_deterministic_algorithms`` and cuBLAS's fixed
+workspace; the warnings of ops that still lack a deterministic kernel are recorded.
+
 * ``single``: the GPT-2-small-shaped byte model (12 x 768, context 1024), 200 steps on
   one GPU without FSDP: the reference loss curve.
 * ``fsdp`` (torchrun, 2 GPUs): the same 200 steps with FSDP2 (same global batch), a
   DCP save at step 100, a resume from it in fresh objects (bit-identical params at
-  step 200 is checked), and a run with gradient release.
+  step 200 is checked), a run with gradient release, and the uninterrupted run once
+  more: the control that tells non-deterministic kernels apart from a resume or release
+  bug (``uninterrupted_repeat_bit_identical``).
 * ``reshard1`` (1 GPU): the 2-GPU step-100 checkpoint loaded at world size 1
   (FSDP2, NCCL) and trained to step 200.
 * ``memory`` (torchrun, 2 GPUs): a ~1.5B-parameter model (30 x 2048), FSDP2 +
@@ -28,160 +36,41 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import slimoptim  # noqa: E402
-from slimoptim import demo_data  # noqa: E402
-from slimoptim.demo_model import ByteGPT, ModelSize  # noqa: E402
-
-OUT = ROOT / "benchmarks" / "results" / "fsdp2_gpu"
-CKPT = Path(tempfile.gettempdir()) / "slimoptim_fsdp2_gpu"  # DCP checkpoints (GBs): not in git
-SMALL = ModelSize(layers=12, width=768, heads=12, context=1024, batch=16)  # global batch
-LARGE = ModelSize(layers=30, width=2048, heads=16, context=1024, batch=4)  # per GPU
-STEPS, SAVE_AT, LR = 200, 100, 6e-4
-# SLIMOPTIM_BENCH_SMOKE=1: tiny sizes on CPU with gloo, to check the script without a GPU.
-SMOKE = os.environ.get("SLIMOPTIM_BENCH_SMOKE") == "1"
-DEVICE, BACKEND = ("cpu", "gloo") if SMOKE else ("cuda", "nccl")
-if SMOKE:
-    OUT = Path(os.environ.get("SLIMOPTIM_BENCH_OUT", "/tmp/fsdp2_gpu_smoke"))
-    SMALL = ModelSize(layers=2, width=32, heads=2, context=16, batch=4)
-    LARGE = ModelSize(layers=2, width=64, heads=2, context=16, batch=2)
-    STEPS, SAVE_AT = 6, 3
-# NVLink multicast stays off on the shared GPU hosts (device docs).
-SAFE_ENV = {
-    "NCCL_NVLS_ENABLE": "0",
-    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-    "NVSHMEM_DISABLE_NVLS": "1",
-    # deterministic cuBLAS, for the bit-identity checks (init(deterministic=True))
-    "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
-}
-
-
-# ----------------------------------------------------------------- helpers
-
-
-def init(deterministic: bool = True) -> tuple[int, int]:
-    # Bit-identity across runs needs deterministic kernels: flash attention's backward
-    # and cuBLAS split-K are not by default on the GPU. The memory/speed part leaves them.
-    torch.use_deterministic_algorithms(deterministic, warn_only=True)
-    if "RANK" in os.environ:
-        dist.init_process_group(BACKEND)
-    else:
-        dist.init_process_group(BACKEND, store=dist.HashStore(), rank=0, world_size=1)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if DEVICE == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank)))
-    return rank, world
-
-
-def sync() -> None:
-    if DEVICE == "cuda":
-        torch.cuda.synchronize()
-
-
-def build(size: ModelSize, seed: int = 0, dtype=torch.bfloat16) -> ByteGPT:
-    torch.manual_seed(seed)
-    return slimoptim.cast_model(ByteGPT(size), dtype).to(DEVICE)
-
-
-def shard(model: ByteGPT, world: int, **kw) -> ByteGPT:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
-    mesh = init_device_mesh(DEVICE, (world,))
-    for block in model.blocks:
-        fully_shard(block, mesh=mesh, **kw)
-    fully_shard(model, mesh=mesh, **kw)
-    return model
-
-
-_CORPUS = None
-
-
-def batch(step: int, rank: int, world: int, size: ModelSize, per_rank: bool = False):
-    """The global batch of ``step`` (the same on every run), this rank's slice of it."""
-    global _CORPUS
-    _CORPUS = _CORPUS or demo_data.load_corpus()
-    count = size.batch * (world if per_rank else 1)
-    gen = torch.Generator().manual_seed(1000 + step)
-    tokens = demo_data.random_windows(_CORPUS.train, count, size.context + 1, gen)
-    share = count // world
-    return tokens[rank * share : (rank + 1) * share].to(DEVICE)
-
-
-def local_params(model) -> list[torch.Tensor]:
-    return [
-        (p.to_local() if hasattr(p, "to_local") else p).detach().clone() for p in model.parameters()
-    ]
-
-
-def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
-
-
-def all_ranks(flag: bool) -> bool:
-    t = torch.tensor([int(flag)], device=DEVICE)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
-
-
-def train(model, opt, steps, rank, world, size, release=False) -> list[float]:
-    losses = []
-    for step in steps:
-        loss = model.loss(batch(step, rank, world, size))
-        loss.backward()
-        if not release:
-            opt.step()
-            opt.zero_grad()
-        reduced = loss.detach().clone()
-        if world > 1:
-            dist.all_reduce(reduced, op=dist.ReduceOp.AVG)
-        losses.append(reduced.item())
-    return losses
-
-
-def dcp_save(model, opt, path) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
-
-    dcp.save(
-        {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)},
-        checkpoint_id=str(path),
-    )
-
-
-def dcp_load(model, opt, path) -> None:
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        get_optimizer_state_dict,
-        set_optimizer_state_dict,
-    )
-
-    state = {"model": model.state_dict(), "optim": get_optimizer_state_dict(model, opt)}
-    dcp.load(state, checkpoint_id=str(path))
-    model.load_state_dict(state["model"])
-    set_optimizer_state_dict(model, opt, state["optim"])
-
-
-def write(name: str, result: dict) -> None:
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"{name}.json").write_text(json.dumps(result, indent=1))
-    print(name, json.dumps(result)[:2000], flush=True)
-
-
-def optimizer(model):
-    return slimoptim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
-
+from fsdp2_common import (
+    BACKEND,
+    CKPT,
+    DEVICE,
+    LARGE,
+    LR,
+    OUT,
+    ROOT,
+    SAFE_ENV,
+    SAVE_AT,
+    SMALL,
+    SMOKE,
+    STEPS,
+    ModelSize,
+    all_ranks,
+    batch,
+    build,
+    dcp_load,
+    dcp_save,
+    first_difference,
+    init,
+    local_params,
+    math_attention,
+    optimizer,
+    same,
+    shard,
+    slimoptim,
+    sync,
+    train,
+    write,
+)
 
 # ------------------------------------------------------------------- parts
 
@@ -192,27 +81,27 @@ def part_w1() -> None:
     result = {"torch": torch.__version__, "backend": BACKEND}
     if DEVICE == "cuda":
         result["gpu"] = torch.cuda.get_device_name()
-    ref = build(size)
-    ref_opt = optimizer(ref)
-    train(ref, ref_opt, range(20), 0, 1, size)
-    for release in (False, True):
+    with math_attention(result):
+        ref = build(size)
+        train(ref, optimizer(ref), range(20), 0, 1, size)
+        for release in (False, True):
+            model = shard(build(size), 1)
+            opt = optimizer(model)
+            if release:
+                slimoptim.enable_gradient_release(model, opt)
+            train(model, opt, range(20), 0, 1, size, release=release)
+            name = "release_bit_identical" if release else "step_bit_identical"
+            result[name] = same(local_params(ref), local_params(model))
         model = shard(build(size), 1)
         opt = optimizer(model)
-        if release:
-            slimoptim.enable_gradient_release(model, opt)
-        train(model, opt, range(20), 0, 1, size, release=release)
-        name = "release_bit_identical" if release else "step_bit_identical"
-        result[name] = same(local_params(ref), local_params(model))
-    model = shard(build(size), 1)
-    opt = optimizer(model)
-    train(model, opt, range(10), 0, 1, size)
-    path = CKPT / "ckpt_w1"
-    dcp_save(model, opt, path)
-    model = shard(build(size, seed=1), 1)
-    opt = optimizer(model)
-    dcp_load(model, opt, path)
-    train(model, opt, range(10, 20), 0, 1, size)
-    result["dcp_resume_bit_identical"] = same(local_params(ref), local_params(model))
+        train(model, opt, range(10), 0, 1, size)
+        path = CKPT / "ckpt_w1"
+        dcp_save(model, opt, path)
+        model = shard(build(size, seed=1), 1)
+        opt = optimizer(model)
+        dcp_load(model, opt, path)
+        train(model, opt, range(10, 20), 0, 1, size)
+        result["dcp_resume_bit_identical"] = same(local_params(ref), local_params(model))
     result["passed"] = all(v for k, v in result.items() if k.endswith("identical"))
     write("w1", result)
     dist.destroy_process_group()
@@ -220,49 +109,73 @@ def part_w1() -> None:
 
 def part_single() -> None:
     torch.manual_seed(0)
-    model = build(SMALL)
+    if DEVICE == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    result = {}
+    with math_attention(result):
+        model = build(SMALL)
+        opt = optimizer(model)
+        start = time.perf_counter()
+        result["losses"] = train(model, opt, range(STEPS), 0, 1, SMALL)
+    write("single", {**result, "seconds": time.perf_counter() - start})
+
+
+def fsdp_run(world, rank, steps, seed=0, load=None, save=None, release=False):
+    """One FSDP2 run from fresh objects: its losses and final local params."""
+    model = shard(build(SMALL, seed=seed), world)
     opt = optimizer(model)
-    start = time.perf_counter()
-    losses = train(model, opt, range(STEPS), 0, 1, SMALL)
-    write("single", {"losses": losses, "seconds": time.perf_counter() - start})
+    if load is not None:
+        dcp_load(model, opt, load)
+    if release:
+        slimoptim.enable_gradient_release(model, opt)
+    losses = []
+    for part in [steps[:SAVE_AT], steps[SAVE_AT:]] if save is not None else [steps]:
+        losses += train(model, opt, part, rank, world, SMALL, release=release)
+        if save is not None and part[-1] == SAVE_AT - 1:
+            dcp_save(model, opt, save)
+    return losses, local_params(model)
 
 
 def part_fsdp() -> None:
     rank, world = init()
     result = {"world": world}
-    model = shard(build(SMALL), world)
-    opt = optimizer(model)
-    start = time.perf_counter()
-    losses = train(model, opt, range(SAVE_AT), rank, world, SMALL)
-    dcp_save(model, opt, CKPT / "ckpt_w2_step100")
-    losses += train(model, opt, range(SAVE_AT, STEPS), rank, world, SMALL)
-    result.update(losses=losses, seconds=time.perf_counter() - start)
-    straight = local_params(model)
-    del model, opt
-
-    model = shard(build(SMALL, seed=1), world)
-    opt = optimizer(model)
-    dcp_load(model, opt, CKPT / "ckpt_w2_step100")
-    result["resumed_losses"] = train(model, opt, range(SAVE_AT, STEPS), rank, world, SMALL)
-    result["resume_bit_identical"] = all_ranks(same(straight, local_params(model)))
-    del model, opt
-
-    model = shard(build(SMALL), world)
-    opt = optimizer(model)
-    slimoptim.enable_gradient_release(model, opt)
-    result["release_losses"] = train(model, opt, range(STEPS), rank, world, SMALL, release=True)
-    result["release_bit_identical"] = all_ranks(same(straight, local_params(model)))
+    path = CKPT / "ckpt_w2_step100"
+    with math_attention(result):
+        start = time.perf_counter()
+        losses, straight = fsdp_run(world, rank, range(STEPS), save=path)
+        result.update(losses=losses, seconds=time.perf_counter() - start)
+        # The control: the uninterrupted run again, without the save. Losses that differ
+        # before step 100 mean non-deterministic kernels (then the resume and release
+        # comparisons say nothing); only after it, the save too may have changed something.
+        repeat, repeated = fsdp_run(world, rank, range(STEPS))
+        result["uninterrupted_repeat_bit_identical"] = all_ranks(same(straight, repeated))
+        resumed, params = fsdp_run(world, rank, range(SAVE_AT, STEPS), seed=1, load=path)
+        result["resumed_losses"] = resumed
+        result["resume_bit_identical"] = all_ranks(same(straight, params))
+        released, params = fsdp_run(world, rank, range(STEPS), release=True)
+        result["release_losses"] = released
+        result["release_bit_identical"] = all_ranks(same(straight, params))
+        # Neither saved at step 100: tells a release bug apart from a save with side effects.
+        result["release_vs_repeat_bit_identical"] = all_ranks(same(repeated, params))
+    result["first_loss_difference"] = {
+        "repeat": first_difference(losses, repeat),
+        "resume": first_difference(losses[SAVE_AT:], resumed),
+        "release": first_difference(losses, released),
+    }
     write("fsdp", result)
     dist.destroy_process_group()
 
 
 def part_reshard1() -> None:
     rank, world = init()
-    model = shard(build(SMALL, seed=1), world)
-    opt = optimizer(model)
-    dcp_load(model, opt, CKPT / "ckpt_w2_step100")
-    losses = train(model, opt, range(SAVE_AT, STEPS), rank, world, SMALL)
-    write("reshard1", {"world": world, "losses": losses})
+    result = {"world": world}
+    with math_attention(result):
+        model = shard(build(SMALL, seed=1), world)
+        opt = optimizer(model)
+        dcp_load(model, opt, CKPT / "ckpt_w2_step100")
+        result["losses"] = train(model, opt, range(SAVE_AT, STEPS), rank, world, SMALL)
+    write("reshard1", result)
     dist.destroy_process_group()
 
 
@@ -329,6 +242,8 @@ def part_memory() -> None:
 
 # ------------------------------------------------------------------ driver
 
+TWO_PROCESS_PARTS = ("fsdp", "memory")  # `fsdp2_gpu.py fsdp` launches itself with torchrun
+
 
 def launch(part: str, gpus: int, script: str = __file__, torchrun: bool = False) -> int:
     """Run ``script part`` on ``gpus`` GPUs (torchrun for more than one); its exit code."""
@@ -374,6 +289,8 @@ def summary() -> dict:
 
 def main() -> None:
     part = sys.argv[1] if len(sys.argv) > 1 else "all"
+    if part in TWO_PROCESS_PARTS and "RANK" not in os.environ:  # not under torchrun yet
+        sys.exit(launch(part, 2))
     if part != "all":
         globals()[f"part_{part}"]()
         return
