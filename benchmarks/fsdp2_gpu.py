@@ -259,9 +259,11 @@ def launch(part: str, gpus: int, script: str = __file__, torchrun: bool = False)
 
 
 def run_checks(gpus: int) -> dict:
-    """The GPU variant of the FSDP2 release test, and the Accelerate + FSDP2 example."""
+    """The CUDA/NCCL FSDP2 tests (release on 1 and 2 GPUs, CPU-held state), and the
+    Accelerate + FSDP2 example."""
     env = {**os.environ, **SAFE_ENV, "PYTHONPATH": str(ROOT)}
-    test = [sys.executable, "-m", "pytest", "-q", "tests/test_release.py", "-k", "fsdp2", "-rs"]
+    test = [sys.executable, "-m", "pytest", "-q", "-rs", "-k", "fsdp2"]
+    test += ["tests/test_release.py", "tests/test_fsdp2_cuda.py"]
     print("$", " ".join(test), flush=True)
     codes = {"pytest_release_fsdp2": subprocess.run(test, env=env, cwd=ROOT).returncode}
     example = str(ROOT / "examples" / "accelerate_fsdp2.py")

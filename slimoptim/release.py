@@ -11,6 +11,13 @@ parameter, or one whose gradient came from an earlier microbatch only). So a
 training step never holds all gradients, and the result is bit-identical to
 ``optimizer.step()`` after a full backward: each parameter's update depends
 only on its own gradient and state, whatever the order and grouping.
+
+Streams: the kernels go to the stream current where the step runs. Under FSDP2 the
+hooks run inside ``foreach_reduce``, on its reduce-scatter stream after the
+reduce-scatter (the sharded gradient is ready there), and FSDP2 records the event that
+the end of backward makes the caller's stream wait on only after the hooks returned; so
+the end-of-backward sweep (on the caller's stream) and the next forward's all-gather
+come after the released steps, and freed gradients go back to the stream that made them.
 """
 
 from __future__ import annotations
