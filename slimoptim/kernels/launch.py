@@ -36,21 +36,27 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def launch_plan(plan, grad_scale, found_inf, capturing: bool) -> None:
-    """Step every bucket of ``plan`` (gradient addresses and hyper-parameters uploaded)."""
+def launch_plan(plan, grad_scale, found_inf, capturing: bool, settings=()) -> None:
+    """Step every bucket of ``plan`` (gradient addresses and hyper-parameters uploaded).
+
+    ``plan.launch_all(scale, found_inf)`` enqueues the launch sequence (the buckets' by
+    default); ``settings`` are the host values it bakes into its launches (a graph is
+    captured per distinct value).
+    """
     scale = _device_scalar(grad_scale, plan.device)
     inf = _device_scalar(found_inf, plan.device)
+    launch_all = getattr(plan, "launch_all", None) or (lambda s, i: _launch_all(plan, s, i))
     if not USE_GRAPHS or plan.device.type != "cuda" or capturing or interpreting():
-        _launch_all(plan, scale, inf)
+        launch_all(scale, inf)
         return
-    key = (scale is not None, inf is not None)
+    key = (scale is not None, inf is not None, settings)
     graphs = plan.__dict__.setdefault("graphs", {})
     if key not in graphs:
-        _launch_all(plan, scale, inf)  # the first run of this kind is eager: it compiles
+        launch_all(scale, inf)  # the first run of this kind is eager: it compiles
         graphs[key] = None  # ... and only once it has run is the plan captured
         return
     if graphs[key] is None:
-        graphs[key] = _capture(plan, key)
+        graphs[key] = _capture(plan, key, launch_all)
     if scale is not None:
         plan.static_scale.copy_(scale)
     if inf is not None:
@@ -58,8 +64,8 @@ def launch_plan(plan, grad_scale, found_inf, capturing: bool) -> None:
     graphs[key].replay()
 
 
-def _capture(plan, key) -> torch.cuda.CUDAGraph:
-    has_scale, has_inf = key
+def _capture(plan, key, launch_all) -> torch.cuda.CUDAGraph:
+    has_scale, has_inf, _ = key
     with torch.cuda.device(plan.device):
         if not hasattr(plan, "static_scale"):
             plan.static_scale = torch.ones(1, device=plan.device)
@@ -73,8 +79,7 @@ def _capture(plan, key) -> torch.cuda.CUDAGraph:
         with torch.cuda.graph(
             graph, pool=_pool(plan), stream=stream, capture_error_mode="thread_local"
         ):
-            _launch_all(
-                plan,
+            launch_all(
                 plan.static_scale if has_scale else None,
                 plan.static_inf if has_inf else None,
             )

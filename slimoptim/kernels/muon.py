@@ -34,7 +34,7 @@ import triton.language as tl
 from ..formats import correction_bits
 from . import common as cm
 from .dispatch import KINDS, _aligned, _eligible, _tiling
-from .launch import CONFIG, interpreting
+from .launch import CONFIG, interpreting, launch_plan
 
 # Columns of the per-tensor float32 scalar rows; 0 is the step.
 ONE_MINUS_MOMENTUM, MOMENTUM = tl.constexpr(1), tl.constexpr(2)
@@ -115,6 +115,11 @@ class MuonPlan:
         self.values = self.upload[n:].view(torch.float64).view(n, 4)
         self.param_ptrs = [p.data_ptr() for _, p in items]
         self.last_host = None
+        # Per step: which matrices step (1.0) or are skipped (0.0), and each launch's
+        # found_inf row (16 bytes, so every row's address stays aligned).
+        self.ok = torch.zeros(n, device=device)
+        self.skip = torch.zeros(n, 4, device=device)
+        self.shared = opt.__dict__.setdefault("_slimoptim_shared", {})  # graph pools
 
     def still_valid(self, opt) -> bool:
         scratch = opt._slimoptim_muon_scratch[self.device][0]  # regrown by add_param_group
@@ -125,8 +130,8 @@ class MuonPlan:
         )
 
     def begin_step(self, rows: list[list], ok: torch.Tensor) -> None:
-        """Upload this step's gradient addresses and per-matrix values (float or tensor),
-        advance each step counter by its matrix's ``ok`` (bool [n]), build the scalar rows."""
+        """Upload this step's gradient addresses, per-matrix values (float or tensor) and
+        skip flags (``ok``, bool [n]) into the plan's buffers, which the launches read."""
         host = np.zeros((len(self.items), 4), dtype=np.float64)
         tensors = []
         for i, row in enumerate(rows):
@@ -145,17 +150,36 @@ class MuonPlan:
             self.last_host = payload
         for i, c, v in tensors:  # a tensor lr: device-side copy, no sync
             self.values[i, c] = v.to(device=self.device, dtype=torch.float64)
-        # The skip flag of each matrix is its launches' found_inf; a skipped matrix's
-        # counter adds 0, as in the reference. A handful of launches for all matrices.
-        ok = ok.to(torch.float32)
-        # One 16-byte row per matrix: each launch's found_inf pointer stays aligned.
-        self.skip = torch.nn.functional.pad((1 - ok)[:, None], (0, 3))
+        self.ok.copy_(ok)
+
+    def run(self, newton_schulz, settings: list[tuple], grad_scale, capturing: bool) -> None:
+        """The step of every matrix, batch by batch: pass A, ``newton_schulz``, pass B.
+
+        ``settings`` holds per batch (coefficients, ns_steps, eps, nesterov, has weight
+        decay): host values the launches bake in. On CUDA the sequence is replayed as one
+        CUDA graph after its first run (kernels/launch.py), so a step costs a handful of
+        launches on the host instead of ~25 per matrix.
+        """
+        self.newton_schulz, self.settings = newton_schulz, settings
+        launch_plan(self, grad_scale, None, capturing, settings=tuple(settings))
+
+    def launch_all(self, grad_scale, _found_inf) -> None:
+        # A skipped matrix's counter adds 0, as in the reference; a few launches for all.
+        self.skip[:, 0] = 1 - self.ok
         counters = [state["step"] for state in self.states]
-        torch._foreach_add_(counters, list(ok.unbind()))
+        torch._foreach_add_(counters, list(self.ok.unbind()))
         steps = torch.stack(counters).double()[:, None]
         width = cm.MAX_SCALARS.value
         self.momentum_scalars = _rows(torch.cat([steps, self.values[:, :2]], 1), width)
         self.master_scalars = _rows(torch.cat([steps, self.values[:, 2:]], 1), width)
+        for batch, setting in zip(self.batches, self.settings, strict=True):
+            coefficients, ns_steps, eps, nesterov, has_weight_decay = setting
+            for i in batch:
+                self.momentum(i, grad_scale, nesterov)
+            updates, ortho = self.batch_buffers(batch)
+            self.newton_schulz(updates, coefficients, ns_steps, eps, out=ortho)
+            for i in batch:
+                self.master(i, has_weight_decay)
 
     def momentum(self, i, grad_scale, nesterov) -> None:
         """Pass A for matrix ``i``: its bf16 matrix to orthogonalise goes to its scratch slot."""

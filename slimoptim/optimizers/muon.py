@@ -209,17 +209,13 @@ class Muon(SlimOptimizer):
         plan = kernels.plan_for(self, fused)
         ok = matrices_ok([p.grad for _, p in fused], found_inf)
         plan.begin_step([_kernel_values(group, p) for group, p in fused], ok)
-        if grad_scale is not None:
-            grad_scale = grad_scale.to(plan.device, torch.float32).reshape(-1)
+        settings = []
         for batch in plan.batches:  # same-shape matrices of one group
             group = fused[batch[0]][0]
-            for i in batch:
-                plan.momentum(i, grad_scale, bool(group["nesterov"]))
-            coefficients, steps, eps = group["ns_coefficients"], group["ns_steps"], group["eps"]
-            updates, ortho = plan.batch_buffers(batch)
-            newton_schulz(updates, coefficients, steps, eps, out=ortho)
-            for i in batch:
-                plan.master(i, group["weight_decay"] != 0)
+            ns = (tuple(group["ns_coefficients"]), group["ns_steps"], group["eps"])
+            settings.append((*ns, bool(group["nesterov"]), bool(group["weight_decay"] != 0)))
+        capturing = plan.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        plan.run(newton_schulz, settings, grad_scale, capturing)
         return reference
 
     def _step_reference(self, p, group, grad_scale, found_inf) -> None:
