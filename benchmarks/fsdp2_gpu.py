@@ -121,6 +121,22 @@ def part_single() -> None:
     write("single", {**result, "seconds": time.perf_counter() - start})
 
 
+def part_single_fp32() -> None:
+    """The same 200 steps with torch's AdamW on float32 params and bf16 autocast: the
+    format's own gap to fp32 AdamW, which sizes the tolerance for a change of world size."""
+    torch.manual_seed(0)
+    if DEVICE == "cuda":
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    result = {}
+    with math_attention(result):
+        model = build(SMALL, dtype=torch.float32)
+        opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            result["losses"] = train(model, opt, range(STEPS), 0, 1, SMALL)
+    write("single_fp32", result)
+
+
 def fsdp_run(world, rank, steps, seed=0, load=None, save=None, release=False):
     """One FSDP2 run from fresh objects: its losses and final local params."""
     model = shard(build(SMALL, seed=seed), world)
