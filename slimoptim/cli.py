@@ -17,7 +17,7 @@ import sys
 import textwrap
 from collections.abc import Sequence
 
-from .cli_common import OPTIMIZERS, CommandError
+from .cli_common import OPTIMIZERS, PLAN_OPTIMIZERS, CommandError
 
 DEMO_EXAMPLES = """\
   slimoptim demo                     # < 3 min on a 2-core CPU: torch AdamW vs slimoptim AdamW
@@ -207,9 +207,10 @@ def _add_plan(subparsers) -> None:
     plan.add_argument(
         "--optimizers",
         metavar="LIST",
-        type=_comma_list(list(OPTIMIZERS)),
-        default=list(OPTIMIZERS),
-        help=f"slimoptim optimizers to list ({','.join(OPTIMIZERS)})",
+        type=_comma_list(list(PLAN_OPTIMIZERS)),
+        default=None,
+        help=f"slimoptim optimizers to list ({','.join(PLAN_OPTIMIZERS)}; default: all; "
+        "muon: Muon on the hidden matrices + AdamW on the rest, needs the model's shapes)",
     )
     plan.add_argument(
         "--all-modes",

@@ -23,6 +23,8 @@ class OptimizerEntry:
     demo_hyperparameters: dict  # what ``slimoptim demo`` trains it with
     # Arguments that make it hold its usual states (SGD keeps momentum only when asked).
     plan_arguments: dict = field(default_factory=dict)
+    # The plan table's heading for its rows, when not "slimoptim <class_name>, bf16 weights:".
+    plan_heading: str = ""
 
 
 # --optimizers name -> entry. AdamW as for small GPTs; SGD and Lion picked by a short sweep
@@ -32,12 +34,23 @@ OPTIMIZERS = {
     "sgd": OptimizerEntry("SGD", dict(lr=0.1, momentum=0.9, weight_decay=0.0), dict(momentum=0.9)),
     "lion": OptimizerEntry("Lion", dict(lr=1.5e-3, betas=(0.9, 0.99), weight_decay=0.2)),
 }
+# ``slimoptim plan`` also plans Muon, which trains a model's hidden matrices only: its rows
+# are Muon on those plus AdamW on the rest, split as slimoptim.muon_param_groups splits
+# them. The demo has no Muon run (no demo hyper-parameters).
+PLAN_OPTIMIZERS = {
+    **OPTIMIZERS,
+    "muon": OptimizerEntry(
+        "Muon",
+        demo_hyperparameters={},
+        plan_heading="slimoptim Muon (hidden matrices) + AdamW (the rest), bf16 weights:",
+    ),
+}
 
 
 def optimizer_class(name: str):
     import slimoptim
 
-    return getattr(slimoptim, OPTIMIZERS[name].class_name)
+    return getattr(slimoptim, PLAN_OPTIMIZERS[name].class_name)
 
 
 def format_table(

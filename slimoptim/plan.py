@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from .cli_common import OPTIMIZERS, format_table, optimizer_class
+from .cli_common import PLAN_OPTIMIZERS, CommandError, format_table, optimizer_class
 from .memory import _component  # state name -> memory_report component
 from .plan_models import (  # noqa: F401 (re-exported: the plan's inputs)
     ModelTensors,
@@ -46,21 +48,23 @@ class Setup:
 
     label: str
     library: str  # torch | slimoptim
-    optimizer: str  # a key of cli_common.OPTIMIZERS
+    optimizer: str  # a key of cli_common.PLAN_OPTIMIZERS
     pure_bf16: bool = False  # torch only: bf16 params and states, no master weights
     master_weight_bits: int | None = 24
     state_bits: int = 8
     gradient_release: bool = False
 
 
-def all_setups(optimizers=tuple(OPTIMIZERS), modes=ALL_MODES) -> list[Setup]:
+def all_setups(optimizers=tuple(PLAN_OPTIMIZERS), modes=ALL_MODES) -> list[Setup]:
     setups = [
         Setup("torch AdamW, fp32", "torch", "adamw"),
         Setup("torch AdamW, pure bf16", "torch", "adamw", pure_bf16=True),
     ]
     for name in optimizers:
         for master, state in modes:
-            label = f"{OPTIMIZERS[name].class_name} {'none' if master is None else master}/{state}"
+            label = (
+                f"{PLAN_OPTIMIZERS[name].class_name} {'none' if master is None else master}/{state}"
+            )
             for release in (False, True):
                 setups.append(
                     Setup(
@@ -75,15 +79,67 @@ def all_setups(optimizers=tuple(OPTIMIZERS), modes=ALL_MODES) -> list[Setup]:
     return setups
 
 
-def _slim_state_bytes(setup: Setup, tensors: list[tuple[int, torch.dtype]], group_size: int):
+class Part(NamedTuple):
+    """The tensors one optimizer of a setup trains."""
+
+    optimizer: str  # a key of cli_common.PLAN_OPTIMIZERS
+    tensors: list[tuple[tuple[int, ...], torch.dtype]]  # (shape, dtype)
+    sharded: bool  # FSDP shards it over the GPUs; Muon's matrices stay whole
+
+
+MUON_NEEDS_SHAPES = (
+    "Muon is not planned for a bare parameter count: which tensors are hidden matrices "
+    "(Muon) and which go to AdamW (embeddings, head, norms, biases) depends on the model's "
+    "shapes. Give them with --module, --hf-config or a model name."
+)
+MUON_RELEASE_SHARDED = (
+    "Muon +release is not planned with --world-size > 1: Muon's matrices are not sharded "
+    "(data parallel), and gradient release would step them before their gradients are "
+    "all-reduced."
+)
+MUON_WHOLE = (
+    "Muon's matrices are not sharded (Newton-Schulz needs whole matrices): each GPU holds "
+    "them, their gradients and states whole; the AdamW part is sharded."
+)
+
+
+def unplanned(setup: Setup, model: ModelTensors, world_size: int = 1) -> str | None:
+    """Why ``setup`` gets no row for ``model``, or None when it does."""
+    if setup.library != "slimoptim" or setup.optimizer != "muon":
+        return None
+    if not model.shapes_known:
+        return MUON_NEEDS_SHAPES
+    if setup.gradient_release and world_size > 1:
+        return MUON_RELEASE_SHARDED
+    return None
+
+
+def setup_parts(setup: Setup, model: ModelTensors) -> list[Part]:
+    """What each optimizer of ``setup`` trains: one optimizer for every tensor, or Muon on
+    the hidden matrices and AdamW on the rest (slimoptim.muon_param_groups' split)."""
+    if setup.library == "torch":
+        tensors = model.fp32 if not setup.pure_bf16 else model.slim
+        return [Part("adamw", [((n,), d) for n, d in tensors], True)]
+    if setup.optimizer != "muon":
+        return [Part(setup.optimizer, [((n,), d) for n, d in model.slim], True)]
+    if not model.shapes_known:
+        raise CommandError(MUON_NEEDS_SHAPES)
+    split = {True: [], False: []}
+    for shape, (_, dtype), hidden in zip(model.shapes, model.slim, model.muon, strict=True):
+        split[hidden].append((shape, dtype))
+    parts = [Part("muon", split[True], False), Part("adamw", split[False], True)]
+    return [part for part in parts if part.tensors]
+
+
+def _slim_state_bytes(setup: Setup, part: Part, group_size: int) -> dict[str, int]:
     """Bytes per component of slimoptim's states, from the optimizer's own layout."""
-    params = [nn.Parameter(torch.empty(n, dtype=d, device="meta")) for n, d in tensors]
-    optimizer = optimizer_class(setup.optimizer)(
+    params = [nn.Parameter(torch.empty(s, dtype=d, device="meta")) for s, d in part.tensors]
+    optimizer = optimizer_class(part.optimizer)(
         params,
         master_weight_bits=setup.master_weight_bits,
         state_bits=setup.state_bits,
         group_size=group_size,
-        **OPTIMIZERS[setup.optimizer].plan_arguments,
+        **PLAN_OPTIMIZERS[part.optimizer].plan_arguments,
     )
     group = optimizer.param_groups[0]
     out = dict.fromkeys(COMPONENTS, 0)
@@ -93,34 +149,43 @@ def _slim_state_bytes(setup: Setup, tensors: list[tuple[int, torch.dtype]], grou
     return out
 
 
+def _part_bytes(setup: Setup, part: Part, group_size: int, world_size: int, shapes_known: bool):
+    """Bytes per memory_report component of one part on one GPU."""
+    if setup.library == "torch":
+        # torch.optim.AdamW: exp_avg and exp_avg_sq in the parameter's dtype, one step counter.
+        out = dict.fromkeys(COMPONENTS, 0)
+        out["states"] = sum(2 * math.prod(s) * d.itemsize for s, d in part.tensors)
+        out["step"] = STEP_BYTES * len(part.tensors)
+    else:
+        out = _slim_state_bytes(setup, part, group_size)
+    grad_bytes = [math.prod(s) * d.itemsize for s, d in part.tensors]
+    out["params"] = out["grads"] = sum(grad_bytes)
+    shards = world_size if part.sharded else 1
+    out = {k: v / shards for k, v in out.items()} if shards > 1 else out
+    if setup.gradient_release:
+        # Gradients are stepped and freed in buckets of RELEASE_BUCKET_BYTES as they arrive:
+        # at most one bucket per optimizer is held, and it can overshoot by its last tensor.
+        largest = max(grad_bytes) / shards if shapes_known else 0
+        out["grads"] = min(out["grads"], RELEASE_BUCKET_BYTES + largest)
+    return out
+
+
 def setup_bytes(
     setup: Setup, model: ModelTensors, group_size: int = 32, world_size: int = 1
 ) -> dict[str, float]:
     """Bytes per memory_report component on one GPU, plus the frozen weights; FSDP over
     ``world_size`` GPUs shards everything evenly, except that each GPU holds its own
-    gradient-release bucket."""
-    fp32_model = setup.library == "torch" and not setup.pure_bf16
-    if setup.library == "torch":
-        # torch.optim.AdamW: exp_avg and exp_avg_sq in the parameter's dtype, one step counter.
-        tensors = model.fp32 if fp32_model else model.slim
-        out = dict.fromkeys(COMPONENTS, 0)
-        out["states"] = sum(2 * n * d.itemsize for n, d in tensors)
-        out["step"] = STEP_BYTES * len(tensors)
-    else:
-        tensors = model.slim
-        out = _slim_state_bytes(setup, tensors, group_size)
-    grad_bytes = [n * d.itemsize for n, d in tensors]
-    out["params"] = out["grads"] = sum(grad_bytes)
+    gradient-release bucket and Muon's matrices whole."""
+    out = dict.fromkeys(COMPONENTS, 0)
+    for part in setup_parts(setup, model):
+        for key, value in _part_bytes(
+            setup, part, group_size, world_size, model.shapes_known
+        ).items():
+            out[key] += value
     # Frozen weights are stored like the rest of the model: fp32, or as cast_model casts.
+    fp32_model = setup.library == "torch" and not setup.pure_bf16
     frozen = model.frozen_fp32 if fp32_model else model.frozen_slim
-    out[FROZEN] = sum(n * d.itemsize for n, d in frozen)
-    if world_size > 1:
-        out = {k: v / world_size for k, v in out.items()}
-    if setup.gradient_release:
-        # Gradients are stepped and freed in buckets of RELEASE_BUCKET_BYTES as they arrive:
-        # at most one bucket is held, and a bucket can overshoot by its last tensor.
-        largest = max(grad_bytes) / world_size if model.shapes_known else 0
-        out["grads"] = min(out["grads"], RELEASE_BUCKET_BYTES + largest)
+    out[FROZEN] = sum(n * d.itemsize for n, d in frozen) / world_size
     return out
 
 
@@ -132,8 +197,14 @@ def build_plan(
     group_size: int = 32,
 ) -> dict:
     all_params = model.num_params + model.frozen_params
-    rows = []
+    rows, notes = [], []
     for setup in setups:
+        reason = unplanned(setup, model, world_size)
+        if reason is not None:
+            notes += [reason] if reason not in notes else []
+            continue
+        if setup.optimizer == "muon" and world_size > 1 and MUON_WHOLE not in notes:
+            notes.append(MUON_WHOLE)
         per_gpu = setup_bytes(setup, model, group_size, world_size)
         total = sum(per_gpu.values())  # frozen weights included: they take memory too
         rows.append(
@@ -156,6 +227,7 @@ def build_plan(
         "group_size": group_size,
         "per_gpu": True,
         "excludes": "activations, temporary buffers, the CUDA context and allocator slack",
+        "notes": notes,  # setups left out, and why; how Muon is laid out over GPUs
         "setups": rows,
     }
 
@@ -217,6 +289,8 @@ def _footer_lines(plan: dict) -> list[str]:
             f"model's / {plan['world_size']}\n(each GPU holds its own release bucket); B/param "
             "is per parameter of the whole model."
         )
+    for note in plan["notes"]:
+        lines += textwrap.wrap(note, 92)
     lines.append("--all-modes lists every mode; --json gives every component in bytes.")
     return lines
 
@@ -245,7 +319,8 @@ def format_plan(plan: dict, gpu_text: str | None = None) -> str:
             continue
         if setup["library"] == "slimoptim" and section != setup["optimizer"]:
             section = setup["optimizer"]
-            rows.append(f"slimoptim {OPTIMIZERS[section].class_name}, bf16 weights:")
+            entry = PLAN_OPTIMIZERS[section]
+            rows.append(entry.plan_heading or f"slimoptim {entry.class_name}, bf16 weights:")
         indent = "  " if setup["library"] == "slimoptim" else ""
         released = release_of.get(setup["label"])
         line = [indent + setup["label"], *_table_row(row, size)]
@@ -260,7 +335,13 @@ def format_plan(plan: dict, gpu_text: str | None = None) -> str:
 def run_plan(args) -> dict:
     gpu_memory = parse_memory(args.gpu_memory) if args.gpu_memory else None
     model = load_tensors(args)
-    setups = all_setups(args.optimizers, ALL_MODES if args.all_modes else DEFAULT_MODES)
+    if args.optimizers is None:  # the default: every optimizer the plan can show here
+        optimizers = list(PLAN_OPTIMIZERS)
+    elif "muon" in args.optimizers and not model.shapes_known:
+        raise CommandError(f"--optimizers muon: {MUON_NEEDS_SHAPES}")
+    else:
+        optimizers = args.optimizers
+    setups = all_setups(optimizers, ALL_MODES if args.all_modes else DEFAULT_MODES)
     plan = build_plan(model, setups, args.world_size, gpu_memory, args.group_size)
     print(json.dumps(plan, indent=1) if args.json else format_plan(plan, args.gpu_memory))
     return plan

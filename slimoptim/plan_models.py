@@ -16,6 +16,7 @@ from torch import nn
 
 from .cli_common import CommandError
 from .model import cast_model
+from .optimizers import muon_param_groups
 
 _COUNT_SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
 _MEMORY_UNIT = {
@@ -74,7 +75,11 @@ def parse_memory(text: str) -> int:
 @dataclass
 class ModelTensors:
     """Tensors as (numel, dtype): as trained in fp32, and as slimoptim trains them (after
-    cast_model: bf16, BatchNorm kept fp32). Frozen tensors hold weights only."""
+    cast_model: bf16, BatchNorm kept fp32). Frozen tensors hold weights only.
+
+    For a model (not a bare count), ``shapes`` and ``muon`` describe the trainable tensors
+    in the same order: each one's shape, and whether slimoptim.muon_param_groups gives it
+    to Muon (a hidden matrix) rather than to AdamW (embeddings, head, norms, biases)."""
 
     source: str
     fp32: list[tuple[int, torch.dtype]]
@@ -82,6 +87,8 @@ class ModelTensors:
     shapes_known: bool = True  # False for a bare count: the largest tensor is unknown
     frozen_fp32: list[tuple[int, torch.dtype]] = field(default_factory=list)
     frozen_slim: list[tuple[int, torch.dtype]] = field(default_factory=list)
+    shapes: list[tuple[int, ...]] = field(default_factory=list)
+    muon: list[bool] = field(default_factory=list)
 
     @property
     def num_params(self) -> int:
@@ -109,10 +116,13 @@ def tensors_from_module(model: nn.Module, source: str) -> ModelTensors:
         raise CommandError(f"{source} has no trainable parameters.")
     fp32 = [(p.numel(), torch.float32) for p in trainable]
     frozen_fp32 = [(p.numel(), torch.float32) for p in frozen]
+    hidden = {id(p) for p in muon_param_groups(model).muon}
     cast_model(model)  # on the meta device: changes dtypes, allocates nothing
     slim = [(p.numel(), p.dtype) for p in trainable]
     frozen_slim = [(p.numel(), p.dtype) for p in frozen]
-    return ModelTensors(source, fp32, slim, True, frozen_fp32, frozen_slim)
+    shapes = [tuple(p.shape) for p in trainable]
+    muon = [id(p) in hidden for p in trainable]
+    return ModelTensors(source, fp32, slim, True, frozen_fp32, frozen_slim, shapes, muon)
 
 
 def module_from_factory(spec: str, kwargs: dict | None = None) -> tuple[nn.Module, str]:

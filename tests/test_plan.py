@@ -15,7 +15,7 @@ from torch import nn
 
 import slimoptim
 from slimoptim import plan
-from slimoptim.cli_common import OPTIMIZERS, CommandError, optimizer_class
+from slimoptim.cli_common import PLAN_OPTIMIZERS, CommandError, optimizer_class
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,56 +61,93 @@ class Odd(nn.Module):
         return self.out(self.back(torch.relu(self.norm(self.hidden(x)))))
 
 
-def _real_memory(setup: plan.Setup, group_size: int) -> tuple[dict, object, int]:
-    """memory_report of a real optimizer after one step of ``setup`` on Odd, and the bytes
-    of its frozen weights."""
-    torch.manual_seed(0)
-    model = Odd()
+def _real_optimizers(setup: plan.Setup, model: nn.Module, group_size: int) -> list:
+    """The optimizers ``setup`` trains ``model`` with (cast as the setup casts it): one, or
+    for Muon, Muon on the hidden matrices and AdamW on the rest, as a user would split."""
     if setup.library == "slimoptim" or setup.pure_bf16:
         slimoptim.cast_model(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     if setup.library == "torch":
-        optimizer = torch.optim.AdamW(params)
+        return [torch.optim.AdamW(params)]
+    mode = dict(
+        master_weight_bits=setup.master_weight_bits,
+        state_bits=setup.state_bits,
+        group_size=group_size,
+    )
+    if setup.optimizer == "muon":
+        split = slimoptim.muon_param_groups(model)
+        parts = [("muon", split.muon), ("adamw", split.adamw)]
     else:
-        optimizer = optimizer_class(setup.optimizer)(
-            params,
-            master_weight_bits=setup.master_weight_bits,
-            state_bits=setup.state_bits,
-            group_size=group_size,
-            **OPTIMIZERS[setup.optimizer].plan_arguments,
-        )
-    release = None
+        parts = [(setup.optimizer, params)]
+    return [
+        optimizer_class(name)(tensors, **mode, **PLAN_OPTIMIZERS[name].plan_arguments)
+        for name, tensors in parts
+        if tensors
+    ]
+
+
+def _real_memory(setup: plan.Setup, group_size: int, make_model=None, batch=None):
+    """memory_report of each real optimizer after one step of ``setup`` on the model
+    (default: Odd), the gradient-release handles (one per optimizer, or none) and the
+    bytes of the frozen weights."""
+    torch.manual_seed(0)
+    model = (make_model or Odd)()
+    optimizers = _real_optimizers(setup, model, group_size)  # casts the model first
+    frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    releases = []
     if setup.gradient_release:
-        release = slimoptim.enable_gradient_release(model, optimizer)
-    model(torch.randint(0, 37, (8,))).float().square().mean().backward()
-    if release is None:
-        optimizer.step()
-    return slimoptim.memory_report(optimizer), release, frozen
+        releases = [slimoptim.enable_gradient_release(model, o) for o in optimizers]
+    tokens = batch if batch is not None else torch.randint(0, 37, (8,))
+    model(tokens).float().square().mean().backward()
+    if not releases:
+        for optimizer in optimizers:
+            optimizer.step()
+    return [slimoptim.memory_report(o) for o in optimizers], releases, frozen
+
+
+def _summed(reports: list[dict]) -> dict:
+    return {k: sum(r["bytes"][k] for r in reports) for k in reports[0]["bytes"]}
+
+
+def _assert_plan_is_real(planned: dict, reports: list, releases: list, label: str) -> None:
+    """Every component byte for byte; with gradient release, the gradients still held
+    (none after backward) and those in flight, at most the planned ones."""
+    real = _summed(reports)
+    if not releases:
+        assert planned == real, label
+        return
+    assert {k: v for k, v in planned.items() if k != "grads"} == {
+        k: v for k, v in real.items() if k != "grads"
+    }, label
+    assert real["grads"] == 0
+    in_flight = sum(r.max_bucket_bytes for r in releases)
+    assert 0 < in_flight <= planned["grads"], label
+    for r in releases:
+        r.remove()
 
 
 @pytest.mark.parametrize("group_size", [32, 7])
 def test_plan_matches_memory_report_byte_for_byte(group_size):
+    """Every setup, Muon (+ AdamW) included: Odd's tied head and embedding and its BatchNorm
+    go to AdamW, its two hidden matrices to Muon."""
     with torch.device("meta"):
         meta = Odd()
     model = plan.tensors_from_module(meta, "Odd")
     assert model.num_params == sum(p.numel() for p in Odd().parameters() if p.requires_grad)
     assert model.frozen_params == 12
     assert any(dtype == torch.float32 for _, dtype in model.slim)  # BatchNorm kept fp32
-    for setup in plan.all_setups():
+    assert sorted(s for s, m in zip(model.shapes, model.muon, strict=True) if m) == [
+        (19, 45),
+        (45, 19),
+    ]
+    setups = plan.all_setups()
+    assert {s.optimizer for s in setups} == {"adamw", "sgd", "lion", "muon"}
+    for setup in setups:
         planned = plan.setup_bytes(setup, model, group_size)
-        real, release, frozen = _real_memory(setup, group_size)
+        reports, releases, frozen = _real_memory(setup, group_size)
+        assert len(reports) == (2 if setup.optimizer == "muon" else 1)
         assert planned.pop(plan.FROZEN) == frozen, setup.label  # 12 x 4 or 12 x 2 bytes
-        if release is None:
-            assert planned == real["bytes"], setup.label
-        else:
-            # Released gradients are gone after backward; the plan counts those in flight.
-            assert {k: v for k, v in planned.items() if k != "grads"} == {
-                k: v for k, v in real["bytes"].items() if k != "grads"
-            }, setup.label
-            assert real["bytes"]["grads"] == 0
-            assert 0 < release.max_bucket_bytes <= planned["grads"]
-            release.remove()
+        _assert_plan_is_real(planned, reports, releases, setup.label)
 
 
 def lora_like(hidden: int = 512, layers: int = 4) -> nn.Module:
