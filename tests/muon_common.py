@@ -5,6 +5,8 @@ import random
 import torch
 from torch import nn
 
+from slimoptim.optimizers import muon as muon_module
+
 SHAPES = [(48, 32), (24, 72)]  # tall and wide: both lr adjustments and the transpose
 EXACT = dict(master_weight_bits=32, state_bits=32)
 
@@ -40,3 +42,22 @@ def teacher_batches(seed, steps, vocab=32):
     for _ in range(steps):
         tokens = torch.randint(0, vocab, (64,), generator=gen)
         yield tokens, table[tokens]
+
+
+def torch_rounding(monkeypatch):
+    """Swap the two elementwise functions for forms that round as torch.optim.Muon's ops.
+
+    torch's CPU lerp and add(alpha=) use fused multiply-adds in their vectorised loops
+    (one rounding where slimoptim's reference rounds twice). Everything else, the
+    Newton-Schulz iteration included, is the module's own code.
+    """
+
+    def momentum(g, buf, *, momentum, nesterov):
+        buf = torch.lerp(buf, g, 1 - momentum)
+        return (torch.lerp(g, buf, momentum) if nesterov else buf), buf
+
+    def master(w, ortho, *, lr, weight_decay, lr_adjusted):
+        return torch.add(w * (1 - lr * weight_decay), ortho.float(), alpha=-lr_adjusted)
+
+    monkeypatch.setattr(muon_module, "muon_momentum", momentum)
+    monkeypatch.setattr(muon_module, "muon_master_update", master)

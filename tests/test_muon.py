@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from muon_common import EXACT, SHAPES, TinyNet, new_seed, rel, teacher_batches
+from muon_common import EXACT, SHAPES, TinyNet, new_seed, rel, teacher_batches, torch_rounding
 from torch import nn
 
 import slimoptim
@@ -13,25 +13,6 @@ from slimoptim import checkpoint
 from slimoptim.optimizers import muon as muon_module
 
 STEPS = 100
-
-
-def _torch_rounding(monkeypatch):
-    """Swap the two elementwise functions for forms that round as torch.optim.Muon's ops.
-
-    torch's CPU lerp and add(alpha=) use fused multiply-adds in their vectorised loops
-    (one rounding where slimoptim's reference rounds twice). Everything else, the
-    Newton-Schulz iteration included, is the module's own code.
-    """
-
-    def momentum(g, buf, *, momentum, nesterov):
-        buf = torch.lerp(buf, g, 1 - momentum)
-        return (torch.lerp(g, buf, momentum) if nesterov else buf), buf
-
-    def master(w, ortho, *, lr, weight_decay, lr_adjusted):
-        return torch.add(w * (1 - lr * weight_decay), ortho.float(), alpha=-lr_adjusted)
-
-    monkeypatch.setattr(muon_module, "muon_momentum", momentum)
-    monkeypatch.setattr(muon_module, "muon_master_update", master)
 
 
 def _run_pair(kwargs, seed, dtype=torch.float32, steps=STEPS, **mode):
@@ -74,7 +55,7 @@ def test_exact_mode_matches_torch_muon(kwargs, monkeypatch):
     ref, ours, opt, _ = _run_pair(kwargs, seed, **EXACT)
     for r, o in zip(ref, ours, strict=True):
         assert rel(opt.master_weight(o), r.detach()) < 2e-3, f"seed {seed}"
-    _torch_rounding(monkeypatch)
+    torch_rounding(monkeypatch)
     ref, ours, opt, _ = _run_pair(kwargs, seed, **EXACT)
     for r, o in zip(ref, ours, strict=True):
         assert rel(o.detach(), r.detach()) < 1e-6, f"seed {seed}"

@@ -21,7 +21,6 @@ from torch_optim_infos import (
     infos,
     input_cases,
     input_kwargs,
-    small_model,
     supported,
     train,
 )
@@ -47,6 +46,13 @@ def test_error_inputs_raise_what_torch_raises(info, index):
     Inputs that set foreach=True get slimoptim's refusal of foreach=True instead."""
     error = info.error_inputs()[index]
     params, kwargs = error.optimizer_error_input.params, error.optimizer_error_input.kwargs
+    if "complex" in error.optimizer_error_input.desc:
+        # torch's Muon raises RuntimeError at its first step; every slimoptim optimizer
+        # refuses complex params at construction with a TypeError (see
+        # test_complex_and_sparse_are_refused_clearly).
+        with pytest.raises(TypeError, match="complex"):
+            info.make(params, **kwargs)
+        return
     if kwargs.get("foreach"):
         with pytest.raises(ValueError, match="foreach=True .* is not supported"):
             info.make(params, **kwargs)
@@ -79,7 +85,7 @@ def test_neutral_implementation_keywords_are_accepted_and_others_refused(name):
         cls([p], foreach_mode=True)
 
 
-@pytest.mark.parametrize("name", ["AdamW", "SGD", "Lion"])
+@pytest.mark.parametrize("name", ["AdamW", "SGD", "Lion", "Muon"])
 def test_hyperparameters_are_checked_before_params_are_read(name):
     """Defect 5: AdamW(None, lr=-1) gave "'NoneType' object is not iterable"."""
     cls = getattr(slimoptim, name)
@@ -91,6 +97,18 @@ def test_hyperparameters_are_checked_before_params_are_read(name):
         cls(None, weight_decay=-1)
 
 
+def test_muon_takes_no_implementation_keywords_as_torchs_muon():
+    """torch.optim.Muon has no foreach, capturable or differentiable keywords, so the test
+    above does not apply: code written for it passes none, and both refuse them alike."""
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    for key in ("foreach", "capturable", "differentiable"):
+        for value in (None, False, True):
+            for cls in (torch.optim.Muon, slimoptim.Muon):
+                with pytest.raises(TypeError, match=f"unexpected keyword argument '{key}'"):
+                    cls([p], **{key: value})
+
+
+# Adam, SGD and Muon have no betas (SGD and Muon take a single float momentum).
 @pytest.mark.parametrize("name", ["AdamW", "Lion"])
 def test_betas_rules(name):
     """Defect 5: mixed float/Tensor betas were accepted; torch refuses them."""
@@ -195,7 +213,7 @@ def test_state_dict_and_load_state_dict_hooks(info):
 
 @pytest.mark.parametrize("info", CPU_INFOS, ids=lambda i: i.id)
 def test_step_hooks_run_in_torchs_order(info):
-    params = [torch.tensor([1.0, 1.0]).to(info.dtype)]  # no grad: hooks run all the same
+    params = [torch.ones(info.shape(2)).to(info.dtype)]  # no grad: hooks run all the same
     opt = info.make(params)
     other = torch.optim.SGD(params)
     calls = []
@@ -220,11 +238,12 @@ def test_step_hooks_run_in_torchs_order(info):
 @pytest.mark.parametrize("info,index", input_cases(CPU_INFOS))
 def test_printing_and_non_empty_state(info, index):
     supported(info, index)
-    model = small_model(dtype=info.dtype)
+    model = info.model()
     opt = info.make(model.parameters(), **input_kwargs(info, index))
     assert repr(opt)
     train(model, opt, 1)
-    assert len(opt.state) == 4 and all(len(s) > 0 for s in opt.state.values())
+    assert len(opt.state) == len(list(model.parameters())) >= 2  # 4, or Muon's 2 matrices
+    assert all(len(s) > 0 for s in opt.state.values())
 
 
 # ------------------------------------------------------------------- CUDA
@@ -240,7 +259,7 @@ needs_cuda = pytest.mark.skipif(
 def test_fused_step_does_not_move_anything_when_found_inf(info):
     """torch's test_fused_does_not_step_if_foundinf, with and without a grad_scale."""
     for grad_scale in (None, torch.ones((), device="cuda")):
-        params = [torch.ones(40, device="cuda", dtype=info.dtype) for _ in range(5)]
+        params = [torch.ones(info.shape(40), device="cuda", dtype=info.dtype) for _ in range(5)]
         before = [p.clone() for p in params]
         for p in params:
             p.grad = torch.ones_like(p)

@@ -3,8 +3,10 @@
 torch ships its generic optimizer test inputs in ``torch.testing._internal.common_optimizers``
 (``optim_db``: per optimizer, constructor inputs, inputs that must fail and LR-scheduler
 sets). Each entry here pairs a slimoptim optimizer, a mode and a parameter dtype with
-torch's entry for its twin (AdamW, Adam, SGD); Lion has no twin and gets inputs of the
-same shape written here. ``tests/test_torch_contract*.py`` drive their tests from these.
+torch's entry for its twin (AdamW, Adam, SGD, Muon); Lion has no twin and gets inputs of
+the same shape written here. Muon steps 2-D params only (as torch's): its entries get the
+same problems with every tensor a matrix (``info.problem``, ``info.model``,
+``info.shape``). ``tests/test_torch_contract*.py`` drive their tests from these.
 """
 
 from __future__ import annotations
@@ -129,6 +131,23 @@ class SlimOptimizerInfo:
     def make(self, params, **kwargs):
         return self.optim_cls(params, **MODES[self.mode], **kwargs)
 
+    # ------------------------------------------- the problems, per optimizer
+
+    @property
+    def matrices_only(self) -> bool:
+        """Muon refuses params that are not 2-D, as torch.optim.Muon does."""
+        return self.name in MATRICES_ONLY
+
+    def shape(self, n: int) -> tuple[int, ...]:
+        """A shape of ``n`` values this optimizer takes: (n,), or a (1, n) row for Muon."""
+        return (1, n) if self.matrices_only else (n,)
+
+    def problem(self, seed=0, contiguous=True):
+        return linear_problem(self.dtype, seed, contiguous, self.matrices_only)
+
+    def model(self, seed=1):
+        return small_model(seed, self.dtype, bias=not self.matrices_only)
+
 
 def unsupported(kwargs: dict) -> str | None:
     """Why slimoptim does not run an input torch ships, or None when it does."""
@@ -139,7 +158,8 @@ def unsupported(kwargs: dict) -> str | None:
     return None
 
 
-NAMES = ("AdamW", "Adam", "SGD", "Lion")
+NAMES = ("AdamW", "Adam", "SGD", "Lion", "Muon")
+MATRICES_ONLY = ("Muon",)
 INFOS = [SlimOptimizerInfo(n, m, d) for n in NAMES for m in MODES for d in DTYPES]
 
 
@@ -166,15 +186,17 @@ def input_kwargs(info, index: int) -> dict:
     return dict(info.inputs()[index].kwargs)
 
 
-def linear_problem(dtype, seed=0, contiguous=True):
-    """torch's generic problem: a (10, 5) weight and a (10,) bias, loss (W x + b)^2 summed."""
+def linear_problem(dtype, seed=0, contiguous=True, matrices_only=False):
+    """torch's generic problem: a (10, 5) weight and a (10,) bias, loss (W x + b)^2 summed.
+    ``matrices_only``: the same values with the bias as a (10, 1) column."""
     gen = torch.Generator().manual_seed(seed)
+    bias_shape = (10, 1) if matrices_only else (10,)
     if contiguous:
         weight = torch.randn(10, 5, generator=gen)
-        bias = torch.randn(10, generator=gen)
+        bias = torch.randn(bias_shape, generator=gen)
     else:
         weight = torch.randn(10, 5, 2, generator=gen)[..., 0]
-        bias = torch.randn(10, 2, generator=gen)[..., 0]
+        bias = torch.randn(*bias_shape, 2, generator=gen)[..., 0]
     x = torch.randn(5, generator=gen)
     params = [torch.nn.Parameter(weight.to(dtype)), torch.nn.Parameter(bias.to(dtype))]
     return params, x
@@ -182,7 +204,7 @@ def linear_problem(dtype, seed=0, contiguous=True):
 
 def linear_loss(params, x):
     weight, bias = params
-    return (weight.float().mv(x) + bias.float()).pow(2).sum()
+    return (weight.float().mv(x) + bias.float().reshape(-1)).pow(2).sum()
 
 
 class LionFloat64(torch.optim.Optimizer):
@@ -296,9 +318,10 @@ def supported(info, index):
     return kwargs
 
 
-def small_model(seed=1, dtype=torch.bfloat16):
+def small_model(seed=1, dtype=torch.bfloat16, bias=True):
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(5, 10), torch.nn.Linear(10, 1)).to(dtype)
+    layers = torch.nn.Linear(5, 10, bias=bias), torch.nn.Linear(10, 1, bias=bias)
+    return torch.nn.Sequential(*layers).to(dtype)
 
 
 def train(model, opt, steps, seed=2):
