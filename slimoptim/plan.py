@@ -97,6 +97,10 @@ MUON_RELEASE_SHARDED = (
     "(data parallel), and gradient release would step them before their gradients are "
     "all-reduced."
 )
+MUON_TWO_BUCKETS = (
+    "Muon +release: Muon and AdamW each release their gradients in their own bucket (two "
+    "buckets at most)."
+)
 MUON_WHOLE = (
     "Muon's matrices are not sharded (Newton-Schulz needs whole matrices): each GPU holds "
     "them, their gradients and states whole; the AdamW part is sharded."
@@ -112,6 +116,14 @@ def unplanned(setup: Setup, model: ModelTensors, world_size: int = 1) -> str | N
     if setup.gradient_release and world_size > 1:
         return MUON_RELEASE_SHARDED
     return None
+
+
+def _setup_notes(setup: Setup, world_size: int) -> list[str]:
+    """What the footer says about a planned setup's row."""
+    if setup.library != "slimoptim" or setup.optimizer != "muon":
+        return []
+    notes = [MUON_WHOLE] if world_size > 1 else []
+    return notes + ([MUON_TWO_BUCKETS] if setup.gradient_release else [])
 
 
 def setup_parts(setup: Setup, model: ModelTensors) -> list[Part]:
@@ -200,11 +212,10 @@ def build_plan(
     rows, notes = [], []
     for setup in setups:
         reason = unplanned(setup, model, world_size)
-        if reason is not None:
-            notes += [reason] if reason not in notes else []
+        for note in [reason] if reason else _setup_notes(setup, world_size):
+            notes += [note] if note not in notes else []
+        if reason:
             continue
-        if setup.optimizer == "muon" and world_size > 1 and MUON_WHOLE not in notes:
-            notes.append(MUON_WHOLE)
         per_gpu = setup_bytes(setup, model, group_size, world_size)
         total = sum(per_gpu.values())  # frozen weights included: they take memory too
         rows.append(

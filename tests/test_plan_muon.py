@@ -164,7 +164,7 @@ def test_muon_over_gpus_keeps_the_matrices_whole():
     assert [r["setup"]["label"] for r in built["setups"]] == ["Muon 24/8", "Muon none/8"]
     assert built["notes"] == [plan.MUON_WHOLE, plan.MUON_RELEASE_SHARDED]
     one_gpu = plan.build_plan(model, _muon_setups(plan.DEFAULT_MODES))
-    assert one_gpu["notes"] == [] and len(one_gpu["setups"]) == 4
+    assert one_gpu["notes"] == [plan.MUON_TWO_BUCKETS] and len(one_gpu["setups"]) == 4
 
 
 def test_muon_rows_in_the_table(capsys, monkeypatch):
