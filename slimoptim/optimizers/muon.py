@@ -42,6 +42,11 @@ def muon_momentum(g, buf, *, momentum, nesterov):
     return update, buf
 
 
+# Run eagerly even inside torch.compile: Inductor rewrites the bf16 addmm chain with other
+# roundings, and Newton-Schulz amplifies the difference (a compiled step moved 0.0065 away
+# from the eager one in 3 steps), so a compiled step would stop matching the eager and
+# fused ones bit for bit. (The fused path runs it eagerly anyway.)
+@torch.compiler.disable
 def newton_schulz(update, coefficients, steps: int, eps: float, out=None) -> torch.Tensor:
     """An approximately orthogonal matrix with ``update``'s singular vectors, in bf16.
 
@@ -184,6 +189,7 @@ class Muon(SlimOptimizer):
         """Step the given ``(param_group, param)`` pairs, one whole matrix at a time."""
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        _refuse_graph_capture(items)
         for _, p in items:  # every check before any step
             _check_grad(p, p.grad)
         if self.fused:
@@ -244,6 +250,20 @@ class Muon(SlimOptimizer):
         )
         self._store_weight(p, state, group, torch.where(ok, new_w, w))
         self._store_states(state, group, {"momentum_buffer": buf}, ok, ok)
+
+
+@torch.compiler.disable  # asks the CUDA stream, at every call: nothing to trace
+def _refuse_graph_capture(items) -> None:
+    """A Muon step is not capturable: the fused path uploads each step's values (gradient
+    addresses, lr, momentum, decay per matrix) from the host, and the reference path takes
+    float hyper-parameters as constants, so a graph replay would step with the values of
+    the capture, whatever a scheduler set since."""
+    if any(p.is_cuda for _, p in items) and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            "slimoptim.Muon: step() cannot be captured in a CUDA graph (a replay would reuse "
+            "the lr, momentum and weight decay of the capture). Capture the forward and "
+            "backward only and call the Muon step eagerly after each replay."
+        )
 
 
 def _kernel_values(group: dict, p: torch.Tensor) -> list:
