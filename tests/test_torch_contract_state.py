@@ -190,6 +190,22 @@ def test_cpu_state_dict_loads_into_a_cuda_optimizer(info):
             model(x.to(device)).float().pow(2).sum().backward()
             opt.step()
     for p, q in zip(cpu_model.parameters(), cuda_model.parameters(), strict=True):
+        if info.name == "Muon":
+            # Newton-Schulz's bf16 matmuls round differently on the two devices, and it
+            # inflates that in the directions these low-rank gradients leave empty: the
+            # weights drift as far apart as a lost momentum would put them (both ~1.6e-3
+            # relative in a CPU emulation). The momentum, which Newton-Schulz does not
+            # touch, tells a continued run from a restart: measured at most 0.013 apart
+            # (8-bit) when continued, at least 0.26 when the state was not loaded.
+            ours, theirs = _momentum(cuda_opt, q).cpu(), _momentum(cpu_opt, p)
+            assert (ours - theirs).norm() / theirs.norm() < 0.05
+            continue
         torch.testing.assert_close(
             cpu_opt.master_weight(p), cuda_opt.master_weight(q).cpu(), rtol=1e-3, atol=1e-4
         )
+
+
+def _momentum(opt, p) -> torch.Tensor:
+    """Muon's momentum buffer of ``p`` as float32 values (8-bit codes decoded)."""
+    group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+    return opt._load_states(opt.state[p], group, p.numel())["momentum_buffer"]
