@@ -68,10 +68,12 @@ def test_compiled_step_is_bit_identical_to_eager_on_cpu():
 
 
 @needs_cuda
-@pytest.mark.parametrize("fused", FUSED, ids=["fused", "reference"])
-def test_cuda_compiled_step_is_bit_identical_to_eager(fused):
-    opt = _compiled_matches_eager("cuda", torch.bfloat16, fused)
-    assert bool(opt.__dict__.get("_slimoptim_muon_plans")) == (fused is None)
+def test_cuda_compiled_step_is_bit_identical_to_eager():
+    """The fused path (the default on CUDA) is opaque to the compiler: same bits. (The
+    compiled reference path on CUDA goes through Inductor's Triton code for the elementwise
+    steps, whose roundings are not pinned: not claimed bit-identical there.)"""
+    opt = _compiled_matches_eager("cuda", torch.bfloat16, None)
+    assert opt.__dict__.get("_slimoptim_muon_plans"), "the kernels did not run"
 
 
 @needs_cuda
