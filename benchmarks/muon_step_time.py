@@ -42,6 +42,24 @@ def build(shapes, dtype, factory):
     return opt
 
 
+def extra_reserved_bytes(shapes, dtype, factory, steps: int = 4) -> dict:
+    """What one optimizer holds beyond params, grads and states after ``steps`` steps
+    (scratch buffers, a captured graph's pool): the allocator's reserved bytes, alone."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_reserved()
+    opt = build(shapes, dtype, factory)
+    for _ in range(steps - 1):
+        opt.step()
+    torch.cuda.synchronize()
+    params = opt.param_groups[0]["params"]
+    tensors = 2 * sum(p.nbytes for p in params) + slimoptim.state_nbytes(opt)
+    extra = torch.cuda.memory_reserved() - before - tensors
+    del opt, params
+    torch.cuda.empty_cache()
+    return {"extra_reserved_bytes": extra}
+
+
 def timed_step(opt) -> float:
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
@@ -130,6 +148,12 @@ def main() -> None:
         f"fused vs reference, {check['matrices']} matrices x {check['steps']} steps: "
         f"{check['differing_values']} differing values"
     )
+    dtype, factory = muon_optimizers()["slimoptim Muon 24/8"]
+    extra = extra_reserved_bytes(shapes, dtype, factory)
+    print(
+        f"slimoptim Muon 24/8 holds {extra['extra_reserved_bytes'] / 2**20:.0f} MiB beyond "
+        "params, grads and states (scratch, graph pool, allocator rounding)"
+    )
     opts = {name: build(shapes, dtype, f) for name, (dtype, f) in muon_optimizers().items()}
     rows = interleaved(opts, args.rounds)
     if args.profile:
@@ -148,6 +172,7 @@ def main() -> None:
         "params": sum(torch.Size(s).numel() for s in shapes),
         "rounds": args.rounds,
         "bit_check": check,
+        "slimoptim_24_8_extra": extra,
         "rows": rows,
     }
     ref = rows["torch Muon bf16"]["ms"]
