@@ -252,45 +252,100 @@ def dequantize_momentum(code: torch.Tensor, scale: torch.Tensor, group_size: int
 
 # --------------------------------------------------------- variance (non-neg.)
 
-# Codes per binade of v: the code is v's float32 bit pattern (a piecewise-linear
-# log2) counted down from the group's power-of-two scale in steps of 2**20.
-VARIANCE_CODE_SHIFT = 20
+# The code counts v's float32 bit pattern (a piecewise-linear log2) down from the group's
+# top in steps of 2**shift: 2**(23 - shift) codes per binade. The top is the group's
+# largest v rounded up to a multiple of 2**20 (an eighth of a binade); each group takes
+# the finest shift whose 255 codes still reach its smallest non-zero v. The stored bf16
+# scale holds both: the top in its exponent and first 3 mantissa bits, and
+# VARIANCE_CODE_SHIFT - shift in its last 4 (docs/formats.md, "Second moment"). Before
+# adaptive shifts the scale was a power of two: it reads as the same top and the
+# coarsest shift, so those states decode as they always did.
+VARIANCE_CODE_SHIFT = 20  # the coarsest shift: 8 codes per binade over 32 binades
+FINEST_VARIANCE_SHIFT = 16  # 128 codes per binade over 2 binades
+_TOP_MASK = 0x7FF00000  # exponent and the first 3 mantissa bits
+_SHIFT_FIELD = 0xF  # the last 4 bf16 mantissa bits: VARIANCE_CODE_SHIFT - shift
+_LOWEST_TOP = 1 << 23  # 2**-126, the scale of an all-zero or subnormal group
+_HIGHEST_TOP = 0x7F700000  # the largest top below inf (1.875 * 2**127)
+_UINT32 = 0xFFFFFFFF
 
 
-def variance_scale(v: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Per group, the power of two just above the group's largest ``v`` (float32)."""
-    exponent = (_bits(group_view(v, group_size).amax(dim=1)) >> 23) & 0xFF
-    return _float(torch.clamp(exponent + 1, max=254) << 23)
+def _wrap_int32(x: torch.Tensor) -> torch.Tensor:
+    """int64 -> int32 with two's-complement wrap-around, as the kernels' int32 arithmetic."""
+    return (((x + 2**31) & _UINT32) - 2**31).to(torch.int32)
+
+
+def variance_top(v: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per group (int32 float bits), the largest ``v`` rounded up to a multiple of 2**20
+    (the coarsest code step), within [2**-126, 1.875 * 2**127]: a multiple of every finer
+    step too, so code levels fall on every binade edge."""
+    largest = _bits(group_view(v, group_size).amax(dim=1))
+    step = 1 << VARIANCE_CODE_SHIFT
+    return torch.clamp((largest + (step - 1)) & -step, _LOWEST_TOP, _HIGHEST_TOP)
+
+
+def variance_shift(v: torch.Tensor, top: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Per group (int32), the finest code step 2**shift, shift in [16, 20], whose lowest
+    code 1 still holds the group's smallest non-zero v after any rounding offset (at most
+    2**shift - 1): ``top - bits(v_min) <= 254 * 2**shift``. An all-zero group takes 20.
+
+    The smallest non-zero bits are the unsigned minimum of ``bits - 1``, plus one (0
+    wraps to the largest unsigned value and drops out): integer operations, as in the
+    kernels, whose int32 arithmetic ``_wrap_int32`` reproduces.
+    """
+    below_one = (_bits(group_view(v, group_size)).to(torch.int64) - 1) & _UINT32
+    low = below_one.amin(dim=1)  # 2**32 - 1: every value is 0 (or padding)
+    span = _wrap_int32(top.to(torch.int64) - low - 1)  # top - bits(smallest non-zero v)
+    shift = torch.full_like(span, FINEST_VARIANCE_SHIFT)
+    for finer in range(FINEST_VARIANCE_SHIFT, VARIANCE_CODE_SHIFT):
+        shift += (span > ((VARIANCE_LEVELS - 1) << finer)).to(torch.int32)
+    return torch.where(low == _UINT32, VARIANCE_CODE_SHIFT, shift)
+
+
+def variance_scale_parts(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(top as int32 float bits, code shift) of stored bf16 variance scales."""
+    bits = _bits(scale.float())
+    return bits & _TOP_MASK, VARIANCE_CODE_SHIFT - ((bits >> 16) & _SHIFT_FIELD)
 
 
 def quantize_variance(v: torch.Tensor, group_size: int, noise: torch.Tensor | None = None):
-    """Unsigned 8-bit logarithmic code of ``v`` >= 0 below a power-of-two group scale.
+    """Unsigned 8-bit logarithmic code of ``v`` >= 0 below the group's top.
 
     The code counts v's float32 bit pattern (a piecewise-linear log2) down from
-    the scale in steps of 2**20: 8 codes per binade over 32 binades, so every
-    value from the group max down to 2.3e-10 of it keeps a code, within 12.5%
-    (one code) of v; code 0 is exactly zero. ``noise`` (integers in [0, 65536))
-    rounds stochastically and without bias, which a second moment needs: with
-    beta2 = 0.999 each step moves v by ~0.1%, far less than half a code, so
-    round-to-nearest would freeze it. ``noise=None`` rounds to nearest. Integer
-    operations only: no root, no division.
+    the top (:func:`variance_top`) in steps of 2**shift, the shift chosen per
+    group (:func:`variance_shift`): from 128 codes per binade over 2 binades
+    (code step 0.54%) for a narrow group to 8 per binade over 32 binades (step
+    9%) for a group whose values span more. The group's smallest non-zero v keeps
+    a code >= 1 unless it lies more than 31.75 binades below the top; code 0 is
+    exactly zero. ``noise`` (integers in [0, 65536)) rounds stochastically and
+    without bias, which a second moment needs: with beta2 = 0.999 each step moves
+    v by ~0.1%, less than half a code, so round-to-nearest would freeze it.
+    ``noise=None`` rounds to nearest. Integer operations only: no root, no division.
     """
-    scale = variance_scale(v, group_size)
-    top = per_element(_bits(scale), group_size, v.numel())
-    step = 1 << VARIANCE_CODE_SHIFT
-    offset = step // 2 if noise is None else noise.to(torch.int32) * (step // DITHER_LEVELS)
-    below = (top - _bits(v) + offset) >> VARIANCE_CODE_SHIFT
+    top = variance_top(v, group_size)
+    shift = variance_shift(v, top, group_size)
+    coarsening = VARIANCE_CODE_SHIFT - shift  # the stored field
+    if noise is None:
+        offset = torch.full(v.shape, 1 << (VARIANCE_CODE_SHIFT - 1), dtype=torch.int32)
+    else:
+        offset = noise.to(torch.int32) << 4  # the dither as a 20-bit offset
+    # Shifted down to the group's step: half a step, or uniform in [0, 2**shift).
+    offset = offset.to(v.device) >> per_element(coarsening, group_size, v.numel())
+    top_e = per_element(top, group_size, v.numel())
+    below = (top_e - _bits(v) + offset) >> per_element(shift, group_size, v.numel())
     code = torch.clamp(VARIANCE_LEVELS - below, 0, VARIANCE_LEVELS)
+    scale = _float(top | (coarsening << 16))
     return code.to(torch.uint8), scale.to(torch.bfloat16)
 
 
 def dequantize_variance(code: torch.Tensor, scale: torch.Tensor, group_size: int):
     code = code.to(torch.int32)
-    top = per_element(_bits(scale.float()), group_size, code.numel())
-    bits = torch.clamp(top - ((VARIANCE_LEVELS - code) << VARIANCE_CODE_SHIFT), min=0)
+    top, shift = (per_element(x, group_size, code.numel()) for x in variance_scale_parts(scale))
+    bits = torch.clamp(top - ((VARIANCE_LEVELS - code) << shift), min=0)
     return torch.where(code > 0, _float(bits.to(torch.int32)), 0.0)
 
 
 def variance_floor(scale: torch.Tensor, group_size: int, numel: int) -> torch.Tensor:
-    """Per-element floor for sqrt(v) in the update denominator (see DENOM_FLOOR)."""
-    return per_element(sqrt_rn(scale.float()) * DENOM_FLOOR, group_size, numel)
+    """Per-element floor for sqrt(v) in the update denominator (see DENOM_FLOOR), from the
+    group's top (the scale without its shift field)."""
+    top = _float(variance_scale_parts(scale)[0])
+    return per_element(sqrt_rn(top) * DENOM_FLOOR, group_size, numel)

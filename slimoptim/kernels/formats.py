@@ -31,7 +31,12 @@ INV_SQUARED_LEVELS = tl.constexpr(_f32(1.0 / ref._SQUARED_LEVELS))
 DITHER_LEVELS = tl.constexpr(float(ref.DITHER_LEVELS))
 VARIANCE_LEVELS_INT = tl.constexpr(ref.VARIANCE_LEVELS)
 VARIANCE_CODE_SHIFT = tl.constexpr(ref.VARIANCE_CODE_SHIFT)
-VARIANCE_NOISE_SCALE = tl.constexpr((1 << ref.VARIANCE_CODE_SHIFT) // ref.DITHER_LEVELS)
+FINEST_VARIANCE_SHIFT = tl.constexpr(ref.FINEST_VARIANCE_SHIFT)
+VARIANCE_TOP_STEP = tl.constexpr(1 << ref.VARIANCE_CODE_SHIFT)
+VARIANCE_TOP_MASK = tl.constexpr(ref._TOP_MASK)
+VARIANCE_SHIFT_FIELD = tl.constexpr(ref._SHIFT_FIELD)
+VARIANCE_LOWEST_TOP = tl.constexpr(ref._LOWEST_TOP)
+VARIANCE_HIGHEST_TOP = tl.constexpr(ref._HIGHEST_TOP)
 DENOM_FLOOR = tl.constexpr(_f32(ref.DENOM_FLOOR))
 TINY_SCALE = tl.constexpr(ref.TINY_SCALE)
 LIFT = tl.constexpr(ref.LIFT)
@@ -175,11 +180,11 @@ def mix32(x):
 @triton.jit
 def dither(index, step):
     """formats.dither: the (momentum, variance) integer dithers in [0, 65536), the first as
-    float32, the second as int32."""
+    float32, the second as an int32 20-bit offset (times 16, as quantize_variance uses it)."""
     key = mix32(step.to(tl.int32).to(tl.uint32) * 0x9E3779B1)
     h = mix32(index.to(tl.uint32) ^ key)
     # The variance code adds its dither as an integer: no float round trip.
-    return (h >> 16).to(tl.float32), (h & 0xFFFF).to(tl.int32)
+    return (h >> 16).to(tl.float32), ((h << 4) & 0xFFFF0).to(tl.int32)
 
 
 # ------------------------------------------------------------ momentum (signed)
@@ -215,31 +220,49 @@ def quantize_momentum(m, mask, noise):
 
 
 @triton.jit
-def variance_scale(v, mask):
-    """Per row, the power of two just above the row's largest ``v``."""
-    exponent = (as_bits(tl.max(tl.where(mask, v, 0.0), axis=1)) >> 23) & 0xFF
-    return as_float(tl.minimum(exponent + 1, 254) << 23)
+def variance_top_and_shift(v, mask):
+    """formats.variance_top and formats.variance_shift per row, as int32: one max and one
+    unsigned min reduction of the row's bits (zeros wrap to the largest unsigned value)."""
+    v = tl.where(mask, v, 0.0)
+    largest = as_bits(tl.max(v, axis=1))
+    top = (largest + (VARIANCE_TOP_STEP - 1)) & -VARIANCE_TOP_STEP
+    top = tl.minimum(tl.maximum(top, VARIANCE_LOWEST_TOP), VARIANCE_HIGHEST_TOP)
+    low = tl.min((as_bits(v) - 1).to(tl.uint32, bitcast=True), axis=1).to(tl.int32, bitcast=True)
+    span = top - (low + 1)  # top - bits(smallest non-zero v), int32 wrap as the reference
+    shift = tl.full(span.shape, FINEST_VARIANCE_SHIFT, tl.int32)
+    for finer in tl.static_range(FINEST_VARIANCE_SHIFT, VARIANCE_CODE_SHIFT):
+        shift += (span > ((VARIANCE_LEVELS_INT - 1) << finer)).to(tl.int32)
+    return top, tl.where(low == -1, VARIANCE_CODE_SHIFT, shift)  # -1: an all-zero row
 
 
 @triton.jit
 def quantize_variance(v, mask, noise):
-    """formats.quantize_variance (stochastic): integer operations on v's float32 bits."""
-    scale = variance_scale(v, mask)
-    top = as_bits(scale)[:, None]
-    offset = noise.to(tl.int32) * VARIANCE_NOISE_SCALE
-    below = (top - as_bits(v) + offset) >> VARIANCE_CODE_SHIFT
+    """formats.quantize_variance (stochastic): integer operations on v's float32 bits.
+    ``noise`` is the 20-bit dither offset of :func:`dither`."""
+    top, shift = variance_top_and_shift(v, mask)
+    coarsening = -shift + VARIANCE_CODE_SHIFT  # constexpr - tensor would stay a constexpr
+    offset = noise >> coarsening[:, None]
+    below = (top[:, None] - as_bits(v) + offset) >> shift[:, None]
     code = tl.minimum(tl.maximum(VARIANCE_LEVELS_INT - below, 0), VARIANCE_LEVELS_INT)
-    return code.to(tl.uint8), scale
+    return code.to(tl.uint8), as_float(top | (coarsening << 16))
+
+
+@triton.jit
+def variance_scale_parts(scale_row):
+    """formats.variance_scale_parts: (top as int32 bits, code shift) per row."""
+    bits = as_bits(scale_row)
+    return bits & VARIANCE_TOP_MASK, -((bits >> 16) & VARIANCE_SHIFT_FIELD) + VARIANCE_CODE_SHIFT
 
 
 @triton.jit
 def dequantize_variance(code, scale_row):
+    top, shift = variance_scale_parts(scale_row)
     code = code.to(tl.int32)
-    top = as_bits(scale_row)[:, None]
-    bits = tl.maximum(top - ((VARIANCE_LEVELS_INT - code) << VARIANCE_CODE_SHIFT), 0)
+    bits = tl.maximum(top[:, None] - ((VARIANCE_LEVELS_INT - code) << shift[:, None]), 0)
     return tl.where(code > 0, as_float(bits), 0.0)
 
 
 @triton.jit
 def variance_floor(scale_row):
-    return tl.sqrt_rn(scale_row) * DENOM_FLOOR
+    top, _ = variance_scale_parts(scale_row)
+    return tl.sqrt_rn(as_float(top)) * DENOM_FLOOR
