@@ -1,0 +1,134 @@
+"""The Triton variance code (kernels/formats.py) against formats.py, bit for bit.
+
+A small kernel quantizes arbitrary tiles with ``kernels.formats.quantize_variance``
+and decodes them again, so the groups can be built bit by bit: heavy-tailed groups,
+spans exactly on each shift boundary and one bit past it, all-zero, subnormal and
+saturating groups, a partial last group. Without a GPU it runs in Triton's
+interpreter (conftest.py sets TRITON_INTERPRET=1); on a GPU as compiled CUDA.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import slimoptim
+from slimoptim import formats
+
+pytest.importorskip("triton")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from slimoptim.kernels import formats as kf  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+GROUP = 32
+ROWS = 4
+
+
+@triton.jit
+def _round_trip_kernel(
+    v_ptr, noise_ptr, code_ptr, scale_ptr, decoded_ptr, floor_ptr, numel,
+    G: tl.constexpr, ROWS: tl.constexpr,
+):  # fmt: skip
+    groups = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    offs = groups[:, None] * G + tl.arange(0, G)[None, :]
+    mask = offs < numel
+    group_mask = groups * G < numel
+    v = tl.load(v_ptr + offs, mask=mask, other=0.0)
+    noise = tl.load(noise_ptr + offs, mask=mask, other=0)
+    code, scale = kf.quantize_variance(v, mask, noise)
+    tl.store(code_ptr + offs, code, mask)
+    tl.store(scale_ptr + groups, kf.float_to_bf16_bits(scale), group_mask)
+    tl.store(decoded_ptr + offs, kf.dequantize_variance(code, scale), mask)
+    tl.store(floor_ptr + groups, kf.variance_floor(scale), group_mask)
+
+
+def kernel_round_trip(v: torch.Tensor, noise: torch.Tensor):
+    """(codes, bf16 scales, decoded v, per-group floor) from the Triton helpers; ``noise``
+    holds the reference's dither integers, or None for round-to-nearest (half a
+    coarsest step as the 20-bit offset: half a step at every shift)."""
+    n = v.numel()
+    groups = formats.num_groups(n, GROUP)
+    offset = torch.full((n,), 1 << 19) if noise is None else noise.long() << 4
+    code = torch.empty(n, dtype=torch.uint8, device=DEVICE)
+    scale = torch.empty(groups, dtype=torch.int16, device=DEVICE)
+    decoded = torch.empty(n, dtype=torch.float32, device=DEVICE)
+    floor = torch.empty(groups, dtype=torch.float32, device=DEVICE)
+    grid = (triton.cdiv(groups, ROWS),)
+    _round_trip_kernel[grid](
+        v.to(DEVICE), offset.to(torch.int32).to(DEVICE), code, scale, decoded, floor, n,
+        G=GROUP, ROWS=ROWS,
+    )  # fmt: skip
+    return code, scale.view(torch.bfloat16), decoded, floor
+
+
+def hard_groups(gen: torch.Generator) -> torch.Tensor:
+    """Groups that stress the code, each 32 values; the last group left partial."""
+    out = []
+    for shift in range(formats.FINEST_VARIANCE_SHIFT, formats.VARIANCE_CODE_SHIFT + 1):
+        for extra in (0, 1):  # exactly on the boundary, one bit past it
+            top = (random.randrange(60, 200) << 23) | (random.randrange(8) << 20)
+            span = ((formats.VARIANCE_LEVELS - 1) << shift) + extra
+            bits = torch.randint(top - span, top + 1, (GROUP,), generator=gen)
+            bits[0], bits[1], bits[2] = top, top - span, 0
+            out.append(bits.to(torch.int32).view(torch.float32))
+    for binades in (1, 3, 7, 15, 31, 60):  # heavy tails, up to far beyond the code's range
+        exponent = -torch.rand(GROUP, generator=gen) * binades
+        out.append((2.0 ** (exponent + random.randrange(-100, 100))).float())
+    out.append(torch.zeros(GROUP))
+    out.append(torch.rand(GROUP, generator=gen) * 2.0**-135)  # subnormal
+    mixed = torch.rand(GROUP, generator=gen) * 2.0**-120
+    mixed[::3] = 0.0
+    out.append(mixed)  # normal and subnormal values, and zeros
+    out.append(torch.tensor([float("inf")] + [3.0e38] * (GROUP - 1)))  # saturated
+    out.append(torch.rand(GROUP - 7, generator=gen) ** 8)  # partial last group
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("nearest", [False, True], ids=["dithered", "nearest"])
+def test_kernel_variance_code_matches_the_reference_bit_for_bit(nearest):
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    v = hard_groups(gen)
+    noise = None if nearest else torch.randint(0, 65536, v.shape, generator=gen).float()
+    code, scale = formats.quantize_variance(v, GROUP, noise)
+    decoded = formats.dequantize_variance(code, scale, GROUP)
+    floor = formats.variance_floor(scale, GROUP, v.numel())[::GROUP]
+    k_code, k_scale, k_decoded, k_floor = (x.cpu() for x in kernel_round_trip(v, noise))
+    shifts = formats.variance_scale_parts(scale)[1]
+    assert len(set(shifts.tolist())) == 5, "every shift should occur"
+    assert torch.equal(k_code, code)
+    assert torch.equal(k_scale.view(torch.int16), scale.view(torch.int16))
+    assert torch.equal(k_decoded.view(torch.int32), decoded.view(torch.int32))
+    assert torch.equal(k_floor.view(torch.int32), floor.view(torch.int32))
+
+
+def test_fused_step_from_old_power_of_two_scales_matches_the_reference():
+    """A state written before adaptive shifts (power-of-two scales, random codes) steps
+    identically in the kernel and the reference, which decode it as before."""
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    n = 4 * GROUP + 5
+    start = torch.randn(n, generator=gen)
+    params = [torch.nn.Parameter(start.clone().to(DEVICE)) for _ in range(2)]
+    opts = [
+        slimoptim.AdamW([p], lr=1e-3, fused=fused)
+        for p, fused in zip(params, (True, False), strict=True)
+    ]
+    code = torch.randint(1, 256, (n,), generator=gen, dtype=torch.uint8)
+    exponent = torch.randint(100, 130, (formats.num_groups(n, GROUP),), generator=gen)
+    scale = (exponent.to(torch.int32) << 23).view(torch.float32).to(torch.bfloat16)
+    grads = [torch.randn(n, generator=gen) * 1e-2 for _ in range(2)]
+    for opt, p in zip(opts, params, strict=True):
+        p.grad = grads[0].to(DEVICE)
+        opt.step()  # creates the states
+        opt.state[p]["exp_avg_sq"].copy_(code)
+        opt.state[p]["exp_avg_sq_scale"].copy_(scale)
+        p.grad = grads[1].to(DEVICE)
+        opt.step()
+    assert opts[0].__dict__.get("_slimoptim_plans"), "the fused path did not run"
+    assert torch.equal(params[0].view(torch.int32), params[1].view(torch.int32))
+    for key, value in opts[1].state[params[1]].items():
+        a, b = opts[0].state[params[0]][key].reshape(-1), value.reshape(-1)
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), key
