@@ -261,7 +261,7 @@ def dequantize_momentum(code: torch.Tensor, scale: torch.Tensor, group_size: int
 # adaptive shifts the scale was a power of two: it reads as the same top and the
 # coarsest shift, so those states decode as they always did.
 VARIANCE_CODE_SHIFT = 20  # the coarsest shift: 8 codes per binade over 32 binades
-FINEST_VARIANCE_SHIFT = 16  # 128 codes per binade over 2 binades
+FINEST_VARIANCE_SHIFT = 16  # 128 codes per binade over 2 binades; the dither's 16 bits
 _TOP_MASK = 0x7FF00000  # exponent and the first 3 mantissa bits
 _SHIFT_FIELD = 0xF  # the last 4 bf16 mantissa bits: VARIANCE_CODE_SHIFT - shift
 _LOWEST_TOP = 1 << 23  # 2**-126, the scale of an all-zero or subnormal group
@@ -324,14 +324,13 @@ def quantize_variance(v: torch.Tensor, group_size: int, noise: torch.Tensor | No
     top = variance_top(v, group_size)
     shift = variance_shift(v, top, group_size)
     coarsening = VARIANCE_CODE_SHIFT - shift  # the stored field
-    if noise is None:
-        offset = torch.full(v.shape, 1 << (VARIANCE_CODE_SHIFT - 1), dtype=torch.int32)
-    else:
-        offset = noise.to(torch.int32) << 4  # the dither as a 20-bit offset
-    # Shifted down to the group's step: half a step, or uniform in [0, 2**shift).
-    offset = offset.to(v.device) >> per_element(coarsening, group_size, v.numel())
+    shift_e = per_element(shift, group_size, v.numel())
+    if noise is None:  # half a step
+        offset = torch.ones_like(shift_e) << (shift_e - 1)
+    else:  # the 16-bit dither scaled to the step: uniform in [0, 2**shift), shift >= 16
+        offset = noise.to(torch.int32) << (shift_e - FINEST_VARIANCE_SHIFT)
     top_e = per_element(top, group_size, v.numel())
-    below = (top_e - _bits(v) + offset) >> per_element(shift, group_size, v.numel())
+    below = (top_e - _bits(v) + offset) >> shift_e
     code = torch.clamp(VARIANCE_LEVELS - below, 0, VARIANCE_LEVELS)
     scale = _float(top | (coarsening << 16))
     return code.to(torch.uint8), scale.to(torch.bfloat16)

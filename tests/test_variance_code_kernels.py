@@ -48,11 +48,11 @@ def _round_trip_kernel(
 
 def kernel_round_trip(v: torch.Tensor, noise: torch.Tensor):
     """(codes, bf16 scales, decoded v, per-group floor) from the Triton helpers; ``noise``
-    holds the reference's dither integers, or None for round-to-nearest (half a
-    coarsest step as the 20-bit offset: half a step at every shift)."""
+    holds the reference's dither integers, or None for round-to-nearest (a dither of
+    32768 is half a step at every shift)."""
     n = v.numel()
     groups = formats.num_groups(n, GROUP)
-    offset = torch.full((n,), 1 << 19) if noise is None else noise.long() << 4
+    offset = torch.full((n,), 32768) if noise is None else noise.long()
     code = torch.empty(n, dtype=torch.uint8, device=DEVICE)
     scale = torch.empty(groups, dtype=torch.int16, device=DEVICE)
     decoded = torch.empty(n, dtype=torch.float32, device=DEVICE)

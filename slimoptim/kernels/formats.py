@@ -180,11 +180,11 @@ def mix32(x):
 @triton.jit
 def dither(index, step):
     """formats.dither: the (momentum, variance) integer dithers in [0, 65536), the first as
-    float32, the second as an int32 20-bit offset (times 16, as quantize_variance uses it)."""
+    float32, the second as int32."""
     key = mix32(step.to(tl.int32).to(tl.uint32) * 0x9E3779B1)
     h = mix32(index.to(tl.uint32) ^ key)
     # The variance code adds its dither as an integer: no float round trip.
-    return (h >> 16).to(tl.float32), ((h << 4) & 0xFFFF0).to(tl.int32)
+    return (h >> 16).to(tl.float32), (h & 0xFFFF).to(tl.int32)
 
 
 # ------------------------------------------------------------ momentum (signed)
@@ -237,11 +237,10 @@ def variance_top_and_shift(v, mask):
 
 @triton.jit
 def quantize_variance(v, mask, noise):
-    """formats.quantize_variance (stochastic): integer operations on v's float32 bits.
-    ``noise`` is the 20-bit dither offset of :func:`dither`."""
+    """formats.quantize_variance (stochastic): integer operations on v's float32 bits."""
     top, shift = variance_top_and_shift(v, mask)
     coarsening = -shift + VARIANCE_CODE_SHIFT  # constexpr - tensor would stay a constexpr
-    offset = noise >> coarsening[:, None]
+    offset = noise << (shift - FINEST_VARIANCE_SHIFT)[:, None]
     below = (top[:, None] - as_bits(v) + offset) >> shift[:, None]
     code = tl.minimum(tl.maximum(VARIANCE_LEVELS_INT - below, 0), VARIANCE_LEVELS_INT)
     return code.to(tl.uint8), as_float(top | (coarsening << 16))
