@@ -7,7 +7,8 @@ format encodes and decodes them, and we measure
 * the normalised error ``||decoded - x|| / ||x||`` of momentum and variance (set by
   the large elements) and the median per-element relative error (set by the typical,
   small ones),
-* the normalised error of the AdamW update built from the decoded states,
+* the normalised error of the AdamW update built from the decoded states, and of the
+  one built from the exact momentum and the decoded variance (the variance code's share),
 * on heavy-tailed groups (32 values whose largest and smallest v differ by more
   than 1e4), the largest ``|update| / lr`` (the float32 states' own largest
   value is the yardstick) and how many elements' decoded v is 0 while their
@@ -185,11 +186,14 @@ def measure_adamw_states(optimizer: torch.optim.Optimizer, step: int) -> dict:
             for name, codec in CODECS.items():
                 m_hat, v_hat, floor = codec(m, v, step)
                 update = adam_direction(m_hat, v_hat, floor=floor, **hyper)
+                # the variance code's own share: the update from exact m and decoded v
+                update_v = adam_direction(m, v_hat, floor=floor, **hyper)
                 acc.relative(f"{name}_m_rel", m_hat, m)
                 acc.relative(f"{name}_v_rel", v_hat, v)
                 acc.add(f"{name}_m_err", (m_hat - m).square().sum())
                 acc.add(f"{name}_v_err", (v_hat - v).square().sum())
                 acc.add(f"{name}_u_err", (update - exact).square().sum())
+                acc.add(f"{name}_uv_err", (update_v - exact).square().sum())
                 acc.add(f"{name}_zero_v", ((v_hat == 0) & (m_hat != 0)).sum())
                 acc.top(f"{name}_max_update", update.abs().max())
                 acc.top(f"{name}_max_update_heavy", torch.where(heavy, update.abs(), 0.0).max())
@@ -209,6 +213,7 @@ def measure_adamw_states(optimizer: torch.optim.Optimizer, step: int) -> dict:
             "variance_median_relative_error": acc.median(f"{name}_v_rel"),
             "variance_error": acc.ratio(f"{name}_v_err", "v_norm") ** 0.5,
             "update_error": acc.ratio(f"{name}_u_err", "u_norm") ** 0.5,
+            "update_error_v_only": acc.ratio(f"{name}_uv_err", "u_norm") ** 0.5,
             "zero_v_nonzero_m": int(acc.sums.get(f"{name}_zero_v", 0)),
             "max_update_over_lr": acc.maxima.get(f"{name}_max_update", 0.0),
             "max_update_over_lr_heavy": acc.maxima.get(f"{name}_max_update_heavy", 0.0),
