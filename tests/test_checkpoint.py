@@ -427,10 +427,9 @@ def within_momentum_bound(decoded, exact, group_size=32) -> bool:
 
 def within_variance_bound(decoded, exact, group_size=32) -> bool:
     """Round to nearest on the logarithmic code: within 1/16 of v's binade (half a code),
-    for v down to 2**-31 of the group's power-of-two scale; below that, at most that much."""
-    scale = formats.per_element(
-        formats.variance_scale(exact, group_size), group_size, exact.numel()
-    ).double()
+    for v down to 2**-31 of the group's top; below that, at most that much."""
+    top = formats.variance_top(exact, group_size).view(torch.float32)
+    scale = formats.per_element(top, group_size, exact.numel()).double()
     exact, decoded = exact.double(), decoded.double()
     binade = torch.pow(2.0, torch.frexp(exact).exponent - 1.0)
     in_range = exact > scale * 2.0**-31
