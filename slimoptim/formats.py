@@ -312,9 +312,9 @@ def quantize_variance(v: torch.Tensor, group_size: int, noise: torch.Tensor | No
 
     The code counts v's float32 bit pattern (a piecewise-linear log2) down from
     the top (:func:`variance_top`) in steps of 2**shift, the shift chosen per
-    group (:func:`variance_shift`): from 128 codes per binade over 2 binades
-    (code step 0.54%) for a narrow group to 8 per binade over 32 binades (step
-    9%) for a group whose values span more. The group's smallest non-zero v keeps
+    group (:func:`variance_shift`): from 128 codes per binade over 2 binades (a
+    step of 1/128 of v's binade) for a narrow group to 8 per binade over 32
+    binades (1/8) for a group whose values span more. The group's smallest non-zero v keeps
     a code >= 1 unless it lies more than 31.75 binades below the top; code 0 is
     exactly zero. ``noise`` (integers in [0, 65536)) rounds stochastically and
     without bias, which a second moment needs: with beta2 = 0.999 each step moves
