@@ -142,9 +142,11 @@ def test_reshard_keeps_masters_exact_and_states_within_half_a_level(runs, source
     for name, entry in saved.items():
         for key in ("param", "master", "step"):
             assert torch.equal(entry[key], got[name][key]), f"{name}.{key} (seed {SEED})"
-        # The second moment's codes are relative to a power-of-two scale: re-coding them
-        # under another group's scale shifts them by whole binades, exactly.
-        assert torch.equal(entry["exp_avg_sq"], got[name]["exp_avg_sq"]), name
+        # The second moment is re-coded to the nearest level of its new group: exact where
+        # the new group's step is no coarser than the saved group's (its levels are among
+        # the new ones), otherwise within half a step, at most 1/16 of v's binade.
+        v, v_got = entry["exp_avg_sq"].double(), got[name]["exp_avg_sq"].double()
+        assert ((v_got - v).abs() <= v / 16).all(), f"{name} (seed {SEED})"
         m, m_got = entry["exp_avg"], got[name]["exp_avg"]
         bound = LEVEL * m.abs().max()
         assert (m - m_got).abs().max() <= bound, f"{name} (seed {SEED})"
