@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .optimizers.base import FORMAT_VERSION, local_tensor
+from .optimizers.base import FORMAT_VERSION, READABLE_FORMAT_VERSIONS, local_tensor
 
 HEADER_KEY = "slimoptim"
 _GROUP_MODE_KEYS = ("master_weight_bits", "state_bits", "group_size")
@@ -89,10 +89,11 @@ def _check_header(opt, sd: dict) -> None:
     for header in headers:
         if not isinstance(header, dict):
             _fail(f"the '{HEADER_KEY}' entry is a {type(header).__name__}, expected a dict.")
-        if header.get("format_version") != FORMAT_VERSION:
+        if header.get("format_version") not in READABLE_FORMAT_VERSIONS:
+            versions = " and ".join(str(v) for v in READABLE_FORMAT_VERSIONS)
             _fail(
                 f"format_version {header.get('format_version')!r} is not supported "
-                f"(this slimoptim reads version {FORMAT_VERSION})."
+                f"(this slimoptim reads versions {versions}); a newer slimoptim wrote it."
             )
         if header.get("optimizer") != type(opt).__name__:
             _fail(f"it belongs to a {header.get('optimizer')} optimizer, not {type(opt).__name__}.")

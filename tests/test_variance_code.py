@@ -20,7 +20,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slimoptim import formats
+import slimoptim
+from slimoptim import checkpoint, formats
 
 GROUP = 32
 LEVELS = formats.VARIANCE_LEVELS
@@ -198,3 +199,29 @@ def test_code_is_as_precise_as_the_flashoptim_format_on_adamw_like_states():
     # measured (seeded runs): nearest 1.16x / 1.01x the flashoptim format, dithered 1.4x
     assert nearest[0] < 1.3 * flash[0] and nearest[1] < 1.1 * flash[1]
     assert dithered[0] < 1.6 * flash[0] and dithered[1] < 1.6 * flash[1]
+
+
+def test_a_version_1_state_dict_loads_and_decodes_as_before():
+    """A state_dict an older slimoptim wrote (format_version 1: power-of-two scales) loads,
+    and its second moment decodes to the old values; new state_dicts say version 2, which
+    older versions refuse instead of misreading the scales."""
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    n = 3 * GROUP + 7
+    p = torch.nn.Parameter(torch.randn(n, generator=gen))
+    opt = slimoptim.AdamW([p], lr=1e-3, fused=False)
+    p.grad = torch.randn(n, generator=gen)
+    opt.step()
+    sd = opt.state_dict()
+    assert sd["slimoptim"]["format_version"] == 2
+    code = torch.randint(0, 256, (n,), generator=gen, dtype=torch.uint8)
+    exponent = torch.randint(90, 130, (formats.num_groups(n, GROUP),), generator=gen)
+    sd["state"][0]["exp_avg_sq"] = code
+    sd["state"][0]["exp_avg_sq_scale"] = as_float(exponent << 23).to(torch.bfloat16)
+    for header in [sd["slimoptim"]] + [g["slimoptim"] for g in sd["param_groups"]]:
+        header["format_version"] = 1
+    fresh = slimoptim.AdamW([torch.nn.Parameter(p.detach().clone())], lr=1e-3, fused=False)
+    fresh.load_state_dict(sd)
+    decoded = checkpoint.to_torch_state_dict(fresh)["state"][0]["exp_avg_sq"]
+    top = formats.per_element(exponent << 23, GROUP, n)
+    old = torch.where(code > 0, as_float(torch.clamp(top - ((255 - code.long()) << 20), 0)), 0.0)
+    assert torch.equal(decoded.view(torch.int32), old.view(torch.int32))

@@ -24,7 +24,11 @@ from .arguments import (
 
 MASTER_WEIGHT_BITS = (24, 32, None)
 STATE_BITS = (8, 32)
-FORMAT_VERSION = 1
+# 2: the second moment's bf16 scales carry a per-group code step (formats.py), which
+# version-1 readers would decode wrongly, so they must refuse it. Version 1 (power-of-two
+# scales) reads unchanged: such a scale is a version-2 scale with the coarsest step.
+FORMAT_VERSION = 2
+READABLE_FORMAT_VERSIONS = (1, 2)
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 PARAM_DTYPES = (torch.float32, torch.float64, *LOW_PRECISION)
 
