@@ -72,8 +72,9 @@ def test_each_shift_is_chosen_up_to_its_boundary_and_keeps_the_smallest_value(sh
 
 
 def test_all_zero_subnormal_and_saturated_groups():
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
     zeros = torch.zeros(GROUP)
-    subnormal = torch.rand(GROUP) * 2.0**-130
+    subnormal = torch.rand(GROUP, generator=gen) * 2.0**-130
     huge = torch.tensor([float("inf")] + [3e38] * (GROUP - 1))
     v = torch.cat([zeros, subnormal, huge])
     noise = formats.dither(v.numel(), torch.tensor(3.0))[1]
