@@ -314,9 +314,9 @@ def quantize_variance(v: torch.Tensor, group_size: int, noise: torch.Tensor | No
     the top (:func:`variance_top`) in steps of 2**shift, the shift chosen per
     group (:func:`variance_shift`): from 128 codes per binade over 2 binades (a
     step of 1/128 of v's binade) for a narrow group to 8 per binade over 32
-    binades (1/8) for a group whose values span more. The group's smallest non-zero v keeps
-    a code >= 1 unless it lies more than 31.75 binades below the top; code 0 is
-    exactly zero. ``noise`` (integers in [0, 65536)) rounds stochastically and
+    binades (1/8) for a group whose values span more. The group's smallest
+    non-zero v keeps a code >= 1 unless it lies more than 31.75 binades below the
+    top; code 0 is exactly zero. ``noise`` (integers in [0, 65536)) rounds stochastically and
     without bias, which a second moment needs: with beta2 = 0.999 each step moves
     v by ~0.1%, less than half a code, so round-to-nearest would freeze it.
     ``noise=None`` rounds to nearest. Integer operations only: no root, no division.

@@ -93,7 +93,8 @@ def _check_header(opt, sd: dict) -> None:
             versions = " and ".join(str(v) for v in READABLE_FORMAT_VERSIONS)
             _fail(
                 f"format_version {header.get('format_version')!r} is not supported "
-                f"(this slimoptim reads versions {versions}); a newer slimoptim wrote it."
+                f"(this slimoptim reads versions {versions}); a checkpoint written by a newer "
+                "slimoptim needs that version to load."
             )
         if header.get("optimizer") != type(opt).__name__:
             _fail(f"it belongs to a {header.get('optimizer')} optimizer, not {type(opt).__name__}.")
