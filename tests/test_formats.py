@@ -76,6 +76,7 @@ def test_fp16_split_round_trip(values):
 
 def test_24_bit_master_carries_16_significant_bits_and_32_bit_is_exact_for_normals():
     w = torch.randn(100_000) * torch.exp(4 * torch.randn(100_000))
+    w = w[w != 0]  # randn can return an exact 0 (~1 run in 100 here): no relative error
     b, code = formats.split_master(w, torch.bfloat16, 8)
     rel = ((formats.join_master(b, code, torch.bfloat16, 8) - w) / w).abs()
     assert rel.max() <= 2.0**-15  # 2**-16 normally, 2**-15 just below a power of two
