@@ -13,6 +13,7 @@ user's own graph capture the launches stay eager and are captured with it.
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 import triton
@@ -76,24 +77,32 @@ def _capture(plan, key, launch_all) -> torch.cuda.CUDAGraph:
         # Each device its own capture stream: torch's default one is created on whatever
         # device was current at the process's first capture.
         stream = plan.shared.setdefault(("capture_stream", plan.device), torch.cuda.Stream())
-        with torch.cuda.graph(
-            graph, pool=_pool(plan), stream=stream, capture_error_mode="thread_local"
-        ):
+        pool, pool_graphs = _pool(plan)
+        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
             launch_all(
                 plan.static_scale if has_scale else None,
                 plan.static_inf if has_inf else None,
             )
+    pool_graphs.add(graph)
     return graph
 
 
-def _pool(plan):
-    # One memory pool for an optimizer's graphs captured from one stream of a device: their
-    # temporaries live only within a replay, and replays on one stream run one after
-    # another. (Gradient release steps from the streams autograd runs on.)
+def _pool(plan) -> tuple:
+    """(memory pool, the live graphs captured into it) for a new capture.
+
+    One pool for an optimizer's graphs captured from one stream of a device: their
+    temporaries live only within a replay, and replays on one stream run one after
+    another. (Gradient release steps from the streams autograd runs on.) A pool whose
+    graphs have all been freed (their plans rebuilt, e.g. after ``load_state_dict``) cannot
+    be shared again (the caching allocator asserts that a shared pool is in use), so it is
+    replaced by a new one.
+    """
     key = ("graph_pool", plan.device, torch.cuda.current_stream(plan.device))
-    if key not in plan.shared:
-        plan.shared[key] = torch.cuda.graph_pool_handle()
-    return plan.shared[key]
+    pool, graphs = plan.shared.get(key, (None, None))
+    if pool is None or not graphs:
+        pool, graphs = torch.cuda.graph_pool_handle(), weakref.WeakSet()
+        plan.shared[key] = (pool, graphs)
+    return pool, graphs
 
 
 def _launch_all(plan, scale, inf) -> None:
