@@ -107,34 +107,35 @@ def part_w1() -> None:
     dist.destroy_process_group()
 
 
-def part_single() -> None:
+def one_device(name: str, dtype, make_optimizer, autocast: bool = False) -> None:
+    """The 200 steps on one device (no process group), deterministic kernels."""
     torch.manual_seed(0)
     if DEVICE == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(True, warn_only=True)
     result = {}
     with math_attention(result):
-        model = build(SMALL)
-        opt = optimizer(model)
+        model = build(SMALL, dtype=dtype)
+        opt = make_optimizer(model)
         start = time.perf_counter()
-        result["losses"] = train(model, opt, range(STEPS), 0, 1, SMALL)
-    write("single", {**result, "seconds": time.perf_counter() - start})
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=autocast):
+            result["losses"] = train(model, opt, range(STEPS), 0, 1, SMALL)
+    write(name, {**result, "seconds": time.perf_counter() - start})
+
+
+def part_single() -> None:
+    one_device("single", torch.bfloat16, optimizer)
 
 
 def part_single_fp32() -> None:
-    """The same 200 steps with torch's AdamW on float32 params and bf16 autocast: the
-    format's own gap to fp32 AdamW, which sizes the tolerance for a change of world size."""
-    torch.manual_seed(0)
-    if DEVICE == "cuda":
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    result = {}
-    with math_attention(result):
-        model = build(SMALL, dtype=torch.float32)
-        opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1)
-        with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            result["losses"] = train(model, opt, range(STEPS), 0, 1, SMALL)
-    write("single_fp32", result)
+    """The same steps with torch's AdamW on float32 params and bf16 autocast: the format's
+    own gap to fp32 AdamW, against which the world-size gap is judged."""
+    one_device(
+        "single_fp32",
+        torch.float32,
+        lambda model: torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1),
+        autocast=True,
+    )
 
 
 def fsdp_run(world, rank, steps, seed=0, load=None, save=None, release=False):
