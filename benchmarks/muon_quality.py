@@ -32,17 +32,33 @@ MUON = dict(lr=0.02, momentum=0.95, weight_decay=0.01)
 ADAMW = dict(lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)  # embeddings, norms, biases
 
 
-def optimizers(library: str, model: torch.nn.Module) -> list[torch.optim.Optimizer]:
+# name -> (fp32 params with bf16 autocast?, Muon and AdamW options). "torch" is the
+# reference; the two extra slimoptim setups tell its gap's sources apart: exact states and
+# master on bf16 params (what bf16 compute alone costs), and the 8-bit states on fp32 params
+# (fp32 params are their own master: what the 8-bit momentum alone costs).
+SETUPS = {
+    "torch": (True, None),
+    "slimoptim": (False, {}),
+    "slimoptim_32_32": (False, dict(master_weight_bits=32, state_bits=32)),
+    "slimoptim_fp32_params": (True, {}),
+}
+
+
+def optimizers(setup: str, model: torch.nn.Module) -> list[torch.optim.Optimizer]:
     split = slimoptim.muon_param_groups(model)
-    if library == "torch":
+    options = SETUPS[setup][1]
+    if options is None:
         return [torch.optim.Muon(split.muon, **MUON), torch.optim.AdamW(split.adamw, **ADAMW)]
-    return [slimoptim.Muon(split.muon, **MUON), slimoptim.AdamW(split.adamw, **ADAMW)]
+    return [
+        slimoptim.Muon(split.muon, **MUON, **options),
+        slimoptim.AdamW(split.adamw, **ADAMW, **options),
+    ]
 
 
 def train(library: str, size, corpus, steps: int, seed: int, device) -> dict:
     seed_everything(seed)
     model = ByteGPT(size)
-    autocast = library == "torch"  # the mixed-precision baseline; slimoptim trains in bf16
+    autocast = SETUPS[library][0]  # fp32 params computed in bf16, or bf16 params
     if not autocast:
         slimoptim.cast_model(model)
     model.to(device)
@@ -75,34 +91,44 @@ def train(library: str, size, corpus, steps: int, seed: int, device) -> dict:
     }
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--size", default="medium", choices=sorted(SIZES))
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--setups", default="torch,slimoptim", help=", ".join(SETUPS))
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    setups = args.setups.split(",")
+    unknown = [s for s in setups if s not in SETUPS]
+    if unknown or "torch" not in setups:
+        parser.error(f"--setups: choose from {', '.join(SETUPS)}, torch included ({unknown})")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device, size, corpus = torch.device(args.device), SIZES[args.size], load_corpus()
     runs = []
     for seed in (int(s) for s in args.seeds.split(",")):
-        for library in ("torch", "slimoptim"):
-            runs.append(train(library, size, corpus, args.steps, seed, device))
+        for setup in setups:
+            runs.append(train(setup, size, corpus, args.steps, seed, device))
             print(runs[-1], flush=True)
     summary = {}
-    for library in ("torch", "slimoptim"):
-        losses = [r["final_validation_loss"] for r in runs if r["library"] == library]
+    for setup in setups:
+        losses = [r["final_validation_loss"] for r in runs if r["library"] == setup]
         spread = statistics.stdev(losses) if len(losses) > 1 else float("nan")
-        summary[library] = {"mean": statistics.mean(losses), "stdev": spread, "runs": losses}
-    gap = summary["slimoptim"]["mean"] - summary["torch"]["mean"]
-    summary["slimoptim_minus_torch"] = gap
+        summary[setup] = {"mean": statistics.mean(losses), "stdev": spread, "runs": losses}
+        if setup != "torch":
+            summary[f"{setup}_minus_torch"] = summary[setup]["mean"] - summary["torch"]["mean"]
     print(json.dumps(summary, indent=1))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"size": args.size, "steps": args.steps, "device": str(device), "muon": MUON}
+    meta["setups"] = setups
     (out / f"muon_quality_{args.size}.json").write_text(
         json.dumps({"meta": {**meta, "adamw": ADAMW}, "summary": summary, "runs": runs}, indent=1)
     )
+    return summary
 
 
 if __name__ == "__main__":

@@ -163,3 +163,19 @@ def test_llama_memory_dry_run_matches_planner(tmp_path):
     # (the tiny model's gradients fit in one release bucket, so all are held at once).
     assert rows["slim_24_8_release"]["held_bytes"] < 0.92 * rows["torch_adamw_bf16"]["held_bytes"]
     assert (tmp_path / "l.md").read_text().count("| yes |") == 2
+
+
+def test_muon_quality_setups_tiny(tmp_path):
+    """The Muon comparison's four setups train (3 steps, tiny model) and are summarised
+    against torch's."""
+    import muon_quality  # noqa: PLC0415
+
+    setups = ",".join(muon_quality.SETUPS)
+    argv = ["--device", "cpu", "--size", "tiny", "--steps", "3", "--seeds", "0"]
+    summary = muon_quality.main([*argv, "--setups", setups, "--out", str(tmp_path)])
+    for setup in muon_quality.SETUPS:
+        assert math.isfinite(summary[setup]["mean"]) and summary[setup]["mean"] < 6.0
+        if setup != "torch":
+            gap = summary[f"{setup}_minus_torch"]
+            assert gap == summary[setup]["mean"] - summary["torch"]["mean"]
+    assert (tmp_path / "muon_quality_tiny.json").exists()
