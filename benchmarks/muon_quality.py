@@ -33,13 +33,15 @@ ADAMW = dict(lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)  # embeddings, norms,
 
 
 # name -> (fp32 params with bf16 autocast?, Muon and AdamW options). "torch" is the
-# reference; the two extra slimoptim setups tell its gap's sources apart: exact states and
-# master on bf16 params (what bf16 compute alone costs), and the 8-bit states on fp32 params
-# (fp32 params are their own master: what the 8-bit momentum alone costs).
+# reference; the extra slimoptim setups tell its gap's sources apart: exact states and
+# master on bf16 params (what bf16 compute alone costs), one of the two exact at a time,
+# and the 8-bit states on fp32 params (fp32 params are their own master).
 SETUPS = {
     "torch": (True, None),
     "slimoptim": (False, {}),
     "slimoptim_32_32": (False, dict(master_weight_bits=32, state_bits=32)),
+    "slimoptim_32_8": (False, dict(master_weight_bits=32)),
+    "slimoptim_24_32": (False, dict(state_bits=32)),
     "slimoptim_fp32_params": (True, {}),
 }
 
