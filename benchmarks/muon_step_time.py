@@ -25,19 +25,18 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # this checkout's slimoptim first
 
-from step_time import muon_optimizers, tinyllama_hidden_shapes  # noqa: E402
+from step_time import (  # noqa: E402
+    event_ms,
+    muon_optimizers,
+    random_params,
+    tinyllama_hidden_shapes,
+)
 
 import slimoptim  # noqa: E402
 
 
 def build(shapes, dtype, factory):
-    torch.manual_seed(0)
-    params = [
-        torch.nn.Parameter(torch.randn(s, device="cuda").mul_(0.02).to(dtype)) for s in shapes
-    ]
-    for p in params:
-        p.grad = torch.randn_like(p).mul_(1e-3)
-    opt = factory(params)
+    opt = factory(random_params(shapes, dtype))
     opt.step()  # creates the states and compiles the kernels
     return opt
 
@@ -60,20 +59,11 @@ def extra_reserved_bytes(shapes, dtype, factory, steps: int = 4) -> dict:
     return {"extra_reserved_bytes": extra}
 
 
-def timed_step(opt) -> float:
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    opt.step()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end)
-
-
 def interleaved(opts: dict, rounds: int, warmup: int = 2) -> dict:
     times = {name: [] for name in opts}
     for r in range(warmup + rounds):
         for name, opt in opts.items():
-            ms = timed_step(opt)
+            ms = event_ms(opt.step)
             if r >= warmup:
                 times[name].append(ms)
     return {

@@ -42,18 +42,20 @@ def gpt2_shapes() -> list[tuple[int, ...]]:
 SETS = {"tinyllama-1.1b": tinyllama_shapes, "gpt2-124m": gpt2_shapes}
 
 
+def event_ms(fn) -> float:
+    """GPU time of one call of ``fn`` between two CUDA events."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
 def median_ms(fn, steps: int, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    return statistics.median(event_ms(fn) for _ in range(steps))
 
 
 def copy_ceiling_gbs(nbytes: int = 2 << 30) -> float:
@@ -104,13 +106,19 @@ def optimizers() -> dict:
     return out
 
 
-def bench_one(shapes, dtype, factory, steps: int, ceiling: float) -> dict:
+def random_params(shapes, dtype) -> list[torch.nn.Parameter]:
+    """CUDA params of ``shapes`` with gradients, the same values on every call."""
     torch.manual_seed(0)
     params = [
         torch.nn.Parameter(torch.randn(s, device="cuda").mul_(0.02).to(dtype)) for s in shapes
     ]
     for p in params:
         p.grad = torch.randn_like(p).mul_(1e-3)
+    return params
+
+
+def bench_one(shapes, dtype, factory, steps: int, ceiling: float) -> dict:
+    params = random_params(shapes, dtype)
     n = sum(p.numel() for p in params)
     before = torch.cuda.memory_allocated()
     opt = factory(params)

@@ -152,7 +152,7 @@ class MuonPlan:
             self.values[i, c] = v.to(device=self.device, dtype=torch.float64)
         self.ok.copy_(ok)
 
-    def run(self, newton_schulz, settings: list[tuple], grad_scale, capturing: bool) -> None:
+    def run(self, newton_schulz, settings: list[tuple], grad_scale) -> None:
         """The step of every matrix, batch by batch: pass A, ``newton_schulz``, pass B.
 
         ``settings`` holds per batch (coefficients, ns_steps, eps, nesterov, has weight
@@ -161,7 +161,8 @@ class MuonPlan:
         launches on the host instead of ~25 per matrix.
         """
         self.newton_schulz, self.settings = newton_schulz, settings
-        launch_plan(self, grad_scale, None, capturing, settings=tuple(settings))
+        # Never inside a user's capture: Muon.step_params refuses one.
+        launch_plan(self, grad_scale, None, capturing=False, settings=tuple(settings))
 
     def launch_all(self, grad_scale, _found_inf) -> None:
         # A skipped matrix's counter adds 0, as in the reference; a few launches for all.
@@ -202,7 +203,8 @@ class MuonPlan:
         return tuple(v.view(len(batch), *shape) for v in views)
 
     def master(self, i, has_weight_decay) -> None:
-        """Pass B for matrix ``i``, reading its update from ``ortho_buffer(i)``."""
+        """Pass B for matrix ``i``, reading its update from its slot of the second scratch
+        buffer (``batch_buffers``)."""
         info = self.launch[i]
         _launch(
             info, self.master_table, self.numels, self.ortho_ptrs, self.master_scalars,

@@ -225,7 +225,7 @@ class Muon(SlimOptimizer):
             group = fused[batch[0]][0]
             ns = (tuple(group["ns_coefficients"]), group["ns_steps"], group["eps"])
             settings.append((*ns, bool(group["nesterov"]), bool(group["weight_decay"] != 0)))
-        plan.run(newton_schulz, settings, grad_scale, capturing=False)  # see step_params
+        plan.run(newton_schulz, settings, grad_scale)
         return reference
 
     def _step_reference(self, p, group, grad_scale, found_inf) -> None:
