@@ -28,7 +28,7 @@ import torch
 from ..formats import correction_bits, local_tensor
 from . import common as cm
 from .adamw import AdamWRule
-from .launch import CONFIG, INTERPRETER_CONFIG, interpreting, launch_plan
+from .launch import CONFIG, INTERPRETER_CONFIG, interpreting, launch_buckets, launch_plan
 from .lion import LionRule
 from .sgd import SGDRule
 
@@ -157,6 +157,9 @@ class Plan:
             self.grad_ptrs = self.upload[:n_ptrs]
             self.hyper = self.upload[n_ptrs:].view(torch.float64).view(len(self.groups), -1)
         self.last_grad_ptrs = self.last_values = None
+
+    def launch_all(self, scale, found_inf) -> None:
+        launch_buckets(self, scale, found_inf)
 
     def still_valid(self, opt) -> bool:
         # Loading a state_dict (state_io, checkpoint) replaces every param's state dict, so

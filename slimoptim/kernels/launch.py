@@ -40,13 +40,13 @@ def interpreting() -> bool:
 def launch_plan(plan, grad_scale, found_inf, capturing: bool, settings=()) -> None:
     """Step every bucket of ``plan`` (gradient addresses and hyper-parameters uploaded).
 
-    ``plan.launch_all(scale, found_inf)`` enqueues the launch sequence (the buckets' by
-    default); ``settings`` are the host values it bakes into its launches (a graph is
-    captured per distinct value).
+    ``plan.launch_all(scale, found_inf)`` enqueues its launch sequence (a bucket plan's is
+    :func:`launch_buckets`); ``settings`` are the host values it bakes into its launches (a
+    graph is captured per distinct value).
     """
     scale = _device_scalar(grad_scale, plan.device)
     inf = _device_scalar(found_inf, plan.device)
-    launch_all = getattr(plan, "launch_all", None) or (lambda s, i: _launch_all(plan, s, i))
+    launch_all = plan.launch_all
     if not USE_GRAPHS or plan.device.type != "cuda" or capturing or interpreting():
         launch_all(scale, inf)
         return
@@ -105,7 +105,8 @@ def _pool(plan) -> tuple:
     return pool, graphs
 
 
-def _launch_all(plan, scale, inf) -> None:
+def launch_buckets(plan, scale, inf) -> None:
+    """Every bucket's launches: step counters, then the skeleton kernel with the rule."""
     dummy = plan.buckets[0].steps
     for bucket in plan.buckets:
         _launch(plan, bucket, scale if scale is not None else dummy, inf, dummy, scale is not None)
