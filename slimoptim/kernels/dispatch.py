@@ -199,12 +199,14 @@ def _eligible(opt, group, p) -> bool:
     return False
 
 
-def _host_values(plan) -> tuple[np.ndarray, list]:
-    """The groups' values as float64, and the (row, column, tensor) of tensor-valued ones."""
-    values = np.zeros((len(plan.groups), len(plan.rule.group_values)), dtype=np.float64)
+def split_values(rows, width: int) -> tuple[np.ndarray, list]:
+    """Rows of float or tensor values as float64 [len(rows), width], and the
+    (row, column, tensor) of the tensor-valued ones (copied on the device instead)."""
+    rows = list(rows)
+    values = np.zeros((len(rows), width), dtype=np.float64)
     tensors = []
-    for r, group in enumerate(plan.groups):
-        for c, v in enumerate(plan.rule.values(group)):
+    for r, row in enumerate(rows):
+        for c, v in enumerate(row):
             if isinstance(v, torch.Tensor):
                 tensors.append((r, c, v))
             else:
@@ -212,15 +214,23 @@ def _host_values(plan) -> tuple[np.ndarray, list]:
     return values, tensors
 
 
-def _upload(plan, host: np.ndarray, dst: torch.Tensor, tensors: list) -> None:
+def _host_values(plan) -> tuple[np.ndarray, list]:
+    """The groups' values as float64, and the (row, column, tensor) of tensor-valued ones."""
+    rows = (plan.rule.values(group) for group in plan.groups)
+    return split_values(rows, len(plan.rule.group_values))
+
+
+def upload(plan, host: np.ndarray, dst: torch.Tensor, tensors: list) -> None:
+    """``host`` (int64 words) into ``dst`` without a sync, then the tensor values into
+    ``plan.hyper``."""
     staging = torch.from_numpy(host)
     if dst.is_cuda:
         staging = staging.pin_memory()  # the caching host allocator keeps it alive until copied
     dst.copy_(staging, non_blocking=True)
-    _upload_tensors(plan, tensors)
+    upload_tensors(plan, tensors)
 
 
-def _upload_tensors(plan, tensors: list) -> None:
+def upload_tensors(plan, tensors: list) -> None:
     for r, c, v in tensors:  # a tensor lr: device-side copy, no sync
         plan.hyper[r, c] = v.to(device=plan.hyper.device, dtype=torch.float64)
 
@@ -234,7 +244,7 @@ def refresh_hyperparameters(opt) -> None:
     for plan in getattr(opt, "_slimoptim_plans", {}).values():
         if plan.device is not None:
             values, tensors = _host_values(plan)
-            _upload(plan, values.reshape(-1).view(np.int64), plan.upload[plan.n_ptrs :], tensors)
+            upload(plan, values.reshape(-1).view(np.int64), plan.upload[plan.n_ptrs :], tensors)
             plan.last_values = values.tobytes()
 
 
@@ -315,10 +325,10 @@ def step_fused(opt, items, grad_scale, found_inf) -> list:
             host = np.concatenate(
                 [np.asarray(ptrs, dtype=np.int64), values.reshape(-1).view(np.int64)]
             )
-            _upload(plan, host, plan.upload, tensors)
+            upload(plan, host, plan.upload, tensors)
             plan.last_grad_ptrs, plan.last_values = ptrs, values.tobytes()
         else:
-            _upload_tensors(plan, tensors)
+            upload_tensors(plan, tensors)
     # Nothing is stepped before every gradient has been checked: the reference leftovers
     # (sparse, complex, ...) raise here, before the kernels run.
     opt.check_grads(plan.reference)

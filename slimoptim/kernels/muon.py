@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ..formats import correction_bits
 from . import common as cm
-from .dispatch import KINDS, _aligned, _eligible, _tiling
+from .dispatch import KINDS, _aligned, _eligible, _tiling, split_values, upload, upload_tensors
 from .launch import CONFIG, interpreting, launch_plan
 
 # Columns of the per-tensor float32 scalar rows; 0 is the step.
@@ -112,7 +112,7 @@ class MuonPlan:
         # Per step: gradient addresses, then per matrix (1 - momentum, momentum, decay, lr_adj).
         self.upload = torch.zeros(n * 5, dtype=torch.int64, device=device)
         self.grad_ptrs = self.upload[:n]
-        self.values = self.upload[n:].view(torch.float64).view(n, 4)
+        self.hyper = self.upload[n:].view(torch.float64).view(n, 4)
         self.param_ptrs = [p.data_ptr() for _, p in items]
         self.last_host = None
         # Per step: which matrices step (1.0) or are skipped (0.0), and each launch's
@@ -132,24 +132,14 @@ class MuonPlan:
     def begin_step(self, rows: list[list], ok: torch.Tensor) -> None:
         """Upload this step's gradient addresses, per-matrix values (float or tensor) and
         skip flags (``ok``, bool [n]) into the plan's buffers, which the launches read."""
-        host = np.zeros((len(self.items), 4), dtype=np.float64)
-        tensors = []
-        for i, row in enumerate(rows):
-            for c, v in enumerate(row):
-                if isinstance(v, torch.Tensor):
-                    tensors.append((i, c, v))
-                else:
-                    host[i, c] = v
+        host, tensors = split_values(rows, 4)
         ptrs = np.asarray([p.grad.data_ptr() for _, p in self.items], dtype=np.int64)
         payload = np.concatenate([ptrs, host.reshape(-1).view(np.int64)])
         if self.last_host is None or not np.array_equal(payload, self.last_host):
-            staging = torch.from_numpy(payload)
-            if self.upload.is_cuda:
-                staging = staging.pin_memory()
-            self.upload.copy_(staging, non_blocking=True)
+            upload(self, payload, self.upload, tensors)
             self.last_host = payload
-        for i, c, v in tensors:  # a tensor lr: device-side copy, no sync
-            self.values[i, c] = v.to(device=self.device, dtype=torch.float64)
+        else:
+            upload_tensors(self, tensors)
         self.ok.copy_(ok)
 
     def run(self, newton_schulz, settings: list[tuple], grad_scale) -> None:
@@ -171,8 +161,8 @@ class MuonPlan:
         torch._foreach_add_(counters, list(self.ok.unbind()))
         steps = torch.stack(counters).double()[:, None]
         width = cm.MAX_SCALARS.value
-        self.momentum_scalars = _rows(torch.cat([steps, self.values[:, :2]], 1), width)
-        self.master_scalars = _rows(torch.cat([steps, self.values[:, 2:]], 1), width)
+        self.momentum_scalars = _rows(torch.cat([steps, self.hyper[:, :2]], 1), width)
+        self.master_scalars = _rows(torch.cat([steps, self.hyper[:, 2:]], 1), width)
         for batch, setting in zip(self.batches, self.settings, strict=True):
             coefficients, ns_steps, eps, nesterov, has_weight_decay = setting
             for i in batch:
