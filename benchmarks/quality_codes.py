@@ -56,6 +56,9 @@ def _divide_or_zero(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, x / torch.where(ok, scale, 1.0), 0.0)
 
 
+BETA1 = 0.9  # the study's AdamW: its momentum forgets 1 - beta1 per step
+
+
 def slimoptim_codes(m: torch.Tensor, v: torch.Tensor, step: int, nearest: bool = False):
     """Decoded (m, v, floor on sqrt(v)) through slimoptim's own formats and dithers.
 
@@ -65,7 +68,7 @@ def slimoptim_codes(m: torch.Tensor, v: torch.Tensor, step: int, nearest: bool =
     noise_m, noise_v = formats.dither(m.numel(), torch.tensor(float(step)), m.device)
     if nearest:
         noise_m, noise_v = torch.full_like(noise_m, formats.DITHER_LEVELS / 2), None
-    code, scale = formats.quantize_momentum(m, GROUP, noise_m)
+    code, scale = formats.quantize_momentum(m, GROUP, noise_m, 1 - BETA1)
     m_hat = formats.dequantize_momentum(code, scale, GROUP)
     code, scale = formats.quantize_variance(v, GROUP, noise_v)
     v_hat = formats.dequantize_variance(code, scale, GROUP)

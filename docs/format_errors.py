@@ -27,7 +27,8 @@ samples = {
 }
 print("| distribution | momentum ours / linear | v ours / linear | v zeros ours / linear |")
 for name, m in samples.items():
-    code, scale = formats.quantize_momentum(m, G, formats.dither(N, torch.tensor(5.0))[0])
+    noise = formats.dither(N, torch.tensor(5.0))[0]
+    code, scale = formats.quantize_momentum(m, G, noise, 0.1)  # AdamW's beta1 0.9
     m_ours = median_rel(formats.dequantize_momentum(code, scale, G), m)
     v = m * m
     code, scale = formats.quantize_variance(v, G)
@@ -38,3 +39,29 @@ for name, m in samples.items():
         f"{median_rel(v_dec, v):.2%} / {median_rel(v_lin, v):.2%} | "
         f"{(v_dec == 0).float().mean():.2%} / {(v_lin == 0).float().mean():.2%} |"
     )
+
+
+def group_l2(decoded, m):
+    """Mean over groups of ||decoded - m|| / ||m||."""
+    err = formats.group_view(decoded - m, G).norm(dim=1)
+    return (err / formats.group_view(m, G).norm(dim=1)).mean().item()
+
+
+def softsign_nearest(m):
+    """The flashoptim momentum code (NUMERICS.md), rounded to nearest, bf16-free."""
+    s = formats.per_element(formats.group_view(m.abs(), G).amax(1), G, m.numel())
+    y = torch.round(2 * (m / s) / (1 + (m / s).abs()) * 127) / 127
+    return y / (2 - y.abs()) * s
+
+
+m = samples["Gaussian"]
+noise = formats.dither(N, torch.tensor(5.0))[0]
+print("\n| momentum levels, rounding (Gaussian groups) | L2 error / group |")
+for levels, forget, label in [
+    ("square", 1e-6, "square, stochastic (versions 1-2)"),
+    ("square", 1.0, "square, nearest"),
+    ("linear_square", 1.0, "linear-square, nearest"),
+]:
+    code, scale = formats.quantize_momentum(m, G, noise, forget, levels)
+    print(f"| {label} | {group_l2(formats.dequantize_momentum(code, scale, G, levels), m):.4f} |")
+print(f"| flashoptim softsign, nearest | {group_l2(softsign_nearest(m), m):.4f} |")

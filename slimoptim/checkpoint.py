@@ -360,7 +360,7 @@ def _quantized_state(optimizer, p, group, step: float, values: dict) -> dict:
             state[spec.name].copy_(value)
             continue
         if spec.signed:  # one-off conversion: nearest level (noise = half range), not dithered
-            code, scale = formats.quantize_momentum(value, size, torch.full_like(value, 32768.0))
+            code, scale = formats.quantize_momentum_nearest(value, size, spec.levels)
         else:
             code, scale = formats.quantize_variance(value, size)
         state[spec.name].copy_(code)

@@ -257,17 +257,21 @@ def _phases(table: torch.Tensor) -> torch.Tensor:
     return digits[:, 0] * PHASE_BASE + digits[:, 1]
 
 
-def _requantize(spec, code, per_element_scale, size):
+def _requantize(spec, code, per_element_scale, size, saved_levels):
     """Decode with the saved per-value scales, re-quantize to this shard's groups (nearest)."""
     if spec.signed:
-        values = formats.dequantize_momentum(code, per_element_scale, 1)
-        return formats.quantize_momentum(values, size, torch.full_like(values, 32768.0))
+        values = formats.dequantize_momentum(code, per_element_scale, 1, saved_levels(spec))
+        return formats.quantize_momentum_nearest(values, size, spec.levels)
     values = formats.dequantize_variance(code, per_element_scale, 1)
     return formats.quantize_variance(values, size)
 
 
-def flat_state(opt, p: torch.Tensor, group: dict, saved_id, saved_state: dict) -> dict:
-    """A row-form state of one parameter as this rank's live flat tensors (see module doc)."""
+def flat_state(
+    opt, p: torch.Tensor, group: dict, saved_id, saved_state: dict, saved_levels
+) -> dict:
+    """A row-form state of one parameter as this rank's live flat tensors (see module doc).
+    ``saved_levels(spec)``: the level set of the saved signed codes (an older format
+    version's may differ from the live one: they are re-quantized)."""
     size = group["group_size"]
     if is_dtensor(p):
         check_placements(p, size)
@@ -301,17 +305,18 @@ def flat_state(opt, p: torch.Tensor, group: dict, saved_id, saved_state: dict) -
                 f"state '{spec.scale_name}' of parameter {saved_id!r} holds group phases outside "
                 f"[0, {size}): it was not written by slimoptim with group_size={size}."
             )
-        if torch.equal(phase, own_phase):  # same groups: exact
+        same_levels = not spec.signed or saved_levels(spec) == spec.levels
+        if same_levels and torch.equal(phase, own_phase):  # same groups and levels: exact
             local[spec.scale_name] = _gathered_scales(table, phase, n_rows, cols, size)
         elif spec.name in local:
             per_element = _per_element_scales(table, phase, cols, size)
             local[spec.name], local[spec.scale_name] = _requantize(
-                spec, local[spec.name], per_element, size
+                spec, local[spec.name], per_element, size, saved_levels
             )
     return local
 
 
-def localize(opt, pairs, saved: dict) -> dict:
+def localize(opt, pairs, saved: dict, saved_levels=lambda spec: spec.levels) -> dict:
     """``load_state_dict`` hook: row-form entries become this rank's flat local tensors."""
     out = None
     for p, group, saved_id in pairs:
@@ -320,7 +325,7 @@ def localize(opt, pairs, saved: dict) -> dict:
             continue
         if out is None:
             out = dict(saved)  # never change the caller's state_dict
-        out[saved_id] = flat_state(opt, p, group, saved_id, entry)
+        out[saved_id] = flat_state(opt, p, group, saved_id, entry, saved_levels)
     return saved if out is None else out
 
 

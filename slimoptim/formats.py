@@ -14,9 +14,10 @@ Two formats live here:
   ``|w - b| <= ulp(b) / 2`` the code fits, and because the scale is a power of
   two, both the split and the rebuild are exact float32 arithmetic.
 * Group-quantized 8-bit states. Each run of ``group_size`` values shares one
-  bf16 scale. Momentum codes index squared levels (a signed square-root
-  compander) below the group's absmax, rounded stochastically and without bias
-  (so a decaying state reaches zero as in float32); the second moment is a
+  bf16 scale. Momentum codes index square (or half-linear, half-square) levels
+  below the group's absmax, rounded to nearest except where a decaying state could
+  freeze (there stochastically and without bias, so it reaches zero as in float32);
+  the second moment is a
   logarithmic code, read off its float32 bits, below a power-of-two group scale.
 """
 
@@ -24,10 +25,10 @@ from __future__ import annotations
 
 import torch
 
-# Relative level below which a momentum code cannot resolve a value: the
-# smallest non-zero momentum level is (1/127)**2 of the group scale. The
-# denominator sqrt(v) is floored at the same fraction of sqrt(v's group scale),
-# which keeps every element's update bounded (docs/formats.md, "Bounded updates").
+# Relative level below which a square-level momentum code cannot resolve a value: its
+# smallest non-zero level is (1/127)**2 of the group scale. The denominator sqrt(v) is
+# floored at the same fraction of sqrt(v's group top), which keeps every element's
+# update bounded (docs/formats.md, "Bounded updates").
 MOMENTUM_LEVELS = 127
 VARIANCE_LEVELS = 255
 DENOM_FLOOR = 1.0 / MOMENTUM_LEVELS**2
@@ -212,41 +213,77 @@ def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------ momentum (signed)
 
-_SQUARED_LEVELS = float(MOMENTUM_LEVELS**2)
+# Level c of a signed code sits at c * (offset + c) / units of the group scale. Two level
+# sets, chosen by what the update rule does with the state (docs/formats.md, "Momentum"):
+# * "square" (offset 0): (c/127)**2, as fine as 6e-5 of the scale near zero. Rules that
+#   divide by or take the sign of the state (AdamW, Lion) need small elements' relative
+#   precision: an element of a heavy-tailed group whose momentum rounded up to a coarse
+#   first level would be divided by its own tiny sqrt(v).
+# * "linear_square" (offset 127): half linear, half square, levels 1/252 of the scale
+#   apart at zero and 3/254 at the top. For rules whose update is linear in the state
+#   (SGD, Muon) what counts is the error relative to the group: ~15 % less than square.
+MOMENTUM_LEVEL_SETS = ("square", "linear_square")  # index: the kernels' LEVELS constexpr
+_LEVEL_OFFSET = {"square": 0, "linear_square": MOMENTUM_LEVELS}
+_LEVEL_UNITS = {"square": float(MOMENTUM_LEVELS**2), "linear_square": float(2 * MOMENTUM_LEVELS**2)}
 
 
-def quantize_momentum(m: torch.Tensor, group_size: int, noise: torch.Tensor):
-    """Signed 8-bit code c of ``m``, decoding to sign(c) * (c / 127)**2 * group scale.
+def _momentum_level(c: torch.Tensor, offset: int) -> torch.Tensor:
+    return c * (offset + c)  # exact: integers below 2**15
 
-    The levels are squares, so small values keep codes (the smallest is 6e-5 of
-    the group max). ``noise`` (integers in [0, 65536), see :func:`dither`) picks
-    the level below or above |x| with probabilities that make the decoded value
-    unbiased, so a state that decays by beta each step reaches zero as in
-    float32; ``noise = 32768`` rounds to the nearest level. A tiny group (even
-    subnormal) is lifted by an exact power of two first (:func:`scale_lift`), so
-    its codes are as fine, relative to its scale, as anyone's. Only exact float32
-    operations decide the code (the square root is corrected to its exact
-    floor), so every backend gives the same bits with a fast approximate root.
+
+def quantize_momentum(
+    m: torch.Tensor, group_size: int, noise: torch.Tensor, forget, levels: str = "square"
+):
+    """Signed 8-bit code c of ``m``, decoding to sign(c) * |c| * (offset + |c|) / units of
+    the group scale (``levels``, see MOMENTUM_LEVEL_SETS).
+
+    Values round to the nearest level, except where nearest rounding could freeze a
+    decaying state: where ``forget`` (1 - beta, the share of the state one step forgets)
+    times the value is under half the gap to the next level, a step of decay would round
+    back to the same level forever. There the level below or above is picked with
+    ``noise`` (integers in [0, 65536), see :func:`dither`) with probabilities that make
+    the decoded value unbiased, so such a state reaches zero as in float32; nearest
+    rounding elsewhere halves the error variance that stochastic rounding adds. A tiny
+    group (even subnormal) is lifted by an exact power of two first (:func:`scale_lift`).
+    Only exact float32 operations decide the code (the square root is corrected to the
+    exact floor level), so every backend gives the same bits with a fast approximate root.
     """
+    offset, units = _LEVEL_OFFSET[levels], _LEVEL_UNITS[levels]
     scale = group_scale(m.abs(), group_size)
     lift = scale_lift(scale)
     inverse = _safe_reciprocal(scale * lift)
     x = (m * per_element(lift, group_size, m.numel())) * per_element(inverse, group_size, m.numel())
-    t = torch.clamp(x.abs() * _SQUARED_LEVELS, max=_SQUARED_LEVELS)
-    low = torch.floor(torch.sqrt(t))
-    low = torch.where(low * low > t, low - 1, low)
-    low = torch.where((low + 1) * (low + 1) <= t, low + 1, low)
-    # up with probability (t - low**2) / (2 * low + 1); both products are exact
-    up = (t - low * low) * DITHER_LEVELS > noise * (2 * low + 1)
+    t = torch.clamp(x.abs() * units, max=units)
+    # low: the largest c with c * (offset + c) <= t, from the root of c**2 + offset c = t
+    low = torch.floor((torch.sqrt(t * 4.0 + offset * offset) - offset) * 0.5)
+    low = torch.where(_momentum_level(low, offset) > t, low - 1, low)
+    low = torch.where(_momentum_level(low + 1, offset) <= t, low + 1, low)
+    # Up with probability (t - level) / gap, or at noise = half range (nearest). The gap
+    # is 2 * half_gap; both products stay below 2**24, so they are exact.
+    half_gap = low + (offset + 1) * 0.5
+    decaying = t * forget < half_gap
+    threshold = torch.where(decaying, noise, DITHER_LEVELS // 2) * half_gap
+    up = (t - _momentum_level(low, offset)) * (DITHER_LEVELS // 2) > threshold
     code = low + up.float()
     code = torch.where(x < 0, -code, code)
     return code.to(torch.int8), scale.to(torch.bfloat16)
 
 
-def dequantize_momentum(code: torch.Tensor, scale: torch.Tensor, group_size: int):
+def quantize_momentum_nearest(m: torch.Tensor, group_size: int, levels: str = "square"):
+    """:func:`quantize_momentum` rounding every value to its nearest level (conversions)."""
+    noise = torch.full_like(m, DITHER_LEVELS // 2)
+    return quantize_momentum(m, group_size, noise, 1.0, levels)
+
+
+def dequantize_momentum(
+    code: torch.Tensor, scale: torch.Tensor, group_size: int, levels: str = "square"
+):
     y = code.float()
     return (
-        y * y.abs() * (1.0 / _SQUARED_LEVELS) * per_element(scale.float(), group_size, code.numel())
+        y
+        * (y.abs() + _LEVEL_OFFSET[levels])
+        * (1.0 / _LEVEL_UNITS[levels])
+        * per_element(scale.float(), group_size, code.numel())
     )
 
 

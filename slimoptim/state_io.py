@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import formats
 from .optimizers.base import FORMAT_VERSION, READABLE_FORMAT_VERSIONS, local_tensor
 
 HEADER_KEY = "slimoptim"
@@ -98,6 +99,37 @@ def _check_header(opt, sd: dict) -> None:
             )
         if header.get("optimizer") != type(opt).__name__:
             _fail(f"it belongs to a {header.get('optimizer')} optimizer, not {type(opt).__name__}.")
+
+
+def _saved_version(sd: dict) -> int:
+    """The format version the state_dict was written in (checked by _check_header). DCP's
+    flattened form drops every header: it is read as the current version."""
+    headers = [sd.get(HEADER_KEY)] + [g.get(HEADER_KEY) for g in sd["param_groups"]]
+    versions = [h["format_version"] for h in headers if isinstance(h, dict)]
+    return min(versions, default=FORMAT_VERSION)
+
+
+def _saved_levels(version: int):
+    """The level set a state_dict of ``version`` coded a signed state with: versions 1
+    and 2 had square levels for every optimizer."""
+    return (lambda spec: "square") if version < 3 else (lambda spec: spec.levels)
+
+
+def _upgrade_momentum(opt, group: dict, state: dict, saved_levels) -> dict:
+    """``state`` with signed 8-bit codes saved in other levels than the optimizer's moved
+    to the nearest of its own, group by group."""
+    if group["state_bits"] != 8:
+        return state
+    state = dict(state)
+    size = group["group_size"]
+    for spec in opt._specs_for(group):
+        if spec.signed and spec.name in state and saved_levels(spec) != spec.levels:
+            code, scale = state[spec.name], state[spec.scale_name]
+            values = formats.dequantize_momentum(code.reshape(-1), scale, size, saved_levels(spec))
+            new_code, new_scale = formats.quantize_momentum_nearest(values, size, spec.levels)
+            state[spec.name] = new_code.view(code.shape)
+            state[spec.scale_name] = new_scale.view(scale.shape)
+    return state
 
 
 def _check_groups(opt, sd: dict) -> list[tuple[torch.Tensor, dict, object]]:
@@ -204,10 +236,16 @@ def check(opt, state_dict: dict) -> LoadPlan:
         _fail(f"state for unknown parameter ids {sorted(unknown, key=str)}.")
     from .distributed import localize  # noqa: PLC0415  (imports this module)
 
-    saved = localize(opt, pairs, saved)  # FSDP2's sharding-independent form -> local tensors
+    # Version 3 moved SGD's and Muon's signed codes to new levels: older codes convert.
+    saved_levels = _saved_levels(_saved_version(state_dict))
+    rows = saved
+    saved = localize(opt, pairs, saved, saved_levels)  # FSDP2's row form -> local tensors
     for p, group, saved_id in pairs:
         if saved_id in saved:
             _check_state(opt, p, group, saved_id, saved[saved_id])
+            if saved[saved_id] is rows[saved_id]:  # localize converts row-form states
+                upgraded = _upgrade_momentum(opt, group, saved[saved_id], saved_levels)
+                saved = {**saved, saved_id: upgraded}
     # Copies go to the parameter's device with their own dtype: torch.optim's
     # load_state_dict would cast them to the param dtype and lose the codes.
     new_state = {}

@@ -9,6 +9,7 @@ import warnings
 import pytest
 import safetensors
 import torch
+from code_bounds import momentum_gap
 from torch import nn
 
 import slimoptim
@@ -414,14 +415,12 @@ def test_export_to_torch_optim_then_both_step_alike(name, dtype, state_bits):
     assert step_both_then_gap(opt, model, torch_opt, torch_model, seed) < limit
 
 
-def within_momentum_bound(decoded, exact, group_size=32) -> bool:
-    """|decoded - m| <= s * (sqrt(|m| / s) / 127 + 1 / (4 * 127**2)) with s the group scale."""
-
+def within_momentum_bound(decoded, exact, levels: str, group_size=32) -> bool:
+    """Nearest level: |decoded - m| <= half the gap between the levels around m."""
     scale = formats.per_element(
         formats.group_scale(exact.abs(), group_size), group_size, exact.numel()
-    )
-    x = exact.abs() / scale
-    bound = scale * (x.sqrt() / 127 + 1 / (2 * 127**2)) * (1 + 1e-5) + 1e-30
+    ).double()
+    bound = scale * momentum_gap(exact / scale, levels) / 2 * (1 + 1e-5) + 1e-30
     return bool(((decoded - exact).abs() <= bound).all())
 
 
@@ -467,7 +466,8 @@ def test_import_from_torch_optim_quantizes_within_the_stated_error(name, state_b
             elif state_name == "exp_avg_sq":
                 assert within_variance_bound(decoded, exact)
             else:
-                assert within_momentum_bound(decoded, exact)
+                levels = {s.name: s.levels for s in opt._specs_for(opt.param_groups[0])}
+                assert within_momentum_bound(decoded, exact, levels[state_name])
         if name != "SGD":
             assert opt.state[p]["step"] == ref["step"]
 

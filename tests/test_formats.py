@@ -1,8 +1,11 @@
 """Property tests of the numeric formats against float64 arithmetic."""
 
 import math
+import random
 
+import pytest
 import torch
+from code_bounds import level_position, momentum_gap
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -143,28 +146,63 @@ def _heavy_tailed(n, generator=None):
     return sign * torch.exp(2 * torch.randn(n, generator=generator))
 
 
-@settings(max_examples=30, deadline=None)
-@given(st.integers(1, 300), st.integers(0, 2**31 - 1), st.sampled_from([1, 7, 32, 64]))
-def test_momentum_code_lands_on_a_neighbouring_level(numel, seed, group_size):
+LEVEL_SETS = formats.MOMENTUM_LEVEL_SETS
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.integers(1, 300),
+    st.integers(0, 2**31 - 1),
+    st.sampled_from([1, 7, 32, 64]),
+    st.sampled_from([1e-3, 0.05, 0.1, 1.0]),
+    st.sampled_from(LEVEL_SETS),
+)
+def test_momentum_code_lands_on_a_neighbouring_level(numel, seed, group_size, forget, levels):
     gen = torch.Generator().manual_seed(seed)
     m = _heavy_tailed(numel, gen) * 1e-3
     noise = torch.randint(0, 65536, (numel,), generator=gen).float()
-    code, scale = formats.quantize_momentum(m, group_size, noise)
+    code, scale = formats.quantize_momentum(m, group_size, noise, forget, levels)
     assert code.dtype == torch.int8 and scale.dtype == torch.bfloat16
     assert scale.numel() == formats.num_groups(numel, group_size)
-    decoded = formats.dequantize_momentum(code, scale, group_size).double()
+    decoded = formats.dequantize_momentum(code, scale, group_size, levels).double()
     s = formats.per_element(scale.double(), group_size, numel)
-    t = m.double().abs() / s * 127**2  # position among the squared levels 0, 1, 4, 9, ...
+    offset, units = formats._LEVEL_OFFSET[levels], formats._LEVEL_UNITS[levels]
+    t = m.double().abs() / s * units  # position among the levels c * (offset + c)
     level = code.double().abs()
+    below = torch.floor(level_position(m.double() / s, levels))  # the level at or below t
     assert torch.all(level <= 127)
-    assert torch.all((level**2 <= t * (1 + 1e-6)) | (level == torch.floor(t.sqrt()) + 1))
-    assert torch.all(((level - 1) ** 2 < t) | (level == 0))  # never skips a level
+    assert torch.all((level == below) | (level == below + 1))  # never skips a level
     assert torch.all(torch.sign(decoded) * torch.sign(m) >= 0)
-    nearest = formats.quantize_momentum(m, group_size, torch.full((numel,), 32768.0))[0]
-    low, high = torch.floor(t.sqrt()), torch.floor(t.sqrt()) + 1
-    closer = torch.where(t - low**2 <= high**2 - t, low, high)
+    # decoded values are the levels
+    assert torch.allclose(decoded.abs(), level * (offset + level) / units * s, rtol=1e-6)
+    gap_low, gap_high = t - below * (offset + below), (below + 1) * (offset + below + 1) - t
+    closer = torch.where(gap_low <= gap_high, below, below + 1)
+    nearest = formats.quantize_momentum_nearest(m, group_size, levels)[0]
     # the nearest level, but for float32 rounding of t right at a midpoint
     assert (nearest.double().abs() == closer).double().mean() >= 0.99
+    # Where one step of decay moves a value by at least half a gap, it rounds to nearest
+    # whatever the noise: only values that could freeze are dithered.
+    moving = t * forget >= (below + (offset + 1) / 2) * (1 + 1e-6)
+    assert (level[moving] != closer[moving]).sum() <= 0.01 * numel
+
+
+@pytest.mark.parametrize("levels", LEVEL_SETS)
+def test_a_state_that_moves_rounds_to_nearest_and_one_that_could_freeze_is_dithered(levels):
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    m = torch.rand(32 * 512, generator=gen) * 2 - 1
+    noise = torch.randint(0, 65536, m.shape, generator=gen).float()
+    nearest = formats.quantize_momentum_nearest(m, 32, levels)[0]
+    # forget 1 (no memory): every value but those within half a gap of zero moves by
+    # more than half a gap, and those round to nearest whatever the noise
+    scale = formats.per_element(formats.group_scale(m.abs(), 32).double(), 32, m.numel())
+    far = level_position(m / scale, levels) >= 1
+    assert far.double().mean() > 0.9
+    coded = formats.quantize_momentum(m, 32, noise, 1.0, levels)[0]
+    assert torch.equal(coded[far], nearest[far])
+    # forget 1e-6 (a state that barely decays): every value is dithered, and about half
+    # of those between levels land on the far one
+    dithered = formats.quantize_momentum(m, 32, noise, 1e-6, levels)[0]
+    assert 0.2 < (dithered != nearest).double().mean() < 0.6
 
 
 @settings(max_examples=30, deadline=None)
@@ -188,22 +226,26 @@ def test_variance_code_error_is_at_most_half_a_step_of_its_binade(numel, seed, g
 def test_zero_and_partial_groups_decode_to_zero():
     for numel in (1, 31, 33):
         z = torch.zeros(numel)
-        code, scale = formats.quantize_momentum(z, GROUP, formats.dither(numel, torch.tensor(1))[0])
+        noise = formats.dither(numel, torch.tensor(1))[0]
+        code, scale = formats.quantize_momentum(z, GROUP, noise, 0.1)
         assert torch.equal(formats.dequantize_momentum(code, scale, GROUP), z)
         code, scale = formats.quantize_variance(z, GROUP)
         assert torch.equal(formats.dequantize_variance(code, scale, GROUP), z)
 
 
-def test_stochastic_rounding_is_unbiased_in_value():
+@pytest.mark.parametrize("levels", LEVEL_SETS)
+def test_stochastic_rounding_is_unbiased_in_value(levels):
     m = torch.rand(64) * 2 - 1
     m[0] = 1.0  # pin the scale
     total = torch.zeros(64, dtype=torch.float64)
     trials = 2000
     for step in range(trials):
-        code, scale = formats.quantize_momentum(m, 64, formats.dither(64, torch.tensor(step))[0])
-        total += formats.dequantize_momentum(code, scale, 64).double()
+        noise = formats.dither(64, torch.tensor(step))[0]
+        # forget 1e-6: a state too slow to move by half a gap, so every value is dithered
+        code, scale = formats.quantize_momentum(m, 64, noise, 1e-6, levels)
+        total += formats.dequantize_momentum(code, scale, 64, levels).double()
     # each value rounds to a level either side: mean error ~ level gap / (2 sqrt(trials))
-    gap = (2 * (m.double().abs().sqrt() * 127) + 1) / 127**2
+    gap = momentum_gap(m, levels)
     assert torch.all((total / trials - m.double()).abs() < gap / 10)
 
 
@@ -243,7 +285,9 @@ def test_companded_codes_beat_linear_int8_on_heavy_tailed_states():
     gen = torch.Generator().manual_seed(0)
     m = _heavy_tailed(GROUP * 4096, gen)
     v = _heavy_tailed(GROUP * 4096, gen) ** 2
-    code, scale = formats.quantize_momentum(m, GROUP, formats.dither(m.numel(), torch.tensor(3))[0])
+    code, scale = formats.quantize_momentum(
+        m, GROUP, formats.dither(m.numel(), torch.tensor(3))[0], 0.1
+    )
     m_err = ((formats.dequantize_momentum(code, scale, GROUP) - m) / m).abs().median()
     m_lin = ((_linear_int8(m, True) - m) / m).abs().median()
     code, scale = formats.quantize_variance(v, GROUP)
@@ -251,6 +295,10 @@ def test_companded_codes_beat_linear_int8_on_heavy_tailed_states():
     v_err = ((decoded_v - v) / v).abs().median()
     v_lin = ((_linear_int8(v, False) - v) / v).abs().median()
     assert m_err < m_lin / 2 and v_err < v_lin / 2
+    # linear-square levels are 3x as fine at zero as at the top (linear int8: even)
+    m_code, m_scale = formats.quantize_momentum_nearest(m, GROUP, "linear_square")
+    m_decoded = formats.dequantize_momentum(m_code, m_scale, GROUP, "linear_square")
+    assert ((m_decoded - m) / m).abs().median() < m_lin / 1.5
     # a value may decode to zero only below the update's denominator floor
     floor = formats.variance_floor(scale, GROUP, v.numel())
     assert torch.all(v[decoded_v == 0].sqrt() < floor[decoded_v == 0])

@@ -25,7 +25,7 @@ def chunks(rows: int, shards: int) -> list[tuple[int, int]]:
 
 def quantize(values, signed, size):
     if signed:
-        return formats.quantize_momentum(values, size, torch.full_like(values, 32768.0))
+        return formats.quantize_momentum_nearest(values, size)
     return formats.quantize_variance(values, size)
 
 

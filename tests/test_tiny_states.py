@@ -14,6 +14,7 @@ import random
 
 import pytest
 import torch
+from code_bounds import momentum_gap
 
 import slimoptim
 from slimoptim import checkpoint, formats
@@ -32,12 +33,14 @@ def per_group_values(gen, signed: bool) -> torch.Tensor:
     return (u * 10.0 ** DECADES[:, None]).float().reshape(-1)
 
 
-def momentum_error_bound(m: torch.Tensor, scale: torch.Tensor, nearest: bool) -> torch.Tensor:
-    """Largest |decoded - m| the squared levels s*(c/127)**2 allow, c <= 127*sqrt(|m|/s):
-    half the gap to the next level when rounding to nearest, the whole gap otherwise."""
+def momentum_error_bound(
+    m: torch.Tensor, scale: torch.Tensor, nearest: bool, levels: str = "square"
+) -> torch.Tensor:
+    """Largest |decoded - m| the levels around m allow: half the gap between them when
+    rounding to nearest, the whole gap otherwise."""
     s = formats.per_element(scale.double(), GROUP, m.numel())
-    root = torch.where(s > 0, m.double().abs() / s, 0.0).sqrt()  # an all-zero group: s = 0
-    gap = s * (2 * root / 127 + 1 / 127**2)
+    x = torch.where(s > 0, m.double().abs() / s, 0.0)  # an all-zero group: s = 0
+    gap = s * momentum_gap(x, levels)
     return (gap / 2 if nearest else gap) + s * ROUNDING + SMALLEST_SUBNORMAL
 
 
@@ -50,7 +53,8 @@ def test_momentum_code_is_within_its_resolution_for_every_magnitude(nearest):
         if nearest
         else torch.randint(formats.DITHER_LEVELS, m.shape, generator=gen).float()
     )
-    code, scale = formats.quantize_momentum(m, GROUP, noise)
+    # forget 1e-6: so slow a decay that every value is dithered (1.0: all nearest)
+    code, scale = formats.quantize_momentum(m, GROUP, noise, 1.0 if nearest else 1e-6)
     decoded = formats.dequantize_momentum(code, scale, GROUP)
     largest = m.abs().view(-1, GROUP).amax(dim=1).double()
     scale64 = scale.double()
@@ -134,7 +138,7 @@ def test_each_optimizers_8bit_states_follow_float32_states_at_every_magnitude(na
             spec = {s.name: s for s in opt8._specs_for(opt8.param_groups[0])}[state_name]
             scale = opt8.state[p8][spec.scale_name].float()
             if spec.signed:  # dithered momentum: within one level gap
-                bound = momentum_error_bound(exact, scale, nearest=False)
+                bound = momentum_error_bound(exact, scale, nearest=False, levels=spec.levels)
                 err = (got[state_name].double() - exact.double()).abs()
                 assert (err <= bound).all(), f"{name} {state_name}"
             else:  # dithered variance: under one code step of v's bits

@@ -32,6 +32,8 @@ class AdamWRule:
     """Host side of the AdamW/Adam rule: flags, per-group values, per-tensor scalars."""
 
     update = adamw_update
+    forget_column = ONE_MINUS_BETA1.value  # 1 - beta of the signed state
+    momentum_levels = "square"  # formats.MOMENTUM_LEVEL_SETS
     state_names = ("exp_avg", "exp_avg_sq")
     flag_names = ("DECOUPLED", "HAS_WEIGHT_DECAY")
     # Values read from each param group at every step (float, or tensor for a tensor lr).

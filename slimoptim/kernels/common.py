@@ -14,7 +14,10 @@ An update rule is a ``@triton.jit`` function passed as the ``RULE`` constexpr:
 tiles, where ``s0``/``s1`` are the decoded states (``N_STATES`` of them: a
 signed momentum-like state, then a non-negative second moment), ``floor`` the
 bound on sqrt(s1) of 8-bit second moments (0 otherwise), ``k`` the tensor's
-scalar row as a tuple, and the flags the rule's compile-time options.
+scalar row as a tuple, and the flags the rule's compile-time options. Column
+``FORGET`` of ``k`` holds 1 - beta of the signed state (the share of it one step
+forgets), which decides where its 8-bit code may round to nearest; ``LEVELS`` picks the
+code's level set (formats.quantize_momentum, formats.MOMENTUM_LEVEL_SETS).
 """
 
 from __future__ import annotations
@@ -124,7 +127,10 @@ def store_master(
 
 
 @triton.jit
-def load_state(sp, scp, offs, mask, groups, group_mask, SIGNED: tl.constexpr, BITS: tl.constexpr):
+def load_state(
+    sp, scp, offs, mask, groups, group_mask,
+    SIGNED: tl.constexpr, BITS: tl.constexpr, LEVELS: tl.constexpr,
+):  # fmt: skip
     """(float32 state, its float32 group scale per row) from its codes or float32 storage."""
     if BITS == 32:
         x = tl.load(sp + offs, mask=mask, other=0.0)
@@ -133,7 +139,7 @@ def load_state(sp, scp, offs, mask, groups, group_mask, SIGNED: tl.constexpr, BI
         code = tl.load(sp + offs, mask=mask, other=0)
         scale = kf.bf16_bits_to_float(tl.load(scp + groups, mask=group_mask, other=0))
         if SIGNED:
-            x = kf.dequantize_momentum(code, scale)
+            x = kf.dequantize_momentum(code, scale, LEVELS)
         else:
             x = kf.dequantize_variance(code, scale)
     return x, scale
@@ -141,14 +147,14 @@ def load_state(sp, scp, offs, mask, groups, group_mask, SIGNED: tl.constexpr, BI
 
 @triton.jit
 def store_state(
-    sp, scp, offs, mask, groups, x, ok, group_ok, noise,
-    SIGNED: tl.constexpr, BITS: tl.constexpr,
+    sp, scp, offs, mask, groups, x, ok, group_ok, noise, forget,
+    SIGNED: tl.constexpr, BITS: tl.constexpr, LEVELS: tl.constexpr,
 ):  # fmt: skip
     if BITS == 32:
         tl.store(sp + offs, x, ok)
     else:
         if SIGNED:
-            code, scale = kf.quantize_momentum(x, mask, noise)
+            code, scale = kf.quantize_momentum(x, mask, noise, forget, LEVELS)
         else:
             code, scale = kf.quantize_variance(x, mask, noise)
         tl.store(sp + offs, code, ok)
@@ -159,7 +165,7 @@ def store_state(
 @triton.jit
 def _step_tile(
     pp, cp, gp, s0p, s0sp, s1p, s1sp, k, offs, mask, groups, group_mask, grad_scale, found_inf,
-    RULE: tl.constexpr, N_STATES: tl.constexpr,
+    RULE: tl.constexpr, N_STATES: tl.constexpr, FORGET: tl.constexpr, LEVELS: tl.constexpr,
     FLAG0: tl.constexpr, FLAG1: tl.constexpr, FLAG2: tl.constexpr,
     PARAM_KIND: tl.constexpr, GRAD_KIND: tl.constexpr, CODE_BITS: tl.constexpr,
     STATE_BITS: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
@@ -174,9 +180,11 @@ def _step_tile(
     s1 = 0.0
     floor = 0.0
     if N_STATES >= 1:
-        s0, _ = load_state(s0p, s0sp, offs, mask, groups, group_mask, True, STATE_BITS)
+        s0, _ = load_state(s0p, s0sp, offs, mask, groups, group_mask, True, STATE_BITS, LEVELS)
     if N_STATES >= 2:
-        s1, s1_scale = load_state(s1p, s1sp, offs, mask, groups, group_mask, False, STATE_BITS)
+        s1, s1_scale = load_state(
+            s1p, s1sp, offs, mask, groups, group_mask, False, STATE_BITS, LEVELS
+        )  # fmt: skip
         if STATE_BITS == 8:
             floor = kf.variance_floor(s1_scale)[:, None]
 
@@ -189,15 +197,22 @@ def _step_tile(
     if N_STATES >= 1:
         if STATE_BITS == 8:
             noise0, noise1 = kf.dither(offs, k[0])
-        store_state(s0p, s0sp, offs, mask, groups, s0, ok, group_ok, noise0, True, STATE_BITS)
+        forget = k[FORGET]
+        store_state(
+            s0p, s0sp, offs, mask, groups, s0, ok, group_ok, noise0, forget, True, STATE_BITS,
+            LEVELS,
+        )  # fmt: skip
         if N_STATES >= 2:
-            store_state(s1p, s1sp, offs, mask, groups, s1, ok, group_ok, noise1, False, STATE_BITS)
+            store_state(
+                s1p, s1sp, offs, mask, groups, s1, ok, group_ok, noise1, forget, False,
+                STATE_BITS, LEVELS,
+            )  # fmt: skip
 
 
 @triton.jit
 def step_kernel(
     table, grad_ptrs, numels, chunk_tensor, chunk_start, scalars, grad_scale, found_inf,
-    RULE: tl.constexpr, N_STATES: tl.constexpr,
+    RULE: tl.constexpr, N_STATES: tl.constexpr, FORGET: tl.constexpr, LEVELS: tl.constexpr,
     FLAG0: tl.constexpr, FLAG1: tl.constexpr, FLAG2: tl.constexpr,
     PARAM_KIND: tl.constexpr, GRAD_KIND: tl.constexpr, CODE_BITS: tl.constexpr,
     STATE_BITS: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, TILES: tl.constexpr,
@@ -239,15 +254,15 @@ def step_kernel(
             _step_tile(
                 pp, cp, gp, s0p, s0sp, s1p, s1sp, k,
                 offs, everywhere(offs), groups, everywhere(groups), grad_scale, found_inf,
-                RULE, N_STATES, FLAG0, FLAG1, FLAG2, PARAM_KIND, GRAD_KIND, CODE_BITS,
-                STATE_BITS, MAXIMIZE, HAS_GRAD_SCALE, HAS_FOUND_INF, HW_ROUND,
+                RULE, N_STATES, FORGET, LEVELS, FLAG0, FLAG1, FLAG2, PARAM_KIND, GRAD_KIND,
+                CODE_BITS, STATE_BITS, MAXIMIZE, HAS_GRAD_SCALE, HAS_FOUND_INF, HW_ROUND,
             )  # fmt: skip
         else:
             _step_tile(
                 pp, cp, gp, s0p, s0sp, s1p, s1sp, k,
                 offs, offs < numel, groups, groups * G < numel, grad_scale, found_inf,
-                RULE, N_STATES, FLAG0, FLAG1, FLAG2, PARAM_KIND, GRAD_KIND, CODE_BITS,
-                STATE_BITS, MAXIMIZE, HAS_GRAD_SCALE, HAS_FOUND_INF, HW_ROUND,
+                RULE, N_STATES, FORGET, LEVELS, FLAG0, FLAG1, FLAG2, PARAM_KIND, GRAD_KIND,
+                CODE_BITS, STATE_BITS, MAXIMIZE, HAS_GRAD_SCALE, HAS_FOUND_INF, HW_ROUND,
             )  # fmt: skip
 
 

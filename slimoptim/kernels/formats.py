@@ -26,8 +26,16 @@ def _f32(x: float) -> float:
     return torch.tensor(x, dtype=torch.float32).item()
 
 
-SQUARED_LEVELS = tl.constexpr(ref._SQUARED_LEVELS)
-INV_SQUARED_LEVELS = tl.constexpr(_f32(1.0 / ref._SQUARED_LEVELS))
+# Momentum level sets, by LEVELS = index in ref.MOMENTUM_LEVEL_SETS (0 square, 1 linear-
+# square): offset LEVELS * 127, units (1 + LEVELS) * 127**2, and 1/units, which halves
+# exactly for the second set. Compile-time arithmetic on the constexpr LEVELS.
+assert ref.MOMENTUM_LEVEL_SETS == ("square", "linear_square")
+assert ref._LEVEL_OFFSET["linear_square"] == ref.MOMENTUM_LEVELS
+assert ref._LEVEL_UNITS["linear_square"] == 2 * ref._LEVEL_UNITS["square"]
+MOMENTUM_LEVELS = tl.constexpr(float(ref.MOMENTUM_LEVELS))
+SQUARE_UNITS = tl.constexpr(ref._LEVEL_UNITS["square"])
+INV_SQUARE_UNITS = tl.constexpr(_f32(1.0 / ref._LEVEL_UNITS["square"]))
+HALF_DITHER = tl.constexpr(float(ref.DITHER_LEVELS // 2))
 DITHER_LEVELS = tl.constexpr(float(ref.DITHER_LEVELS))
 VARIANCE_LEVELS_INT = tl.constexpr(ref.VARIANCE_LEVELS)
 VARIANCE_CODE_SHIFT = tl.constexpr(ref.VARIANCE_CODE_SHIFT)
@@ -191,26 +199,34 @@ def dither(index, step):
 
 
 @triton.jit
-def dequantize_momentum(code, scale_row):
+def dequantize_momentum(code, scale_row, LEVELS: tl.constexpr):
     y = code.to(tl.float32)
-    return y * tl.abs(y) * INV_SQUARED_LEVELS * scale_row[:, None]
+    offset: tl.constexpr = LEVELS * MOMENTUM_LEVELS
+    inv_units: tl.constexpr = INV_SQUARE_UNITS * (1.0 - 0.5 * LEVELS)
+    return y * (tl.abs(y) + offset) * inv_units * scale_row[:, None]
 
 
 @triton.jit
-def quantize_momentum(m, mask, noise):
+def quantize_momentum(m, mask, noise, forget, LEVELS: tl.constexpr):
     """(int8 code, bf16 scale as float32 per row) of momentum tile ``m``.
 
     The approximate ``tl.sqrt`` is fine: as in the reference, the two exact
-    comparisons that follow turn it into the exact floor of the root.
+    comparisons that follow turn it into the exact floor level.
     """
+    offset: tl.constexpr = LEVELS * MOMENTUM_LEVELS
+    units: tl.constexpr = SQUARE_UNITS * (1 + LEVELS)
     scale = round_up_to_bf16(tl.max(tl.where(mask, tl.abs(m), 0.0), axis=1))
     lift = scale_lift(scale)  # exact power of two: tiny groups' 1/scale would overflow
     x = (m * lift[:, None]) * safe_reciprocal(scale * lift)[:, None]
-    t = tl.minimum(tl.abs(x) * SQUARED_LEVELS, SQUARED_LEVELS)
-    low = tl.floor(tl.sqrt(t))
-    low = tl.where(low * low > t, low - 1.0, low)
-    low = tl.where((low + 1.0) * (low + 1.0) <= t, low + 1.0, low)
-    up = (t - low * low) * DITHER_LEVELS > noise * (2.0 * low + 1.0)
+    t = tl.minimum(tl.abs(x) * units, units)
+    low = tl.floor((tl.sqrt(t * 4.0 + offset * offset) - offset) * 0.5)
+    low = tl.where(low * (offset + low) > t, low - 1.0, low)
+    high = low + 1.0
+    low = tl.where(high * (offset + high) <= t, high, low)
+    half_gap = low + (offset + 1.0) * 0.5
+    decaying = t * forget < half_gap
+    threshold = tl.where(decaying, noise, HALF_DITHER) * half_gap
+    up = (t - low * (offset + low)) * HALF_DITHER > threshold
     code = low + up.to(tl.float32)
     code = tl.where(x < 0, code * -1.0, code)  # not -code: Triton's unary minus is 0 - x
     return code.to(tl.int8), scale

@@ -18,6 +18,7 @@ import weakref
 import torch
 import triton
 
+from ..formats import MOMENTUM_LEVEL_SETS
 from . import common as cm
 
 # Elements per tile (rounded to whole quantization groups), tiles per program, warps per
@@ -143,6 +144,8 @@ def _launch(plan, bucket, scale, found_inf, dummy, has_scale) -> None:
         found_inf,
         RULE=plan.rule.update,
         N_STATES=bucket.n_states,
+        FORGET=plan.rule.forget_column,
+        LEVELS=MOMENTUM_LEVEL_SETS.index(plan.rule.momentum_levels),
         FLAG0=flags[0],
         FLAG1=flags[1],
         FLAG2=flags[2],

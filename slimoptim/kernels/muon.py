@@ -31,13 +31,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ..formats import correction_bits
+from ..formats import MOMENTUM_LEVEL_SETS, correction_bits
 from . import common as cm
 from .dispatch import KINDS, _aligned, _eligible, _tiling, split_values, upload, upload_tensors
 from .launch import CONFIG, interpreting, launch_plan
 
 # Columns of the per-tensor float32 scalar rows; 0 is the step.
 ONE_MINUS_MOMENTUM, MOMENTUM = tl.constexpr(1), tl.constexpr(2)
+MOMENTUM_LEVELS = "linear_square"  # the update is linear in the momentum (formats.py)
 DECAY, LR_ADJUSTED = tl.constexpr(1), tl.constexpr(2)
 
 
@@ -224,6 +225,8 @@ def _launch(
         skip,
         RULE=rule,
         N_STATES=n_states,
+        FORGET=ONE_MINUS_MOMENTUM,
+        LEVELS=MOMENTUM_LEVEL_SETS.index(MOMENTUM_LEVELS),
         FLAG0=flag,
         FLAG1=False,
         FLAG2=False,

@@ -7,7 +7,9 @@ import triton
 import triton.language as tl
 
 # Columns of the per-tensor float32 scalar row; 0 is the step.
-LR, MOMENTUM, ONE_MINUS_DAMPENING, WEIGHT_DECAY, FIRST_STEP = (tl.constexpr(i) for i in range(1, 6))
+LR, MOMENTUM, ONE_MINUS_DAMPENING, WEIGHT_DECAY, FIRST_STEP, ONE_MINUS_MOMENTUM = (
+    tl.constexpr(i) for i in range(1, 7)
+)
 
 
 @triton.jit
@@ -27,9 +29,11 @@ def sgd_update(w, g, buf, _s1, _floor, k, HAS_MOMENTUM, NESTEROV, HAS_WEIGHT_DEC
 
 class SGDRule:
     update = sgd_update
+    forget_column = ONE_MINUS_MOMENTUM.value  # 1 - beta of the signed state
+    momentum_levels = "linear_square"  # formats.MOMENTUM_LEVEL_SETS
     state_names = ("momentum_buffer",)
     flag_names = ("HAS_MOMENTUM", "NESTEROV", "HAS_WEIGHT_DECAY")
-    group_values = ("lr", "momentum", "omd", "weight_decay")
+    group_values = ("lr", "momentum", "omd", "weight_decay", "omm")
 
     @staticmethod
     def flags(opt, group) -> dict:
@@ -41,10 +45,12 @@ class SGDRule:
 
     @staticmethod
     def values(group) -> list:
-        return [group["lr"], group["momentum"], 1 - group["dampening"], group["weight_decay"]]
+        momentum = group["momentum"]
+        return [group["lr"], momentum, 1 - group["dampening"], group["weight_decay"], 1 - momentum]
 
     @staticmethod
     def scalars(hyper: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-        lr, momentum, omd, wd = hyper.unbind(1)
+        lr, momentum, omd, wd, omm = hyper.unbind(1)
         first_step = (steps == 1).double()
-        return torch.stack([steps.double(), lr, momentum, omd, wd, first_step], dim=1).float()
+        rows = [steps.double(), lr, momentum, omd, wd, first_step, omm]
+        return torch.stack(rows, dim=1).float()

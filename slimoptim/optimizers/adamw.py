@@ -71,7 +71,10 @@ class AdamW(SlimOptimizer):
 
     kernel_rule = "adamw"
 
-    state_specs = (StateSpec("exp_avg", signed=True), StateSpec("exp_avg_sq", signed=False))
+    state_specs = (
+        StateSpec("exp_avg", signed=True, beta=lambda group: group["betas"][0]),
+        StateSpec("exp_avg_sq", signed=False),
+    )
     decoupled = True
 
     def __init__(

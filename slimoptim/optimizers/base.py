@@ -27,8 +27,10 @@ STATE_BITS = (8, 32)
 # 2: the second moment's bf16 scales carry a per-group code step (formats.py), which
 # version-1 readers would decode wrongly, so they must refuse it. Version 1 (power-of-two
 # scales) reads unchanged: such a scale is a version-2 scale with the coarsest step.
-FORMAT_VERSION = 2
-READABLE_FORMAT_VERSIONS = (1, 2)
+# 3: SGD's and Muon's momentum codes use linear-square levels (formats.py); their
+# version 1 and 2 codes (square levels) are converted on loading (state_io).
+FORMAT_VERSION = 3
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 PARAM_DTYPES = (torch.float32, torch.float64, *LOW_PRECISION)
 
@@ -89,11 +91,24 @@ def _kernel_rule_of(cls: type) -> str | None:
 
 
 class StateSpec:
-    """A named optimizer state (e.g. ``exp_avg``) and how 8-bit storage codes it."""
+    """A named optimizer state (e.g. ``exp_avg``) and how 8-bit storage codes it.
 
-    def __init__(self, name: str, signed: bool):
+    A signed state names ``beta(group)``, the share of it a step keeps: its code rounds
+    stochastically only where nearest rounding could freeze it; and its code's ``levels``
+    (formats.MOMENTUM_LEVEL_SETS), which follow what the update rule does with it.
+    """
+
+    def __init__(self, name: str, signed: bool, beta=None, levels: str = "square"):
+        if signed and beta is None:
+            raise ValueError(f"state {name!r}: a signed state needs beta(group)")
         self.name = name
         self.signed = signed
+        self.beta = beta
+        self.levels = levels
+
+    def forget(self, group: dict) -> float:
+        """1 - beta as the kernels' scalar rows hold it (a float64 difference)."""
+        return 1 - float(self.beta(group))
 
     @property
     def scale_name(self) -> str:
@@ -231,10 +246,13 @@ class SlimOptimizer(torch.optim.Optimizer):
             if group["state_bits"] == 32:
                 values[spec.name] = state[spec.name]
                 continue
-            decode = formats.dequantize_momentum if spec.signed else formats.dequantize_variance
-            values[spec.name] = decode(
-                state[spec.name], state[spec.scale_name], group["group_size"]
-            )
+            code, scale = state[spec.name], state[spec.scale_name]
+            if spec.signed:
+                values[spec.name] = formats.dequantize_momentum(
+                    code, scale, group["group_size"], spec.levels
+                )
+            else:
+                values[spec.name] = formats.dequantize_variance(code, scale, group["group_size"])
         return values
 
     def _store_states(
@@ -250,7 +268,8 @@ class SlimOptimizer(torch.optim.Optimizer):
             if noise is None:
                 noise = formats.dither(new.numel(), state["step"], new.device)
             if spec.signed:
-                code, scale = formats.quantize_momentum(new, size, noise[0])
+                forget = spec.forget(group)
+                code, scale = formats.quantize_momentum(new, size, noise[0], forget, spec.levels)
             else:
                 code, scale = formats.quantize_variance(new, size, noise[1])
             state[spec.name].copy_(torch.where(ok, code, state[spec.name]))

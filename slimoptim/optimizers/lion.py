@@ -23,7 +23,7 @@ class Lion(SlimOptimizer):
 
     kernel_rule = "lion"
 
-    state_specs = (StateSpec("exp_avg", signed=True),)
+    state_specs = (StateSpec("exp_avg", signed=True, beta=lambda group: group["betas"][1]),)
 
     def __init__(
         self,

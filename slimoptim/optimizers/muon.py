@@ -99,8 +99,12 @@ def adjusted_lr(lr, adjust_lr_fn: str | None, shape) -> float | torch.Tensor:
     """
     rows, cols = shape[:2]
     if adjust_lr_fn == "match_rms_adamw":
-        return lr * (0.2 * math.sqrt(max(rows, cols)))
-    return lr * math.sqrt(max(1, rows / cols))
+        factor = 0.2 * math.sqrt(max(rows, cols))
+    else:
+        factor = math.sqrt(max(1, rows / cols))
+    if isinstance(lr, torch.Tensor):  # rounded once from float64, as a float lr's product is
+        return (lr.double() * factor).float()
+    return lr * factor
 
 
 def muon_master_update(w, ortho, *, lr, weight_decay, lr_adjusted):
@@ -130,7 +134,14 @@ class Muon(SlimOptimizer):
     kernels, Newton-Schulz on PyTorch bf16 matmuls between them; no host sync.
     """
 
-    state_specs = (StateSpec("momentum_buffer", signed=True),)
+    state_specs = (
+        StateSpec(
+            "momentum_buffer",
+            signed=True,
+            beta=lambda group: group["momentum"],
+            levels="linear_square",  # the update is linear in the buffer
+        ),
+    )
 
     def __init__(
         self,

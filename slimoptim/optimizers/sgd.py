@@ -61,7 +61,14 @@ class SGD(SlimOptimizer):
             differentiable=differentiable,
         )
 
-    state_specs = (StateSpec("momentum_buffer", signed=True),)
+    state_specs = (
+        StateSpec(
+            "momentum_buffer",
+            signed=True,
+            beta=lambda group: group["momentum"],
+            levels="linear_square",  # the update is linear in the buffer
+        ),
+    )
 
     def _check_hyperparameters(self, group):
         super()._check_hyperparameters(group)
