@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -201,7 +202,9 @@ def environment(device) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    commit = _git("rev-parse", "HEAD")
+    # A device machine's copy of the tree may carry a stale .git: SLIMOPTIM_COMMIT names it.
+    named = os.environ.get("SLIMOPTIM_COMMIT")
+    commit = named or _git("rev-parse", "HEAD")
     return {
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device)
@@ -215,7 +218,7 @@ def environment(device) -> dict:
         # None where the checkout has no .git (a copied working tree) or git is missing.
         "commit": commit or None,
         "commit_dirty": bool(_git("status", "--porcelain", "--untracked-files=no"))
-        if commit
+        if commit and not named
         else None,
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
