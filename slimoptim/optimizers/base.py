@@ -115,6 +115,16 @@ class StateSpec:
         return f"{self.name}_scale"
 
 
+# SGD's and Muon's momentum: it keeps ``momentum`` of itself per step, and their updates
+# are linear in it, so its code uses the linear-square levels (formats.py).
+MOMENTUM_BUFFER = StateSpec(
+    "momentum_buffer",
+    signed=True,
+    beta=lambda group: group["momentum"],
+    levels="linear_square",
+)
+
+
 class SlimOptimizer(torch.optim.Optimizer):
     """Base class: compact master weights and states around a pure update rule."""
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .arguments import check_fused_devices, compute_dtype, scalar_hyperparameters
-from .base import SlimOptimizer, StateSpec, _check_grad, local_tensor
+from .base import MOMENTUM_BUFFER, SlimOptimizer, _check_grad, local_tensor
 
 # Keller Jordan's quintic coefficients and step count, torch.optim.Muon's defaults.
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -134,14 +134,7 @@ class Muon(SlimOptimizer):
     kernels, Newton-Schulz on PyTorch bf16 matmuls between them; no host sync.
     """
 
-    state_specs = (
-        StateSpec(
-            "momentum_buffer",
-            signed=True,
-            beta=lambda group: group["momentum"],
-            levels="linear_square",  # the update is linear in the buffer
-        ),
-    )
+    state_specs = (MOMENTUM_BUFFER,)
 
     def __init__(
         self,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .base import SlimOptimizer, StateSpec
+from .base import MOMENTUM_BUFFER, SlimOptimizer
 
 
 def sgd_update(w, g, buf, *, lr, momentum, dampening, nesterov, weight_decay, first_step):
@@ -61,14 +61,7 @@ class SGD(SlimOptimizer):
             differentiable=differentiable,
         )
 
-    state_specs = (
-        StateSpec(
-            "momentum_buffer",
-            signed=True,
-            beta=lambda group: group["momentum"],
-            levels="linear_square",  # the update is linear in the buffer
-        ),
-    )
+    state_specs = (MOMENTUM_BUFFER,)
 
     def _check_hyperparameters(self, group):
         super()._check_hyperparameters(group)
