@@ -22,7 +22,7 @@ import safetensors.torch
 import torch
 
 from . import _io, integrity
-from .state_io import CheckpointError
+from .errors import CheckpointError
 
 FORMAT_KEY = "slimoptim_checkpoint"
 CHECKPOINT_FORMAT = 2  # 2: with checksums; 1: without (read with a warning)

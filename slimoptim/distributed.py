@@ -35,8 +35,8 @@ import math
 import torch
 
 from . import formats
-from .optimizers.base import local_tensor
-from .state_io import CheckpointError
+from .errors import CheckpointError
+from .formats import local_tensor
 
 PHASE_BASE = 256  # phase digits: integers below 256 are exact in bf16
 PHASE_COLUMNS = 2

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import torch
 import xxhash
 
-from .state_io import CheckpointError
+from .errors import CheckpointError
 
 ALGORITHM = "xxh3_128"
 

@@ -23,7 +23,17 @@ from dataclasses import dataclass
 import torch
 
 from . import formats
-from .optimizers.base import FORMAT_VERSION, READABLE_FORMAT_VERSIONS, local_tensor
+from .distributed import localize
+from .errors import CheckpointError
+from .formats import local_tensor
+
+# The state_dict format. 2: the second moment's bf16 scales carry a per-group code step
+# (formats.py), which version-1 readers would decode wrongly, so they must refuse it;
+# version 1 (power-of-two scales) reads unchanged, as a version-2 scale with the coarsest
+# step. 3: SGD's and Muon's momentum codes use linear-square levels (formats.py); their
+# version 1 and 2 codes (square levels) are converted on loading (below).
+FORMAT_VERSION = 3
+READABLE_FORMAT_VERSIONS = (1, 2, 3)
 
 HEADER_KEY = "slimoptim"
 _GROUP_MODE_KEYS = ("master_weight_bits", "state_bits", "group_size")
@@ -32,10 +42,6 @@ _GROUP_MODE_KEYS = ("master_weight_bits", "state_bits", "group_size")
 _LATER_FLAGS = {"maximize": False, "amsgrad": False}
 # torch.optim's implementation keywords: no slimoptim group holds them, none is loaded.
 _IMPLEMENTATION_KEYS = ("foreach", "capturable", "differentiable", "fused")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded into this model or optimizer; says what mismatches."""
 
 
 def _fail(message: str):
@@ -234,8 +240,6 @@ def check(opt, state_dict: dict) -> LoadPlan:
     unknown = set(saved) - known
     if unknown:
         _fail(f"state for unknown parameter ids {sorted(unknown, key=str)}.")
-    from .distributed import localize  # noqa: PLC0415  (imports this module)
-
     # Version 3 moved SGD's and Muon's signed codes to new levels: older codes convert.
     saved_levels = _saved_levels(_saved_version(state_dict))
     rows = saved

@@ -46,16 +46,16 @@ def rule_for(opt):
 
 
 def _chunk_elements() -> int:
-    block, tiles = _tiling()
+    block, tiles = tiling()
     return block * tiles
 
 
-def _tiling() -> tuple[int, int]:
+def tiling() -> tuple[int, int]:
     config = INTERPRETER_CONFIG if interpreting() else CONFIG
     return config["block"], config["tiles"]
 
 
-def _aligned(t: torch.Tensor) -> bool:
+def aligned(t: torch.Tensor) -> bool:
     return local_tensor(t).data_ptr() % 16 == 0
 
 
@@ -69,7 +69,7 @@ class Bucket:
         self.params = [p for p, _, _ in members]
         self.n = len(members)
         self.first = first  # offset of this bucket's gradients in the plan's gradient array
-        block, self.tiles = _tiling()
+        block, self.tiles = tiling()
         self.rows = max(1, block // self.g)
         per_chunk = self.rows * self.g * self.tiles
         self.n_states = sum(name in members[0][2] for name in rule.state_names)
@@ -115,11 +115,11 @@ class Plan:
         members = {}
         self.states = []  # (param, state dict) pairs: identity checked every step
         for group, p in items:
-            if not _eligible(opt, group, p):
+            if not eligible(opt, group, p):
                 self.reference.append((group, p))
                 continue
             state = opt._ensure_state(p, group)
-            if not all(_aligned(v) for v in state.values() if v.dim() > 0):
+            if not all(aligned(v) for v in state.values() if v.dim() > 0):
                 self.reference.append((group, p))
                 continue
             if id(group) not in group_row:
@@ -168,7 +168,7 @@ class Plan:
         return all(opt.state.get(p) is s for p, s in ends)
 
 
-def _eligible(opt, group, p) -> bool:
+def eligible(opt, group, p) -> bool:
     if p.grad is None or hasattr(p, "to_local") != hasattr(p.grad, "to_local"):
         return False
     p, grad = local_tensor(p), local_tensor(p.grad)
@@ -184,7 +184,7 @@ def _eligible(opt, group, p) -> bool:
     if not grad.is_contiguous():
         return False
     size = group["group_size"]
-    if size & (size - 1) or size > 4096 or not _aligned(p):
+    if size & (size - 1) or size > 4096 or not aligned(p):
         return False
     if p.device.type == "cuda":
         return True

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from ..formats import MOMENTUM_LEVEL_SETS, correction_bits
 from . import common as cm
-from .dispatch import KINDS, _aligned, _eligible, _tiling, split_values, upload, upload_tensors
+from .dispatch import KINDS, aligned, eligible, split_values, tiling, upload, upload_tensors
 from .launch import CONFIG, interpreting, launch_plan
 
 # Columns of the per-tensor float32 scalar rows; 0 is the step.
@@ -72,7 +72,7 @@ class MuonPlan:
         self.scratch, self.ortho = _scratch(opt, device)
         momentum = torch.zeros(n, cm.N_FIELDS.value, dtype=torch.int64)
         master = torch.zeros(n, cm.N_FIELDS.value, dtype=torch.int64)
-        block, self.tiles = _tiling()
+        block, self.tiles = tiling()
         self.batches, slots = _batches(items, self.scratch.numel())
         # Byte offset of each matrix's slot in the scratch buffers (bf16).
         offsets = [slot * p.numel() * 2 for slot, (_, p) in zip(slots, items, strict=True)]
@@ -282,8 +282,8 @@ def split_fusable(opt, items) -> tuple[list, list]:
     """(items the Muon kernels step, items left to the reference path)."""
     fused, reference = [], []
     for group, p in items:
-        ok = _eligible(opt, group, p) and all(
-            _aligned(v) for v in opt._ensure_state(p, group).values() if v.dim() > 0
+        ok = eligible(opt, group, p) and all(
+            aligned(v) for v in opt._ensure_state(p, group).values() if v.dim() > 0
         )
         (fused if ok else reference).append((group, p))
     device = fused[0][1].device if fused else None

@@ -13,7 +13,9 @@ from collections.abc import Iterable
 import torch
 
 from .. import formats
+from ..distributed import to_row_form
 from ..formats import correction_bits, local_tensor  # noqa: F401 (re-exported: checkpoint, release, tests)
+from ..state_io import load_into, with_header
 from .arguments import (
     NEUTRAL_KEYWORDS,
     check_fused_devices,
@@ -24,13 +26,6 @@ from .arguments import (
 
 MASTER_WEIGHT_BITS = (24, 32, None)
 STATE_BITS = (8, 32)
-# 2: the second moment's bf16 scales carry a per-group code step (formats.py), which
-# version-1 readers would decode wrongly, so they must refuse it. Version 1 (power-of-two
-# scales) reads unchanged: such a scale is a version-2 scale with the coarsest step.
-# 3: SGD's and Muon's momentum codes use linear-square levels (formats.py); their
-# version 1 and 2 codes (square levels) are converted on loading (state_io).
-FORMAT_VERSION = 3
-READABLE_FORMAT_VERSIONS = (1, 2, 3)
 LOW_PRECISION = (torch.bfloat16, torch.float16)
 PARAM_DTYPES = (torch.float32, torch.float64, *LOW_PRECISION)
 
@@ -394,9 +389,6 @@ class SlimOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         """torch's state_dict (native compact tensors) plus a ``slimoptim`` header."""
-        from ..distributed import to_row_form  # noqa: PLC0415  (a higher layer)
-        from ..state_io import with_header  # noqa: PLC0415  (state_io imports this module)
-
         # DTensor (FSDP2) states go out in a sharding-independent form DCP can reshard.
         return to_row_form(self, with_header(self, super().state_dict()))
 
@@ -406,8 +398,6 @@ class SlimOptimizer(torch.optim.Optimizer):
         Everything is checked before anything changes: a failed load leaves the
         optimizer as it was.
         """
-        from ..state_io import load_into  # noqa: PLC0415  (keeps this module small)
-
         # torch.optim's load_state_dict hooks run as they would for any optimizer.
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             state_dict = pre_hook(self, state_dict) or state_dict
