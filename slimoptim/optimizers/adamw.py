@@ -6,7 +6,8 @@ import torch
 
 from .. import formats
 from .arguments import check_betas
-from .base import SlimOptimizer, StateSpec
+from .base import SlimOptimizer
+from .state_spec import StateSpec
 
 
 def adam_scalars(lr, beta1: float, beta2: float, step: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -23,6 +23,7 @@ from .arguments import (
     compute_dtype,
     scalar_hyperparameters,
 )
+from .state_spec import StateSpec
 
 MASTER_WEIGHT_BITS = (24, 32, None)
 STATE_BITS = (8, 32)
@@ -83,41 +84,6 @@ def _kernel_rule_of(cls: type) -> str | None:
             same = all(getattr(cls, m) is getattr(owner, m) for m in _RULE_METHODS)
             return owner.kernel_rule if same else None
     return None
-
-
-class StateSpec:
-    """A named optimizer state (e.g. ``exp_avg``) and how 8-bit storage codes it.
-
-    A signed state names ``beta(group)``, the share of it a step keeps: its code rounds
-    stochastically only where nearest rounding could freeze it; and its code's ``levels``
-    (formats.MOMENTUM_LEVEL_SETS), which follow what the update rule does with it.
-    """
-
-    def __init__(self, name: str, signed: bool, beta=None, levels: str = "square"):
-        if signed and beta is None:
-            raise ValueError(f"state {name!r}: a signed state needs beta(group)")
-        self.name = name
-        self.signed = signed
-        self.beta = beta
-        self.levels = levels
-
-    def forget(self, group: dict) -> float:
-        """1 - beta as the kernels' scalar rows hold it (a float64 difference)."""
-        return 1 - float(self.beta(group))
-
-    @property
-    def scale_name(self) -> str:
-        return f"{self.name}_scale"
-
-
-# SGD's and Muon's momentum: it keeps ``momentum`` of itself per step, and their updates
-# are linear in it, so its code uses the linear-square levels (formats.py).
-MOMENTUM_BUFFER = StateSpec(
-    "momentum_buffer",
-    signed=True,
-    beta=lambda group: group["momentum"],
-    levels="linear_square",
-)
 
 
 class SlimOptimizer(torch.optim.Optimizer):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from .arguments import check_betas
-from .base import SlimOptimizer, StateSpec
+from .base import SlimOptimizer
+from .state_spec import StateSpec
 
 
 def lion_update(w, g, exp_avg, *, lr, beta1, beta2, weight_decay):

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from .arguments import check_fused_devices, compute_dtype, scalar_hyperparameters
-from .base import MOMENTUM_BUFFER, SlimOptimizer, _check_grad, local_tensor
+from .base import SlimOptimizer, _check_grad, local_tensor
+from .state_spec import MOMENTUM_BUFFER
 
 # Keller Jordan's quintic coefficients and step count, torch.optim.Muon's defaults.
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)

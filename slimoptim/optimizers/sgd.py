@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from .base import MOMENTUM_BUFFER, SlimOptimizer
+from .base import SlimOptimizer
+from .state_spec import MOMENTUM_BUFFER
 
 
 def sgd_update(w, g, buf, *, lr, momentum, dampening, nesterov, weight_decay, first_step):
