@@ -17,7 +17,7 @@ import torch
 from code_bounds import momentum_gap
 
 import slimoptim
-from slimoptim import checkpoint, formats
+from slimoptim import checkpoint, formats, torch_interop
 
 GROUP = 32
 DECADES = torch.arange(-45, 39, dtype=torch.float64)  # 84 groups: 1e-45 ... 1e38
@@ -114,7 +114,7 @@ OPTIMIZERS = {
 def decoded_states(opt, p) -> dict[str, torch.Tensor]:
     group = opt.param_groups[0]
     values = opt._load_states(opt.state[p], group, p.numel())
-    return {name: values[name].clone() for name in checkpoint._state_names(opt, group)}
+    return {name: values[name].clone() for name in torch_interop._state_names(opt, group)}
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
