@@ -179,3 +179,15 @@ def test_muon_quality_setups_tiny(tmp_path):
             gap = summary[f"{setup}_minus_torch"]
             assert gap == summary[setup]["mean"] - summary["torch"]["mean"]
     assert (tmp_path / "muon_quality_tiny.json").exists()
+
+
+def test_lion_sign_flips_three_steps(tmp_path):
+    import lion_sign_flips
+
+    result = lion_sign_flips.main(["--steps", "3", "--out", str(tmp_path)])
+    rates = result["flip_rate"]
+    assert set(rates) == set(lion_sign_flips.VARIANTS)
+    for series in rates.values():
+        assert len(series) == 3 and series[0] == 0.0  # step 1: every state starts at zero
+        assert all(0.0 <= r < 0.5 for r in series)
+    assert (tmp_path / "lion_sign_flips_lr0.001.json").exists()
