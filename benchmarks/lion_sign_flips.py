@@ -26,18 +26,24 @@ from slimoptim.demo_data import load_corpus, random_windows  # noqa: E402
 from slimoptim.demo_model import SIZES, ByteGPT  # noqa: E402
 
 BETA1, BETA2, WEIGHT_DECAY, GROUP = 0.9, 0.99, 0.3, 32
-# name -> (forget passed to quantize_momentum, levels); None: Lion's own 1 - beta2
+# name -> (forget passed to quantize_momentum, levels); None: Lion's own 1 - beta2;
+# "move": per element |change| / |new state|, so that quantize_momentum dithers exactly
+# where this step changes the state by less than half a level (a candidate rule, not
+# what slimoptim does; its g = 0 case is the freeze rule)
 VARIANTS = {
     "square, stochastic (format 2)": (1e-9, "square"),
     "square, nearest unless freezing (format 3, Lion's code)": (None, "square"),
     "square, nearest": (1.0, "square"),
     "linear-square, nearest unless freezing": (None, "linear_square"),
     "linear-square, nearest": (1.0, "linear_square"),
+    "square, nearest unless this step's change is under half a level": ("move", "square"),
 }
 
 
-def coded(m_new: torch.Tensor, noise: torch.Tensor, variant: str) -> torch.Tensor:
+def coded(m_new, noise, variant: str, m_old) -> torch.Tensor:
     forget, levels = VARIANTS[variant]
+    if forget == "move":
+        forget = (m_new - m_old).abs() / m_new.abs().clamp_min(1e-30)
     forget = 1 - BETA2 if forget is None else forget
     code, scale = formats.quantize_momentum(m_new, GROUP, noise, forget, levels)
     return formats.dequantize_momentum(code, scale, GROUP, levels)
@@ -71,7 +77,7 @@ def main(argv=None) -> dict:
                 for v in VARIANTS:
                     mq = shadow[v][i]
                     wrong[v] += int((torch.sign(mq * BETA1 + g * (1 - BETA1)) != sign).sum())
-                    shadow[v][i] = coded(mq * BETA2 + g * (1 - BETA2), noise, v)
+                    shadow[v][i] = coded(mq * BETA2 + g * (1 - BETA2), noise, v, mq)
                 p.mul_(1 - lr * WEIGHT_DECAY).add_(sign.view_as(p), alpha=-lr)
                 m[i] = m[i] * BETA2 + g * (1 - BETA2)
                 total += g.numel()
@@ -80,7 +86,7 @@ def main(argv=None) -> dict:
         if step % 100 == 0:
             print(f"steps {step - 99}-{step}:")
             for v in VARIANTS:
-                print(f"  {v:58s} {sum(flips[v][-100:]) / 100:.4f}")
+                print(f"  {v:66s} {sum(flips[v][-100:]) / 100:.4f}")
     result = {"lr": args.lr, "steps": args.steps, "seed": args.seed, "flip_rate": flips}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"lion_sign_flips_lr{args.lr:g}.json").write_text(json.dumps(result) + "\n")
