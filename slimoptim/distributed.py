@@ -257,7 +257,7 @@ def _phases(table: torch.Tensor) -> torch.Tensor:
     return digits[:, 0] * PHASE_BASE + digits[:, 1]
 
 
-def _requantize(spec, code, per_element_scale, size, saved_levels):
+def requantize(spec, code, per_element_scale, size, saved_levels):
     """Decode with the saved per-value scales, re-quantize to this shard's groups (nearest)."""
     if spec.signed:
         values = formats.dequantize_momentum(code, per_element_scale, 1, saved_levels(spec))
@@ -310,7 +310,7 @@ def flat_state(
             local[spec.scale_name] = _gathered_scales(table, phase, n_rows, cols, size)
         elif spec.name in local:
             per_element = _per_element_scales(table, phase, cols, size)
-            local[spec.name], local[spec.scale_name] = _requantize(
+            local[spec.name], local[spec.scale_name] = requantize(
                 spec, local[spec.name], per_element, size, saved_levels
             )
     return local

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from . import formats
-from .distributed import localize
+from .distributed import localize, requantize
 from .errors import CheckpointError
 from .formats import local_tensor
 
@@ -131,8 +131,10 @@ def _upgrade_momentum(opt, group: dict, state: dict, saved_levels) -> dict:
     for spec in opt._specs_for(group):
         if spec.signed and spec.name in state and saved_levels(spec) != spec.levels:
             code, scale = state[spec.name], state[spec.scale_name]
-            values = formats.dequantize_momentum(code.reshape(-1), scale, size, saved_levels(spec))
-            new_code, new_scale = formats.quantize_momentum_nearest(values, size, spec.levels)
+            per_value_scale = formats.per_element(scale, size, code.numel())
+            new_code, new_scale = requantize(
+                spec, code.reshape(-1), per_value_scale, size, saved_levels
+            )
             state[spec.name] = new_code.view(code.shape)
             state[spec.scale_name] = new_scale.view(scale.shape)
     return state
