@@ -8,8 +8,9 @@ sources (slimoptim.demo_data) with warm-up + cosine and global-norm clipping at 
   autocast (reference); slimoptim AdamW 24/8 (default), 32/8, none/8; torch AdamW on
   bf16 params without a master.
 * Lion: slimoptim Lion 32/32 on fp32 params (reference; tests check it against a
-  float64 Lion) vs slimoptim Lion 24/8. SGD with Nesterov momentum: fp32 torch SGD vs
-  slimoptim SGD 24/8.
+  float64 Lion) vs slimoptim Lion 24/8 (default), 32/8, none/8, and 24/32, 32/32 on
+  bf16 params (which part of the format costs what). SGD with Nesterov momentum: fp32
+  torch SGD vs slimoptim SGD 24/8, 32/8, none/8 and torch SGD on bf16 params.
 * Fine-tuning (``ft``): from the pre-trained fp32 reference, AdamW at lr 1e-5 on the
   first half of the validation files, evaluated on the second half.
 * State codes: during the first AdamW reference run, its float32 states are coded with
