@@ -61,6 +61,7 @@ class Run:
     role: str  # reference | default | variant
     master_weight_bits: int | None = 24
     state_bits: int = 8
+    autocast_bf16_params: bool = False  # bf16 autocast on bf16 params (fp32 norms and loss)
 
     @property
     def finetune(self) -> bool:
@@ -68,7 +69,7 @@ class Run:
 
     @property
     def autocast(self) -> bool:
-        return self.param_dtype == "float32"
+        return self.param_dtype == "float32" or self.autocast_bf16_params
 
 
 def _slim(family, optimizer, master, state, role, prefix=""):
@@ -106,8 +107,9 @@ def _adamw_family(family: str, prefix: str = "") -> list[Run]:
 
 def _lion_family() -> list[Run]:
     # No torch Lion: the reference is slimoptim's own float32 Lion (tests check it against a
-    # float64 Lion). 32/32 on bf16 params isolates the bf16 forward from the codes; 24/32
-    # isolates the master from the momentum code.
+    # float64 Lion). 32/32 on bf16 params (an exact float32 master and states) isolates
+    # training on bf16 params from the codes; 24/32 isolates the master from the momentum
+    # code; autocast on bf16 params runs norms, softmax and the loss in float32.
     return [
         Run(
             "lion_fp32",
@@ -125,6 +127,16 @@ def _lion_family() -> list[Run]:
         _slim("lion", "lion", None, 8, "variant"),
         _slim("lion", "lion", 24, 32, "variant"),
         _slim("lion", "lion", 32, 32, "variant"),
+        Run(
+            "lion_24_8_autocast",
+            "slimoptim Lion 24/8, bf16 params + bf16 autocast",
+            "lion",
+            "lion",
+            "slimoptim",
+            "bfloat16",
+            "variant",
+            autocast_bf16_params=True,
+        ),
     ]
 
 
