@@ -26,26 +26,29 @@ from slimoptim.demo_data import load_corpus, random_windows  # noqa: E402
 from slimoptim.demo_model import SIZES, ByteGPT  # noqa: E402
 
 BETA1, BETA2, WEIGHT_DECAY, GROUP = 0.9, 0.99, 0.3, 32
-# name -> (forget passed to quantize_momentum, levels); None: Lion's own 1 - beta2;
-# "move": per element |change| / |new state|, so that quantize_momentum dithers exactly
-# where this step changes the state by less than half a level (a candidate rule, not
-# what slimoptim does; its g = 0 case is the freeze rule)
+# name -> (forget passed to quantize_momentum, levels); None: Lion's own 1 - beta2 (the
+# decay rule); "move": the movement rule, dithering where this step changed the state by
+# less than half a level (Lion's code since the decay rule's GPU shortfall, docs/quality.md)
 VARIANTS = {
     "square, stochastic (format 2)": (1e-9, "square"),
-    "square, nearest unless freezing (format 3, Lion's code)": (None, "square"),
+    "square, nearest unless one step of decay is under half a level": (None, "square"),
     "square, nearest": (1.0, "square"),
     "linear-square, nearest unless freezing": (None, "linear_square"),
     "linear-square, nearest": (1.0, "linear_square"),
-    "square, nearest unless this step's change is under half a level": ("move", "square"),
+    "square, nearest unless this step's change is under half a level (Lion's code)": (
+        "move",
+        "square",
+    ),
 }
 
 
 def coded(m_new, noise, variant: str, m_old) -> torch.Tensor:
     forget, levels = VARIANTS[variant]
     if forget == "move":
-        forget = (m_new - m_old).abs() / m_new.abs().clamp_min(1e-30)
-    forget = 1 - BETA2 if forget is None else forget
-    code, scale = formats.quantize_momentum(m_new, GROUP, noise, forget, levels)
+        code, scale = formats.quantize_momentum(m_new, GROUP, noise, None, levels, previous=m_old)
+    else:
+        forget = 1 - BETA2 if forget is None else forget
+        code, scale = formats.quantize_momentum(m_new, GROUP, noise, forget, levels)
     return formats.dequantize_momentum(code, scale, GROUP, levels)
 
 

@@ -227,32 +227,45 @@ _LEVEL_OFFSET = {"square": 0, "linear_square": MOMENTUM_LEVELS}
 _LEVEL_UNITS = {"square": float(MOMENTUM_LEVELS**2), "linear_square": float(2 * MOMENTUM_LEVELS**2)}
 
 
+MOVEMENT_SLACK = 1 / 16  # in level units (the square levels are c**2 of them)
+
+
 def _momentum_level(c: torch.Tensor, offset: int) -> torch.Tensor:
     return c * (offset + c)  # exact: integers below 2**15
 
 
 def quantize_momentum(
-    m: torch.Tensor, group_size: int, noise: torch.Tensor, forget, levels: str = "square"
+    m: torch.Tensor,
+    group_size: int,
+    noise: torch.Tensor,
+    forget,
+    levels: str = "square",
+    previous: torch.Tensor | None = None,
 ):
     """Signed 8-bit code c of ``m``, decoding to sign(c) * |c| * (offset + |c|) / units of
     the group scale (``levels``, see MOMENTUM_LEVEL_SETS).
 
-    Values round to the nearest level, except where nearest rounding could freeze a
-    decaying state: where ``forget`` (1 - beta, the share of the state one step forgets)
-    times the value is under half the gap to the next level, a step of decay would round
-    back to the same level forever. There the level below or above is picked with
-    ``noise`` (integers in [0, 65536), see :func:`dither`) with probabilities that make
-    the decoded value unbiased, so such a state reaches zero as in float32; nearest
-    rounding elsewhere halves the error variance that stochastic rounding adds. A tiny
-    group (even subnormal) is lifted by an exact power of two first (:func:`scale_lift`).
-    Only exact float32 operations decide the code (the square root is corrected to the
-    exact floor level), so every backend gives the same bits with a fast approximate root.
+    Values round to the nearest level, except where nearest rounding could undo the
+    step: where the state's change in one step is under half the gap to the next level,
+    nearest rounding could return it to the same level step after step (a decaying state
+    would freeze, a state tracking a steady gradient would stick away from its average).
+    There the level below or above is picked with ``noise`` (integers in [0, 65536), see
+    :func:`dither`) with probabilities that make the decoded value unbiased; nearest
+    rounding elsewhere halves the error variance that stochastic rounding adds. The
+    change is bounded by one step of decay, ``forget`` (1 - beta) times the value (the
+    decay rule), or, given ``previous`` (the decoded state before the step), measured as
+    |m - previous| (the movement rule; ``forget`` is then unused). A tiny group (even
+    subnormal) is lifted by an exact power of two first (:func:`scale_lift`). Only exact
+    float32 operations decide the code (the square root is corrected to the exact floor
+    level), so every backend gives the same bits with a fast approximate root.
     """
     offset, units = _LEVEL_OFFSET[levels], _LEVEL_UNITS[levels]
     scale = group_scale(m.abs(), group_size)
     lift = scale_lift(scale)
     inverse = _safe_reciprocal(scale * lift)
-    x = (m * per_element(lift, group_size, m.numel())) * per_element(inverse, group_size, m.numel())
+    lift = per_element(lift, group_size, m.numel())
+    inverse = per_element(inverse, group_size, m.numel())
+    x = (m * lift) * inverse
     t = torch.clamp(x.abs() * units, max=units)
     # low: the largest c with c * (offset + c) <= t, from the root of c**2 + offset c = t
     low = torch.floor((torch.sqrt(t * 4.0 + offset * offset) - offset) * 0.5)
@@ -261,8 +274,15 @@ def quantize_momentum(
     # Up with probability (t - level) / gap, or at noise = half range (nearest). The gap
     # is 2 * half_gap; both products stay below 2**24, so they are exact.
     half_gap = low + (offset + 1) * 0.5
-    decaying = t * forget < half_gap
-    threshold = torch.where(decaying, noise, DITHER_LEVELS // 2) * half_gap
+    if previous is None:
+        dithered = t * forget < half_gap
+    else:
+        # The slack covers float32 rounding of t and of the change (each below 2**-9 of a
+        # level unit, as t < 2**15): without it a change a hair over half a gap by one
+        # count and under it by the other rounds back to the same level, for good.
+        change = (((m - previous).abs() * lift) * inverse) * units
+        dithered = change < half_gap + MOVEMENT_SLACK
+    threshold = torch.where(dithered, noise, DITHER_LEVELS // 2) * half_gap
     up = (t - _momentum_level(low, offset)) * (DITHER_LEVELS // 2) > threshold
     code = low + up.float()
     code = torch.where(x < 0, -code, code)

@@ -303,3 +303,53 @@ def test_companded_codes_beat_linear_int8_on_heavy_tailed_states():
     floor = formats.variance_floor(scale, GROUP, v.numel())
     assert torch.all(v[decoded_v == 0].sqrt() < floor[decoded_v == 0])
     assert (_linear_int8(v, False) == 0).sum() > 10 * (decoded_v == 0).sum()
+
+
+@pytest.mark.parametrize("levels", LEVEL_SETS)
+def test_movement_rule_rounds_moved_values_to_nearest_and_dithers_unmoved_ones(levels):
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    m = torch.rand(32 * 512, generator=gen) * 2 - 1
+    noise = torch.randint(0, 65536, m.shape, generator=gen).float()
+    nearest = formats.quantize_momentum_nearest(m, 32, levels)[0]
+    # half the values moved by a quarter of their group's largest (far more than half a
+    # gap of either level set), half did not move at all
+    moved = torch.rand(m.shape, generator=gen) < 0.5
+    previous = torch.where(moved, m - 0.25 * m.sign(), m)
+    coded = formats.quantize_momentum(m, 32, noise, None, levels, previous=previous)[0]
+    assert torch.equal(coded[moved], nearest[moved])
+    assert 0.2 < (coded[~moved] != nearest[~moved]).double().mean() < 0.6
+
+
+def _ema_of_a_steady_gradient(previous_rule: bool, steps: int = 3000) -> torch.Tensor:
+    """Decoded 8-bit EMA (beta 0.99, Lion's beta2) of a constant gradient, per element.
+
+    Each group's first element already sits at its gradient, 1.0, and fixes the scale;
+    the others start at 0 and head for gradients between 0.65 and 0.95 of it."""
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    groups = 256
+    g = 0.65 + 0.3 * torch.rand(groups, GROUP, generator=gen)
+    g[:, 0] = 1.0
+    g = g.reshape(-1)
+    m = torch.where(torch.arange(g.numel()) % GROUP == 0, g, 0.0)
+    for step in range(steps):
+        noise = formats.dither(g.numel(), torch.tensor(float(step)))[0]
+        new = m * 0.99 + g * 0.01
+        if previous_rule:
+            code, scale = formats.quantize_momentum(new, GROUP, noise, None, previous=m)
+        else:
+            code, scale = formats.quantize_momentum(new, GROUP, noise, 0.01)
+        m = formats.dequantize_momentum(code, scale, GROUP)
+    return (m - g).view(groups, GROUP)[:, 1:].double()
+
+
+def test_movement_rule_lets_a_slow_ema_reach_its_average():
+    # The decay rule rounds these values to nearest (one step of decay, 1 % of them, is
+    # more than half a gap), so each stops where a step's move drops under half a gap,
+    # well short of its gradient. The movement rule dithers there: unbiased, so the
+    # states reach their gradients on average.
+    gap = 2 / formats.MOMENTUM_LEVELS  # the square levels' widest gap, relative to scale
+    stuck = _ema_of_a_steady_gradient(previous_rule=False)
+    assert stuck.mean() < -2 * gap
+    reached = _ema_of_a_steady_gradient(previous_rule=True)
+    assert reached.mean().abs() < 0.1 * gap
+    assert reached.abs().max() < 4 * gap

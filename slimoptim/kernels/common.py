@@ -14,10 +14,12 @@ An update rule is a ``@triton.jit`` function passed as the ``RULE`` constexpr:
 tiles, where ``s0``/``s1`` are the decoded states (``N_STATES`` of them: a
 signed momentum-like state, then a non-negative second moment), ``floor`` the
 bound on sqrt(s1) of 8-bit second moments (0 otherwise), ``k`` the tensor's
-scalar row as a tuple, and the flags the rule's compile-time options. Column
-``FORGET`` of ``k`` holds 1 - beta of the signed state (the share of it one step
-forgets), which decides where its 8-bit code may round to nearest; ``LEVELS`` picks the
-code's level set (formats.quantize_momentum, formats.MOMENTUM_LEVEL_SETS).
+scalar row as a tuple, and the flags the rule's compile-time options. The signed
+state's 8-bit code rounds to nearest except where a step moves it by less than half a
+level (formats.quantize_momentum): ``FORGET`` names the column of ``k`` holding its
+1 - beta (the decay rule bounds the move by one step of decay), or is 0 (column 0 is
+the step, never a 1 - beta) for the movement rule, which compares with the state before
+the step. ``LEVELS`` picks the code's level set (formats.MOMENTUM_LEVEL_SETS).
 """
 
 from __future__ import annotations
@@ -147,14 +149,16 @@ def load_state(
 
 @triton.jit
 def store_state(
-    sp, scp, offs, mask, groups, x, ok, group_ok, noise, forget,
-    SIGNED: tl.constexpr, BITS: tl.constexpr, LEVELS: tl.constexpr,
+    sp, scp, offs, mask, groups, x, ok, group_ok, noise, forget, previous,
+    SIGNED: tl.constexpr, BITS: tl.constexpr, LEVELS: tl.constexpr, BY_MOVEMENT: tl.constexpr,
 ):  # fmt: skip
     if BITS == 32:
         tl.store(sp + offs, x, ok)
     else:
         if SIGNED:
-            code, scale = kf.quantize_momentum(x, mask, noise, forget, LEVELS)
+            code, scale = kf.quantize_momentum(
+                x, mask, noise, forget, previous, LEVELS, BY_MOVEMENT
+            )
         else:
             code, scale = kf.quantize_variance(x, mask, noise)
         tl.store(sp + offs, code, ok)
@@ -188,6 +192,7 @@ def _step_tile(
         if STATE_BITS == 8:
             floor = kf.variance_floor(s1_scale)[:, None]
 
+    s0_before = s0
     w, s0, s1 = RULE(w0, g, s0, s1, floor, k, FLAG0, FLAG1, FLAG2)
     w = tl.where(ok, w, w0)
 
@@ -199,13 +204,13 @@ def _step_tile(
             noise0, noise1 = kf.dither(offs, k[0])
         forget = k[FORGET]
         store_state(
-            s0p, s0sp, offs, mask, groups, s0, ok, group_ok, noise0, forget, True, STATE_BITS,
-            LEVELS,
+            s0p, s0sp, offs, mask, groups, s0, ok, group_ok, noise0, forget, s0_before, True,
+            STATE_BITS, LEVELS, FORGET == 0,
         )  # fmt: skip
         if N_STATES >= 2:
             store_state(
-                s1p, s1sp, offs, mask, groups, s1, ok, group_ok, noise1, forget, False,
-                STATE_BITS, LEVELS,
+                s1p, s1sp, offs, mask, groups, s1, ok, group_ok, noise1, forget, s0_before,
+                False, STATE_BITS, LEVELS, False,
             )  # fmt: skip
 
 

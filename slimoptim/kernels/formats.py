@@ -36,6 +36,7 @@ MOMENTUM_LEVELS = tl.constexpr(float(ref.MOMENTUM_LEVELS))
 SQUARE_UNITS = tl.constexpr(ref._LEVEL_UNITS["square"])
 INV_SQUARE_UNITS = tl.constexpr(_f32(1.0 / ref._LEVEL_UNITS["square"]))
 HALF_DITHER = tl.constexpr(float(ref.DITHER_LEVELS // 2))
+MOVEMENT_SLACK = tl.constexpr(ref.MOVEMENT_SLACK)
 DITHER_LEVELS = tl.constexpr(float(ref.DITHER_LEVELS))
 VARIANCE_LEVELS_INT = tl.constexpr(ref.VARIANCE_LEVELS)
 VARIANCE_CODE_SHIFT = tl.constexpr(ref.VARIANCE_CODE_SHIFT)
@@ -207,8 +208,11 @@ def dequantize_momentum(code, scale_row, LEVELS: tl.constexpr):
 
 
 @triton.jit
-def quantize_momentum(m, mask, noise, forget, LEVELS: tl.constexpr):
-    """(int8 code, bf16 scale as float32 per row) of momentum tile ``m``.
+def quantize_momentum(
+    m, mask, noise, forget, previous, LEVELS: tl.constexpr, BY_MOVEMENT: tl.constexpr
+):
+    """(int8 code, bf16 scale as float32 per row) of momentum tile ``m``; ``forget``
+    (decay rule) or ``previous`` (``BY_MOVEMENT``) as formats.quantize_momentum.
 
     The approximate ``tl.sqrt`` is fine: as in the reference, the two exact
     comparisons that follow turn it into the exact floor level.
@@ -217,15 +221,21 @@ def quantize_momentum(m, mask, noise, forget, LEVELS: tl.constexpr):
     units: tl.constexpr = SQUARE_UNITS * (1 + LEVELS)
     scale = round_up_to_bf16(tl.max(tl.where(mask, tl.abs(m), 0.0), axis=1))
     lift = scale_lift(scale)  # exact power of two: tiny groups' 1/scale would overflow
-    x = (m * lift[:, None]) * safe_reciprocal(scale * lift)[:, None]
+    inverse = safe_reciprocal(scale * lift)[:, None]
+    lift = lift[:, None]
+    x = (m * lift) * inverse
     t = tl.minimum(tl.abs(x) * units, units)
     low = tl.floor((tl.sqrt(t * 4.0 + offset * offset) - offset) * 0.5)
     low = tl.where(low * (offset + low) > t, low - 1.0, low)
     high = low + 1.0
     low = tl.where(high * (offset + high) <= t, high, low)
     half_gap = low + (offset + 1.0) * 0.5
-    decaying = t * forget < half_gap
-    threshold = tl.where(decaying, noise, HALF_DITHER) * half_gap
+    if BY_MOVEMENT:
+        change = ((tl.abs(m - previous) * lift) * inverse) * units
+        dithered = change < half_gap + MOVEMENT_SLACK
+    else:
+        dithered = t * forget < half_gap
+    threshold = tl.where(dithered, noise, HALF_DITHER) * half_gap
     up = (t - low * (offset + low)) * HALF_DITHER > threshold
     code = low + up.to(tl.float32)
     code = tl.where(x < 0, code * -1.0, code)  # not -code: Triton's unary minus is 0 - x

@@ -24,7 +24,7 @@ def lion_update(w, g, m, _s1, _floor, k, HAS_WEIGHT_DECAY, _UNUSED1, _UNUSED2):
 
 class LionRule:
     update = lion_update
-    forget_column = ONE_MINUS_BETA2.value  # 1 - beta of the signed state
+    forget_column = 0  # the momentum code rounds by the movement rule (optimizers/lion.py)
     momentum_levels = "square"  # formats.MOMENTUM_LEVEL_SETS
     state_names = ("exp_avg",)
     flag_names = ("HAS_WEIGHT_DECAY",)

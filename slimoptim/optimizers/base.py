@@ -227,8 +227,16 @@ class SlimOptimizer(torch.optim.Optimizer):
         return values
 
     def _store_states(
-        self, state: dict, group: dict, values: dict, ok: torch.Tensor, ok_groups: torch.Tensor
+        self,
+        state: dict,
+        group: dict,
+        values: dict,
+        previous: dict,
+        ok: torch.Tensor,
+        ok_groups: torch.Tensor,
     ) -> None:
+        """Code ``values`` into ``state`` where ``ok``; ``previous``: the decoded states
+        before the step (a signed state rounded by the movement rule compares with it)."""
         size = group["group_size"]
         noise = None
         for spec in self._specs_for(group):
@@ -238,7 +246,12 @@ class SlimOptimizer(torch.optim.Optimizer):
                 continue
             if noise is None:
                 noise = formats.dither(new.numel(), state["step"], new.device)
-            if spec.signed:
+            if spec.by_movement:
+                before = previous[spec.name]
+                code, scale = formats.quantize_momentum(
+                    new, size, noise[0], None, spec.levels, previous=before
+                )
+            elif spec.signed:
                 forget = spec.forget(group)
                 code, scale = formats.quantize_momentum(new, size, noise[0], forget, spec.levels)
             else:
@@ -339,7 +352,7 @@ class SlimOptimizer(torch.optim.Optimizer):
             new_states = {k: v.float() for k, v in new_states.items()}
         new_w = torch.where(ok, new_w, w)
         self._store_weight(p, state, group, new_w)
-        self._store_states(state, group, new_states, ok, ok_groups)
+        self._store_states(state, group, new_states, states, ok, ok_groups)
 
     def _store_weight(self, p, state, group, w: torch.Tensor) -> None:
         local = local_tensor(p)

@@ -245,8 +245,10 @@ class Muon(SlimOptimizer):
         g = torch.where(ok, g, 0.0)
 
         w = self.master_weight(p, group).reshape(-1)
-        buf = self._load_states(state, group, w.numel())["momentum_buffer"]
-        update, buf = muon_momentum(g, buf, momentum=group["momentum"], nesterov=group["nesterov"])
+        before = self._load_states(state, group, w.numel())
+        update, buf = muon_momentum(
+            g, before["momentum_buffer"], momentum=group["momentum"], nesterov=group["nesterov"]
+        )
         ortho = newton_schulz(
             update.view(p.shape), group["ns_coefficients"], group["ns_steps"], group["eps"]
         )
@@ -258,7 +260,7 @@ class Muon(SlimOptimizer):
             lr_adjusted=adjusted_lr(group["lr"], group["adjust_lr_fn"], p.shape),
         )
         self._store_weight(p, state, group, torch.where(ok, new_w, w))
-        self._store_states(state, group, {"momentum_buffer": buf}, ok, ok)
+        self._store_states(state, group, {"momentum_buffer": buf}, before, ok, ok)
 
 
 @torch.compiler.disable  # asks the CUDA stream, at every call: nothing to trace

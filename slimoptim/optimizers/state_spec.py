@@ -6,18 +6,23 @@ from __future__ import annotations
 class StateSpec:
     """A named optimizer state (e.g. ``exp_avg``) and how 8-bit storage codes it.
 
-    A signed state names ``beta(group)``, the share of it a step keeps: its code rounds
-    stochastically only where nearest rounding could freeze it; and its code's ``levels``
-    (formats.MOMENTUM_LEVEL_SETS), which follow what the update rule does with it.
+    A signed state's code rounds stochastically only where nearest rounding could undo a
+    step (formats.quantize_momentum). With ``beta(group)``, the share of the state a step
+    keeps, that is where one step of decay is under half a level (the decay rule);
+    without it, where the step moved the state by less than half a level (the movement
+    rule). Its ``levels`` (formats.MOMENTUM_LEVEL_SETS) follow what the update rule does
+    with it.
     """
 
     def __init__(self, name: str, signed: bool, beta=None, levels: str = "square"):
-        if signed and beta is None:
-            raise ValueError(f"state {name!r}: a signed state needs beta(group)")
         self.name = name
         self.signed = signed
         self.beta = beta
         self.levels = levels
+
+    @property
+    def by_movement(self) -> bool:
+        return self.signed and self.beta is None
 
     def forget(self, group: dict) -> float:
         """1 - beta as the kernels' scalar rows hold it (a float64 difference)."""
