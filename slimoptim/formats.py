@@ -227,7 +227,7 @@ _LEVEL_OFFSET = {"square": 0, "linear_square": MOMENTUM_LEVELS}
 _LEVEL_UNITS = {"square": float(MOMENTUM_LEVELS**2), "linear_square": float(2 * MOMENTUM_LEVELS**2)}
 
 
-MOVEMENT_SLACK = 1 / 16  # in level units (the square levels are c**2 of them)
+MOVEMENT_SLACK = 1 + 2**-12  # see quantize_momentum's movement rule
 
 
 def _momentum_level(c: torch.Tensor, offset: int) -> torch.Tensor:
@@ -277,11 +277,11 @@ def quantize_momentum(
     if previous is None:
         dithered = t * forget < half_gap
     else:
-        # The slack covers float32 rounding of t and of the change (each below 2**-9 of a
-        # level unit, as t < 2**15): without it a change a hair over half a gap by one
-        # count and under it by the other rounds back to the same level, for good.
+        # The slack (relative 2**-12, exact on half_gap) covers float32 rounding: a change
+        # a hair over half a gap by this count, and under it by t's distance to the
+        # level, would round back to the same level at every step, for good.
         change = (((m - previous).abs() * lift) * inverse) * units
-        dithered = change < half_gap + MOVEMENT_SLACK
+        dithered = change < half_gap * MOVEMENT_SLACK
     threshold = torch.where(dithered, noise, DITHER_LEVELS // 2) * half_gap
     up = (t - _momentum_level(low, offset)) * (DITHER_LEVELS // 2) > threshold
     code = low + up.float()

@@ -353,3 +353,20 @@ def test_movement_rule_lets_a_slow_ema_reach_its_average():
     reached = _ema_of_a_steady_gradient(previous_rule=True)
     assert reached.mean().abs() < 0.1 * gap
     assert reached.abs().max() < 4 * gap
+
+
+def test_movement_rule_dithers_a_change_of_half_a_gap_under_float32_rounding():
+    # Found by test_movement_rule_lets_a_slow_ema_reach_its_average: the state sits on
+    # level 73 of a group whose largest is 1.0, and a steady gradient moves it by what
+    # float32 counts as a hair over half the gap to 74, while t lands a hair under the
+    # midpoint. Without the slack, nearest rounding returns it to 73 at every step.
+    previous = torch.zeros(GROUP)
+    previous[0], previous[1] = 1.0, 73**2 / formats.MOMENTUM_LEVELS**2
+    code, scale = formats.quantize_momentum_nearest(previous, GROUP)
+    previous = formats.dequantize_momentum(code, scale, GROUP)
+    assert code[1] == 73
+    new = previous * 0.99 + torch.tensor([1.0, 0.7861000299453735] + [0.0] * (GROUP - 2)) * 0.01
+    zero_noise = torch.zeros(GROUP)  # dithered values then always go up
+    code, _ = formats.quantize_momentum(new, GROUP, zero_noise, None, previous=previous)
+    assert code[1] == 74
+    assert formats.quantize_momentum_nearest(new, GROUP)[0][1] == 73

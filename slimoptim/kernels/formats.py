@@ -232,7 +232,7 @@ def quantize_momentum(
     half_gap = low + (offset + 1.0) * 0.5
     if BY_MOVEMENT:
         change = ((tl.abs(m - previous) * lift) * inverse) * units
-        dithered = change < half_gap + MOVEMENT_SLACK
+        dithered = change < half_gap * MOVEMENT_SLACK
     else:
         dithered = t * forget < half_gap
     threshold = tl.where(dithered, noise, HALF_DITHER) * half_gap
