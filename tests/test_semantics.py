@@ -101,6 +101,20 @@ def test_tied_parameters_are_stepped_once():
     assert torch.allclose(opt.master_weight(emb.weight), ref[0] - 0.1 * g, rtol=1e-6)
 
 
+def test_a_param_appended_twice_after_a_step_is_still_stepped_once():
+    # The duplicate check is cached on the groups' params lists (identity, length): an
+    # in-place append must be seen.
+    a, b = (torch.nn.Parameter(torch.randn(8)) for _ in range(2))
+    opt = slimoptim.SGD([a], lr=0.1, master_weight_bits=32, state_bits=32)
+    a.grad = torch.ones(8)
+    opt.step()
+    opt.param_groups[0]["params"] += [b, b]
+    before = b.detach().clone()
+    b.grad = torch.full((8,), 2.0)
+    opt.step()
+    assert torch.allclose(b.detach(), before - 0.2)
+
+
 def test_non_contiguous_parameters():
     base = torch.randn(16, 32)
     p = torch.nn.Parameter(base.t())  # non-contiguous view

@@ -22,6 +22,8 @@ maps the name to the rule, so kernels never import the optimizers.
 
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 import torch
 
@@ -256,7 +258,7 @@ def _plan_for(opt, rule, items):
         + tuple(rule.flags(opt, g).values())
         for g in opt.param_groups
     )
-    key = (tuple([id(p) for _, p in items]), modes)
+    key = (tuple(map(id, map(_second, items))), modes)
     plan = plans.get(key)
     if plan is not None and plan.still_valid(opt):
         return plan
@@ -279,24 +281,32 @@ def _grad_pointers(plan) -> list | None:
     """Current gradient addresses, or None when a gradient no longer fits its bucket (None,
     sparse, other dtype, not contiguous, misaligned) or a parameter's storage moved since
     the plan was built. One pass of a few attribute reads per param: this runs every step."""
-    grads = [p.grad for p in plan.grad_params]
+    # map() over C-level accessors: no Python frame per tensor.
+    grads = list(map(_grad_of, plan.grad_params))
     if plan.sharded:
         grads = [None if g is None else local_tensor(g) for g in grads]
     try:
-        ptrs = [g.data_ptr() for g in grads]  # None or a sparse grad raises
-    except (AttributeError, RuntimeError):
+        ptrs = list(map(_data_ptr, grads))  # None or a sparse grad raises
+    except (TypeError, RuntimeError):
         return None
-    if [g.dtype for g in grads] != plan.grad_dtypes or not all([g.is_contiguous() for g in grads]):
+    if list(map(_dtype_of, grads)) != plan.grad_dtypes or not all(map(_contiguous, grads)):
         return None
     # Module.to / .half() / cast_model replace p.data: the tables would point at freed
     # memory. (The grad's dtype, which autograd keeps equal to the param's, covers a
     # param that changed dtype in place of a freed one.)
     params = [local_tensor(p) for p in plan.grad_params] if plan.sharded else plan.grad_params
-    if [p.data_ptr() for p in params] != plan.param_ptrs:
+    if list(map(_data_ptr, params)) != plan.param_ptrs:
         return None
     if any(map((15).__and__, ptrs)):
         return None
     return ptrs
+
+
+_second = operator.itemgetter(1)
+_grad_of = operator.attrgetter("grad")
+_dtype_of = operator.attrgetter("dtype")
+_data_ptr = torch.Tensor.data_ptr
+_contiguous = torch.Tensor.is_contiguous
 
 
 def step_fused(opt, items, grad_scale, found_inf) -> list:

@@ -277,10 +277,21 @@ class SlimOptimizer(torch.optim.Optimizer):
         items = [
             (group, p) for group in self.param_groups for p in group["params"] if p.grad is not None
         ]
-        if len({id(p) for _, p in items}) != len(items):
+        if self._lists_a_param_twice():
             seen = set()
             items = [(g, p) for g, p in items if not (id(p) in seen or seen.add(id(p)))]
         return items
+
+    def _lists_a_param_twice(self) -> bool:
+        """Whether some param appears twice in the groups; looked at again only when the
+        groups' params lists change (identity or length), not at every step."""
+        lists = tuple((id(g["params"]), len(g["params"])) for g in self.param_groups)
+        cached = self.__dict__.get("_slimoptim_repeats")
+        if cached is None or cached[0] != lists:
+            params = [p for g in self.param_groups for p in g["params"]]
+            cached = (lists, len(set(map(id, params))) != len(params))
+            self.__dict__["_slimoptim_repeats"] = cached
+        return cached[1]
 
     @torch.no_grad()
     def step(self, closure=None):
