@@ -30,7 +30,8 @@ from .checkpoint_file import (
     write_safetensors,
 )
 from .errors import CheckpointError
-from .optimizers.base import LOW_PRECISION, correction_bits
+from .optimizers.arguments import LOW_PRECISION
+from .optimizers.base import correction_bits
 from .torch_interop import (  # noqa: F401 (re-exported: this module's torch.optim interop)
     from_torch_state_dict,
     refuse_dtensor,

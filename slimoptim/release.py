@@ -30,7 +30,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .optimizers.base import SlimOptimizer, _check_grad, local_tensor
+from .optimizers.arguments import check_grad
+from .optimizers.base import SlimOptimizer, local_tensor
 
 DEFAULT_BUCKET_BYTES = 32 * 2**20
 
@@ -198,7 +199,7 @@ class GradientRelease:
         self._check_no_grad_scaler()
         nbytes = 0
         for _, p in items:
-            _check_grad(p, p.grad)
+            check_grad(p, p.grad)
             nbytes += _grad_nbytes(p)
         self.max_bucket_bytes = max(self.max_bucket_bytes, nbytes)
         if self.clip_grad_norm_per_tensor is not None:

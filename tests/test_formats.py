@@ -186,12 +186,17 @@ def test_momentum_code_lands_on_a_neighbouring_level(numel, seed, group_size, fo
     assert (level[moving] != closer[moving]).sum() <= 0.01 * numel
 
 
-@pytest.mark.parametrize("levels", LEVEL_SETS)
-def test_a_state_that_moves_rounds_to_nearest_and_one_that_could_freeze_is_dithered(levels):
+def _uniform_groups_coded_to_nearest(levels: str):
+    """(generator, values uniform in [-1, 1), dither noise, their nearest codes)."""
     gen = torch.Generator().manual_seed(random.randrange(2**31))
     m = torch.rand(32 * 512, generator=gen) * 2 - 1
     noise = torch.randint(0, 65536, m.shape, generator=gen).float()
-    nearest = formats.quantize_momentum_nearest(m, 32, levels)[0]
+    return gen, m, noise, formats.quantize_momentum_nearest(m, 32, levels)[0]
+
+
+@pytest.mark.parametrize("levels", LEVEL_SETS)
+def test_a_state_that_moves_rounds_to_nearest_and_one_that_could_freeze_is_dithered(levels):
+    gen, m, noise, nearest = _uniform_groups_coded_to_nearest(levels)
     # forget 1 (no memory): every value but those within half a gap of zero moves by
     # more than half a gap, and those round to nearest whatever the noise
     scale = formats.per_element(formats.group_scale(m.abs(), 32).double(), 32, m.numel())
@@ -307,10 +312,7 @@ def test_companded_codes_beat_linear_int8_on_heavy_tailed_states():
 
 @pytest.mark.parametrize("levels", LEVEL_SETS)
 def test_movement_rule_rounds_moved_values_to_nearest_and_dithers_unmoved_ones(levels):
-    gen = torch.Generator().manual_seed(random.randrange(2**31))
-    m = torch.rand(32 * 512, generator=gen) * 2 - 1
-    noise = torch.randint(0, 65536, m.shape, generator=gen).float()
-    nearest = formats.quantize_momentum_nearest(m, 32, levels)[0]
+    gen, m, noise, nearest = _uniform_groups_coded_to_nearest(levels)
     # half the values moved by a quarter of their group's largest (far more than half a
     # gap of either level set), half did not move at all
     moved = torch.rand(m.shape, generator=gen) < 0.5

@@ -1,8 +1,8 @@
 """torch.optim's argument conventions, as slimoptim's optimizers apply them.
 
 Which implementation keywords are neutral, how tensor hyper-parameters are read, the
-rules for ``betas``, torch's wording for ``fused=True`` on an unsupported device, and
-the dtype a parameter steps in.
+rules for ``betas``, torch's wording for ``fused=True`` on an unsupported device, the
+dtype a parameter steps in, and the checks of modes, params and gradients.
 """
 
 from __future__ import annotations
@@ -93,3 +93,52 @@ def check_fused_devices(items) -> None:
                 "TRITON_INTERPRET=1); use fused=None to pick it on CUDA and the reference "
                 "path elsewhere."
             )
+
+
+MASTER_WEIGHT_BITS = (24, 32, None)
+STATE_BITS = (8, 32)
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+PARAM_DTYPES = (torch.float32, torch.float64, *LOW_PRECISION)
+
+
+def check_modes(group: dict) -> None:
+    if group["master_weight_bits"] not in MASTER_WEIGHT_BITS:
+        raise ValueError(
+            f"master_weight_bits must be 24, 32 or None, got {group['master_weight_bits']!r}: "
+            "24 keeps an int8 correction, 32 an int16 one, None keeps none."
+        )
+    if group["state_bits"] not in STATE_BITS:
+        raise ValueError(
+            f"state_bits must be 8 or 32, got {group['state_bits']!r}: 8 stores companded "
+            "8-bit states with group scales, 32 stores float32 states."
+        )
+    size = group["group_size"]
+    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+        raise ValueError(f"group_size must be a positive int, got {size!r}.")
+
+
+def check_params(group: dict) -> None:
+    for p in group["params"]:
+        if not (p.is_floating_point() and p.dtype in PARAM_DTYPES):
+            raise TypeError(
+                f"slimoptim optimizers step float32, float64, bfloat16 or float16 parameters; "
+                f"got a {p.dtype} parameter of shape {tuple(p.shape)}. Cast it "
+                "(slimoptim.cast_model) or leave it out of the optimizer."
+            )
+
+
+def check_grad(p: torch.Tensor, grad: torch.Tensor) -> None:
+    if grad.is_sparse:
+        raise TypeError(
+            f"slimoptim does not support sparse gradients (parameter of shape {tuple(p.shape)}); "
+            "use dense embeddings (sparse=False) or torch.optim.SparseAdam for that parameter."
+        )
+    if grad.is_complex() or p.is_complex():
+        raise TypeError(
+            f"slimoptim does not support complex parameters or gradients (shape {tuple(p.shape)}); "
+            "view them as real with torch.view_as_real."
+        )
+    if grad.shape != p.shape:
+        raise ValueError(
+            f"gradient of shape {tuple(grad.shape)} does not match its parameter {tuple(p.shape)}."
+        )

@@ -19,60 +19,14 @@ from ..state_io import load_into, with_header
 from .arguments import (
     NEUTRAL_KEYWORDS,
     check_fused_devices,
+    check_grad,
+    check_modes,
     check_neutral_keywords,
+    check_params,
     compute_dtype,
     scalar_hyperparameters,
 )
 from .state_spec import StateSpec
-
-MASTER_WEIGHT_BITS = (24, 32, None)
-STATE_BITS = (8, 32)
-LOW_PRECISION = (torch.bfloat16, torch.float16)
-PARAM_DTYPES = (torch.float32, torch.float64, *LOW_PRECISION)
-
-
-def _check_modes(group: dict) -> None:
-    if group["master_weight_bits"] not in MASTER_WEIGHT_BITS:
-        raise ValueError(
-            f"master_weight_bits must be 24, 32 or None, got {group['master_weight_bits']!r}: "
-            "24 keeps an int8 correction, 32 an int16 one, None keeps none."
-        )
-    if group["state_bits"] not in STATE_BITS:
-        raise ValueError(
-            f"state_bits must be 8 or 32, got {group['state_bits']!r}: 8 stores companded "
-            "8-bit states with group scales, 32 stores float32 states."
-        )
-    size = group["group_size"]
-    if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-        raise ValueError(f"group_size must be a positive int, got {size!r}.")
-
-
-def _check_params(group: dict) -> None:
-    for p in group["params"]:
-        if not (p.is_floating_point() and p.dtype in PARAM_DTYPES):
-            raise TypeError(
-                f"slimoptim optimizers step float32, float64, bfloat16 or float16 parameters; "
-                f"got a {p.dtype} parameter of shape {tuple(p.shape)}. Cast it "
-                "(slimoptim.cast_model) or leave it out of the optimizer."
-            )
-
-
-def _check_grad(p: torch.Tensor, grad: torch.Tensor) -> None:
-    if grad.is_sparse:
-        raise TypeError(
-            f"slimoptim does not support sparse gradients (parameter of shape {tuple(p.shape)}); "
-            "use dense embeddings (sparse=False) or torch.optim.SparseAdam for that parameter."
-        )
-    if grad.is_complex() or p.is_complex():
-        raise TypeError(
-            f"slimoptim does not support complex parameters or gradients (shape {tuple(p.shape)}); "
-            "view them as real with torch.view_as_real."
-        )
-    if grad.shape != p.shape:
-        raise ValueError(
-            f"gradient of shape {tuple(grad.shape)} does not match its parameter {tuple(p.shape)}."
-        )
-
 
 _RULE_METHODS = ("_update", "_scalars", "_specs_for")
 
@@ -121,7 +75,7 @@ class SlimOptimizer(torch.optim.Optimizer):
         )
         # As torch.optim: hyper-parameters are checked before params are read, so a bad
         # value is reported as such whatever ``params`` is.
-        _check_modes(defaults)
+        check_modes(defaults)
         self._check_hyperparameters(defaults)
         if fused not in (None, True, False):
             raise ValueError(f"fused must be None, True or False, got {fused!r}.")
@@ -148,8 +102,8 @@ class SlimOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            _check_modes(group)
-            _check_params(group)
+            check_modes(group)
+            check_params(group)
             self._check_hyperparameters(group)
         except (ValueError, TypeError):
             self.param_groups.pop()
@@ -327,7 +281,7 @@ class SlimOptimizer(torch.optim.Optimizer):
     def check_grads(items) -> None:
         """Raise for a gradient the optimizer cannot take (sparse, complex, misshapen)."""
         for _, p in items:
-            _check_grad(p, p.grad)
+            check_grad(p, p.grad)
 
     def _step_reference(self, p, group, grad_scale, found_inf) -> None:
         state = self._ensure_state(p, group)

@@ -21,8 +21,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from .arguments import check_fused_devices, compute_dtype, scalar_hyperparameters
-from .base import SlimOptimizer, _check_grad, local_tensor
+from .arguments import check_fused_devices, check_grad, compute_dtype, scalar_hyperparameters
+from .base import SlimOptimizer, local_tensor
 from .state_spec import MOMENTUM_BUFFER
 
 # Keller Jordan's quintic coefficients and step count, torch.optim.Muon's defaults.
@@ -201,7 +201,7 @@ class Muon(SlimOptimizer):
         found_inf = getattr(self, "found_inf", None)
         _refuse_graph_capture(items)
         for _, p in items:  # every check before any step
-            _check_grad(p, p.grad)
+            check_grad(p, p.grad)
         if self.fused:
             check_fused_devices(items)
         if self.fused is not False and items:
