@@ -372,3 +372,13 @@ def test_movement_rule_dithers_a_change_of_half_a_gap_under_float32_rounding():
     code, _ = formats.quantize_momentum(new, GROUP, zero_noise, None, previous=previous)
     assert code[1] == 74
     assert formats.quantize_momentum_nearest(new, GROUP)[0][1] == 73
+
+
+def test_state_spec_refuses_an_unknown_rounding_and_a_decay_rule_without_beta():
+    from slimoptim.optimizers.state_spec import StateSpec
+
+    with pytest.raises(ValueError, match="rounding must be one of"):
+        StateSpec("exp_avg", signed=True, rounding="nearest")
+    with pytest.raises(ValueError, match="needs beta"):
+        StateSpec("exp_avg", signed=True)
+    assert StateSpec("exp_avg", signed=True, rounding="movement").by_movement

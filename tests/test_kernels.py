@@ -351,6 +351,27 @@ def test_subclass_overriding_the_update_runs_its_own_math():
     assert m.abs().max() <= 1e-4 * (1 + 2**-8)  # (1 - beta1) * clipped grad; bf16 scale
 
 
+def test_subclass_changing_how_its_states_round_runs_its_own_math():
+    # The kernels bake in the rule's states and rounding: a Lion whose momentum rounds by
+    # the decay rule must not take Lion's (movement-rule) kernel.
+    from slimoptim.optimizers.state_spec import StateSpec
+
+    class DecayRuleLion(slimoptim.Lion):
+        state_specs = (StateSpec("exp_avg", signed=True, beta=lambda g: g["betas"][1]),)
+
+    ps = _params(torch.bfloat16, (64,))
+    qs = _clone(ps)
+    fused = DecayRuleLion(ps, lr=1e-3, fused=True)
+    ref = DecayRuleLion(qs, lr=1e-3, fused=False)
+    assert dispatch.rule_for(fused) is None
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(3):
+        _set_grads(list(zip(ps, qs, strict=True)), gen)
+        fused.step()
+        ref.step()
+    _assert_same(fused, ref, ps, qs)
+
+
 def test_skipped_group_keeps_its_exact_bits():
     """The kernel's split of a skipped element's rebuilt master gives back its bits."""
     p = torch.nn.Parameter(torch.randn(64).bfloat16().to(DEVICE))

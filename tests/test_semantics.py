@@ -115,6 +115,19 @@ def test_a_param_appended_twice_after_a_step_is_still_stepped_once():
     assert torch.allclose(b.detach(), before - 0.2)
 
 
+def test_a_param_swapped_in_twice_in_place_is_still_stepped_once():
+    # Same list, same length: the cached duplicate check keys on the ids themselves.
+    a, b = (torch.nn.Parameter(torch.randn(8)) for _ in range(2))
+    opt = slimoptim.SGD([a, b], lr=0.1, master_weight_bits=32, state_bits=32)
+    a.grad, b.grad = torch.ones(8), torch.ones(8)
+    opt.step()
+    opt.param_groups[0]["params"][1] = a
+    before = a.detach().clone()
+    a.grad = torch.full((8,), 2.0)
+    opt.step()
+    assert torch.allclose(a.detach(), before - 0.2)
+
+
 def test_non_contiguous_parameters():
     base = torch.randn(16, 32)
     p = torch.nn.Parameter(base.t())  # non-contiguous view

@@ -209,7 +209,7 @@ def _step_tile(
         )  # fmt: skip
         if N_STATES >= 2:
             store_state(
-                s1p, s1sp, offs, mask, groups, s1, ok, group_ok, noise1, forget, s0_before,
+                s1p, s1sp, offs, mask, groups, s1, ok, group_ok, noise1, 0.0, 0.0,
                 False, STATE_BITS, LEVELS, False,
             )  # fmt: skip
 

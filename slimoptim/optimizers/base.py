@@ -28,7 +28,9 @@ from .arguments import (
 )
 from .state_spec import StateSpec
 
-_RULE_METHODS = ("_update", "_scalars", "_specs_for")
+# What a kernel rule bakes in: a subclass that changes any of these (the update math, its
+# scalars, the states and how their codes round) steps through its own reference code.
+_RULE_METHODS = ("_update", "_scalars", "_specs_for", "state_specs")
 
 
 @functools.cache
@@ -203,7 +205,7 @@ class SlimOptimizer(torch.optim.Optimizer):
             if spec.by_movement:
                 before = previous[spec.name]
                 code, scale = formats.quantize_momentum(
-                    new, size, noise[0], None, spec.levels, previous=before
+                    new, size, noise[0], forget=None, levels=spec.levels, previous=before
                 )
             elif spec.signed:
                 forget = spec.forget(group)
@@ -237,13 +239,14 @@ class SlimOptimizer(torch.optim.Optimizer):
         return items
 
     def _lists_a_param_twice(self) -> bool:
-        """Whether some param appears twice in the groups; looked at again only when the
-        groups' params lists change (identity or length), not at every step."""
-        lists = tuple((id(g["params"]), len(g["params"])) for g in self.param_groups)
+        """Whether some param appears twice in the groups. Which ids repeat is a function
+        of the groups' id sequence alone, so the answer is cached on that sequence: one
+        C-level pass per step instead of a set of every id."""
+        ids = tuple(tuple(map(id, g["params"])) for g in self.param_groups)
         cached = self.__dict__.get("_slimoptim_repeats")
-        if cached is None or cached[0] != lists:
-            params = [p for g in self.param_groups for p in g["params"]]
-            cached = (lists, len(set(map(id, params))) != len(params))
+        if cached is None or cached[0] != ids:
+            flat = [i for group_ids in ids for i in group_ids]
+            cached = (ids, len(set(flat)) != len(flat))
             self.__dict__["_slimoptim_repeats"] = cached
         return cached[1]
 

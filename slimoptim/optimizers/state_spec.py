@@ -7,22 +7,30 @@ class StateSpec:
     """A named optimizer state (e.g. ``exp_avg``) and how 8-bit storage codes it.
 
     A signed state's code rounds stochastically only where nearest rounding could undo a
-    step (formats.quantize_momentum). With ``beta(group)``, the share of the state a step
-    keeps, that is where one step of decay is under half a level (the decay rule);
-    without it, where the step moved the state by less than half a level (the movement
-    rule). Its ``levels`` (formats.MOMENTUM_LEVEL_SETS) follow what the update rule does
-    with it.
+    step (formats.quantize_momentum), by one of two ``rounding`` rules: "decay", where one
+    step of decay is under half a level (the state keeps ``beta(group)`` of itself per
+    step), or "movement", where the step moved the state by less than half a level. Its
+    ``levels`` (formats.MOMENTUM_LEVEL_SETS) follow what the update rule does with it.
     """
 
-    def __init__(self, name: str, signed: bool, beta=None, levels: str = "square"):
+    ROUNDINGS = ("decay", "movement")
+
+    def __init__(
+        self, name: str, signed: bool, beta=None, levels: str = "square", rounding: str = "decay"
+    ):
+        if rounding not in self.ROUNDINGS:
+            raise ValueError(f"state {name!r}: rounding must be one of {self.ROUNDINGS}")
+        if signed and rounding == "decay" and beta is None:
+            raise ValueError(f"state {name!r}: the decay rule needs beta(group)")
         self.name = name
         self.signed = signed
         self.beta = beta
         self.levels = levels
+        self.rounding = rounding
 
     @property
     def by_movement(self) -> bool:
-        return self.signed and self.beta is None
+        return self.signed and self.rounding == "movement"
 
     def forget(self, group: dict) -> float:
         """1 - beta as the kernels' scalar rows hold it (a float64 difference)."""
