@@ -72,14 +72,18 @@ def _run(cls, dtype, steps=3, sizes=SIZES, nonfinite=False, groups=None, **kw):
     make = groups or (lambda params: params)
     fused = cls(make(ps), fused=True, **kw)
     ref = cls(make(qs), fused=False, **kw)
-    gen = torch.Generator().manual_seed(1)
+    _step_both(fused, ref, ps, qs, torch.Generator().manual_seed(1), steps, nonfinite)
+    assert fused.__dict__.get("_slimoptim_plans"), "the fused path did not run"
+    return fused, ref, ps, qs
+
+
+def _step_both(fused, ref, ps, qs, gen, steps, nonfinite=False) -> None:
+    """``steps`` steps of both optimizers on the same fresh gradients, then every bit equal."""
     for _ in range(steps):
         _set_grads(list(zip(ps, qs, strict=True)), gen, nonfinite)
         fused.step()
         ref.step()
     _assert_same(fused, ref, ps, qs)
-    assert fused.__dict__.get("_slimoptim_plans"), "the fused path did not run"
-    return fused, ref, ps, qs
 
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -185,14 +189,9 @@ def test_state_dict_round_trip_rebuilds_the_tables():
     fused, ref, ps, qs = _run(slimoptim.AdamW, torch.bfloat16, steps=2)
     assert all(fused.state[p]["step"].dim() == 0 for p in ps)  # per-param 0-d counters
     fused.load_state_dict(ref.state_dict())  # new state tensors: the kernel must follow them
-    gen = torch.Generator().manual_seed(11)
     # Three steps: on CUDA the rebuilt plan runs eagerly, then captures its graph (whose
     # memory pool cannot be the old plan's: its graphs are gone), then replays it.
-    for _ in range(3):
-        _set_grads(list(zip(ps, qs, strict=True)), gen)
-        fused.step()
-        ref.step()
-    _assert_same(fused, ref, ps, qs)
+    _step_both(fused, ref, ps, qs, torch.Generator().manual_seed(11), steps=3)
 
 
 def test_fused_none_uses_the_reference_on_cpu_and_false_never_fuses():
@@ -364,12 +363,7 @@ def test_subclass_changing_how_its_states_round_runs_its_own_math():
     fused = DecayRuleLion(ps, lr=1e-3, fused=True)
     ref = DecayRuleLion(qs, lr=1e-3, fused=False)
     assert dispatch.rule_for(fused) is None
-    gen = torch.Generator().manual_seed(5)
-    for _ in range(3):
-        _set_grads(list(zip(ps, qs, strict=True)), gen)
-        fused.step()
-        ref.step()
-    _assert_same(fused, ref, ps, qs)
+    _step_both(fused, ref, ps, qs, torch.Generator().manual_seed(5), steps=3)
 
 
 def test_skipped_group_keeps_its_exact_bits():
