@@ -19,7 +19,8 @@ import warnings
 from pathlib import Path
 
 import torch
-from release_memory import RESULTS, SHAPES, environment, run_config
+from gpt_model import SHAPES
+from release_memory import RESULTS, environment, run_config
 
 CONFIGS = (
     "torch_adamw_bf16",
