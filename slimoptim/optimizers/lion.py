@@ -26,8 +26,8 @@ class Lion(SlimOptimizer):
 
     # The momentum code rounds by the movement rule (StateSpec): with beta2 0.99 the decay
     # rule would dither every value under ~0.6 of its group's largest and round the rest
-    # to nearest even where a steady gradient moves them by under half a level; on
-    # GPT-2-small the movement rule halved Lion's loss gap to fp32 (docs/quality.md).
+    # to nearest even where a steady gradient moves them by under half a level, so such
+    # states stop short of their average (tests/test_formats.py, docs/formats.md).
     state_specs = (StateSpec("exp_avg", signed=True, rounding="movement"),)
 
     def __init__(
