@@ -261,10 +261,9 @@ def quantize_momentum(
     """
     offset, units = _LEVEL_OFFSET[levels], _LEVEL_UNITS[levels]
     scale = group_scale(m.abs(), group_size)
-    lift = scale_lift(scale)
-    inverse = _safe_reciprocal(scale * lift)
-    lift = per_element(lift, group_size, m.numel())
-    inverse = per_element(inverse, group_size, m.numel())
+    group_lift = scale_lift(scale)
+    lift = per_element(group_lift, group_size, m.numel())
+    inverse = per_element(_safe_reciprocal(scale * group_lift), group_size, m.numel())
     x = (m * lift) * inverse
     t = torch.clamp(x.abs() * units, max=units)
     # low: the largest c with c * (offset + c) <= t, from the root of c**2 + offset c = t

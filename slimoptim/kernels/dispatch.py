@@ -250,6 +250,14 @@ def refresh_hyperparameters(opt) -> None:
             plan.last_values = values.tobytes()
 
 
+# C-level accessors for the per-step passes over every param (no Python frame per tensor).
+_second = operator.itemgetter(1)
+_grad_of = operator.attrgetter("grad")
+_dtype_of = operator.attrgetter("dtype")
+_data_ptr = torch.Tensor.data_ptr
+_contiguous = torch.Tensor.is_contiguous
+
+
 def _plan_for(opt, rule, items):
     plans = opt.__dict__.setdefault("_slimoptim_plans", {})
     # Group options decide what a kernel is compiled for: a change rebuilds the plan.
@@ -281,7 +289,6 @@ def _grad_pointers(plan) -> list | None:
     """Current gradient addresses, or None when a gradient no longer fits its bucket (None,
     sparse, other dtype, not contiguous, misaligned) or a parameter's storage moved since
     the plan was built. One pass of a few attribute reads per param: this runs every step."""
-    # map() over C-level accessors: no Python frame per tensor.
     grads = list(map(_grad_of, plan.grad_params))
     if plan.sharded:
         grads = [None if g is None else local_tensor(g) for g in grads]
@@ -300,13 +307,6 @@ def _grad_pointers(plan) -> list | None:
     if any(map((15).__and__, ptrs)):
         return None
     return ptrs
-
-
-_second = operator.itemgetter(1)
-_grad_of = operator.attrgetter("grad")
-_dtype_of = operator.attrgetter("dtype")
-_data_ptr = torch.Tensor.data_ptr
-_contiguous = torch.Tensor.is_contiguous
 
 
 def step_fused(opt, items, grad_scale, found_inf) -> list:

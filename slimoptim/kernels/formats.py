@@ -220,9 +220,9 @@ def quantize_momentum(
     offset: tl.constexpr = LEVELS * MOMENTUM_LEVELS
     units: tl.constexpr = SQUARE_UNITS * (1 + LEVELS)
     scale = round_up_to_bf16(tl.max(tl.where(mask, tl.abs(m), 0.0), axis=1))
-    lift = scale_lift(scale)  # exact power of two: tiny groups' 1/scale would overflow
-    inverse = safe_reciprocal(scale * lift)[:, None]
-    lift = lift[:, None]
+    row_lift = scale_lift(scale)  # exact power of two: tiny groups' 1/scale would overflow
+    inverse = safe_reciprocal(scale * row_lift)[:, None]
+    lift = row_lift[:, None]
     x = (m * lift) * inverse
     t = tl.minimum(tl.abs(x) * units, units)
     low = tl.floor((tl.sqrt(t * 4.0 + offset * offset) - offset) * 0.5)
