@@ -112,6 +112,11 @@ def test_quality_study_tiny_runs_merges_and_reports(tmp_path):
             run["final_validation_loss"] < run["validation_curve"][0][1] or run["name"] == "ft_24_8"
         )
     assert runs[("adamw_fp32", 0)]["validation_curve"][0][1] < LN_256 + 0.5  # a fresh model
+    # Fine-tuning is scored on the slice it trains on; the other half is recorded beside.
+    ft = runs[("ft_24_8", 0)]
+    assert ft["improvement"] == ft["validation_curve"][0][1] - ft["validation_curve"][-1][1]
+    assert len(ft["heldout_loss_start_end"]) == 2
+    assert ft["heldout_loss_start_end"][0] != ft["validation_curve"][0][1]  # other windows
     codes = runs[("adamw_fp32", 0)]["state_codes"]
     assert [c["step"] for c in codes] == [2, 4]
     for c in codes:
