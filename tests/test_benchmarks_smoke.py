@@ -138,6 +138,9 @@ def test_quality_budget_skips_runs(tmp_path, capsys):
                             "--no-report"])  # fmt: skip
     # The first run has no estimate and runs; the second would pass the budget.
     assert [(r["name"], r["seed"]) for r in summary["runs"]] == [("adamw_fp32", 0)]
+    assert "state_codes" in summary["runs"][0]  # the first fp32 AdamW run is probed
+    argv += ["--seeds", "0", "--no-codes", "--out", str(tmp_path / "q2.json"), "--no-report"]
+    assert "state_codes" not in quality.main(argv)["runs"][0]
     assert "skip adamw_fp32 seed 1" in capsys.readouterr().out
 
 
