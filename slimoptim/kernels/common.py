@@ -88,10 +88,12 @@ def load_grad(
     if MAXIMIZE:
         g = g * -1.0  # not -g: Triton's unary minus is 0 - x, which loses -0.0
     # A group with a non-finite gradient keeps its old values; found_inf skips every group.
-    group_ok = tl.min(tl.where(mask, kf.is_finite(g), True).to(tl.int32), axis=1)
+    # One NaN-propagating max per row finds them (NaN < inf is false; nothing is < -1).
+    largest = tl.reduce(tl.where(mask, tl.abs(g), 0.0), 1, kf.max_keeping_nan)
+    limit = float("inf")
     if HAS_FOUND_INF:
-        group_ok = group_ok * (tl.load(found_inf) == 0).to(tl.int32)
-    group_ok = group_ok != 0
+        limit = tl.where(tl.load(found_inf) == 0, float("inf"), -1.0)
+    group_ok = largest < limit
     ok = group_ok[:, None] & mask
     return tl.where(ok, g, 0.0), ok, group_ok & group_mask
 

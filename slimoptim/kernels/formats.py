@@ -49,6 +49,8 @@ VARIANCE_HIGHEST_TOP = tl.constexpr(ref._HIGHEST_TOP)
 DENOM_FLOOR = tl.constexpr(_f32(ref.DENOM_FLOOR))
 TINY_SCALE = tl.constexpr(ref.TINY_SCALE)
 LIFT = tl.constexpr(ref.LIFT)
+ROOT_LOW = tl.constexpr(1.0 - 2.0**-16)
+SIGN_BIT = tl.constexpr(-(2**31))
 
 # Parameter storage kinds (a tl.constexpr of the kernels).
 FP32, BF16, FP16 = 0, 1, 2
@@ -57,6 +59,11 @@ FP32, BF16, FP16 = 0, 1, 2
 @triton.jit
 def is_finite(x):
     return tl.abs(x) < float("inf")  # False for +-inf and NaN
+
+
+@triton.jit
+def max_keeping_nan(a, b):
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -200,11 +207,23 @@ def dither(index, step):
 
 
 @triton.jit
+def momentum_level(c, LEVELS: tl.constexpr):
+    """formats._momentum_level, c * (offset + c) for c >= 0: exact (integers < 2**15)."""
+    if LEVELS == 0:
+        return c * c  # offset 0: 0 + c is c for c >= 0, so the bits are the same
+    else:
+        return c * (MOMENTUM_LEVELS + c)
+
+
+@triton.jit
 def dequantize_momentum(code, scale_row, LEVELS: tl.constexpr):
     y = code.to(tl.float32)
-    offset: tl.constexpr = LEVELS * MOMENTUM_LEVELS
     inv_units: tl.constexpr = INV_SQUARE_UNITS * (1.0 - 0.5 * LEVELS)
-    return y * (tl.abs(y) + offset) * inv_units * scale_row[:, None]
+    if LEVELS == 0:
+        level = y * tl.abs(y)  # |y| + 0 is |y|: the same bits as the general form
+    else:
+        level = y * (tl.abs(y) + MOMENTUM_LEVELS)
+    return level * inv_units * scale_row[:, None]
 
 
 @triton.jit
@@ -214,8 +233,9 @@ def quantize_momentum(
     """(int8 code, bf16 scale as float32 per row) of momentum tile ``m``; ``forget``
     (decay rule) or ``previous`` (``BY_MOVEMENT``) as formats.quantize_momentum.
 
-    The approximate ``tl.sqrt`` is fine: as in the reference, the two exact
-    comparisons that follow turn it into the exact floor level.
+    The level is found from a fast approximate ``tl.sqrt`` and one exact comparison (the
+    reference corrects an exact root both ways): the same exact floor level, so the same
+    bits.
     """
     offset: tl.constexpr = LEVELS * MOMENTUM_LEVELS
     units: tl.constexpr = SQUARE_UNITS * (1 + LEVELS)
@@ -225,10 +245,15 @@ def quantize_momentum(
     lift = row_lift[:, None]
     x = (m * lift) * inverse
     t = tl.minimum(tl.abs(x) * units, units)
-    low = tl.floor((tl.sqrt(t * 4.0 + offset * offset) - offset) * 0.5)
-    low = tl.where(low * (offset + low) > t, low - 1.0, low)
+    # The root scaled by ROOT_LOW is below the exact one (the approximate root errs by
+    # ~2**-22, the bias is 2**-16) and above it minus one (roots are < 2**8), so its floor
+    # is the level or the one below: one upward fix-up gives the exact floor level.
+    if LEVELS == 0:
+        low = tl.floor(tl.sqrt(t) * ROOT_LOW)
+    else:
+        low = tl.floor((tl.sqrt(t * 4.0 + offset * offset) * ROOT_LOW - offset) * 0.5)
     high = low + 1.0
-    low = tl.where(high * (offset + high) <= t, high, low)
+    low = tl.where(momentum_level(high, LEVELS) <= t, high, low)
     half_gap = low + (offset + 1.0) * 0.5
     if BY_MOVEMENT:
         change = ((tl.abs(m - previous) * lift) * inverse) * units
@@ -236,9 +261,10 @@ def quantize_momentum(
     else:
         dithered = t * forget < half_gap
     threshold = tl.where(dithered, noise, HALF_DITHER) * half_gap
-    up = (t - low * (offset + low)) * HALF_DITHER > threshold
+    up = (t - momentum_level(low, LEVELS)) * HALF_DITHER > threshold
     code = low + up.to(tl.float32)
-    code = tl.where(x < 0, code * -1.0, code)  # not -code: Triton's unary minus is 0 - x
+    # x's sign bit on the code (one bitwise op; -0.0 converts to 0 like +0.0)
+    code = as_float(as_bits(code) | (as_bits(x) & SIGN_BIT))
     return code.to(tl.int8), scale
 
 
