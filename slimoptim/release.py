@@ -41,6 +41,11 @@ def _grad_nbytes(p: torch.Tensor) -> int:
     return grad.numel() * grad.element_size()
 
 
+def _local_nbytes(p: torch.Tensor) -> int:
+    local = local_tensor(p)
+    return local.numel() * local.element_size()
+
+
 def _reject_data_parallel_wrappers(model: nn.Module) -> None:
     """DDP and FSDP1 reduce gradients after the hooks fire: releasing would step unreduced grads."""
     if not torch.distributed.is_available():
@@ -137,9 +142,10 @@ class GradientRelease:
                 self._open_backward()
             if self.accumulating or p.grad is None:
                 return
-            group = self._group_of.get(id(p))
-            if group is None:  # left the optimizer since enable: not ours to step
+            entry = self._group_of.get(id(p))
+            if entry is None:  # left the optimizer since enable: not ours to step
                 return
+            group, nbytes = entry
             if id(p) in self._released_this_backward:
                 raise RuntimeError(
                     "gradient release: a parameter's gradient was accumulated twice in one "
@@ -150,9 +156,9 @@ class GradientRelease:
                 )
             self._released_this_backward.add(id(p))
             self._pending.append((group, p))
-            self._pending_bytes += _grad_nbytes(p)
+            self._pending_bytes += nbytes
             if self._pending_bytes >= self.bucket_bytes:
-                self._step_and_free(self._pending)
+                self._step_and_free(self._pending, self._pending_bytes)
                 self._pending = []
                 self._pending_bytes = 0
 
@@ -167,8 +173,11 @@ class GradientRelease:
         self._backward_end = weakref.ref(callback, self._on_backward_end_freed)
         self._backward_open = True
         self._released_this_backward.clear()
-        # Rebuilt every backward: load_state_dict and add_param_group replace groups.
-        self._group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
+        # Rebuilt every backward: load_state_dict and add_param_group replace groups. A
+        # gradient has its parameter's dtype and (local) shape, so its bytes are known here.
+        self._group_of = {
+            id(p): (g, _local_nbytes(p)) for g in self.optimizer.param_groups for p in g["params"]
+        }
 
     def _on_backward_end_freed(self, ref: weakref.ref) -> None:
         """The engine freed our end-of-backward callback: after running it, or unrun
@@ -191,21 +200,20 @@ class GradientRelease:
             self._pending_bytes = 0
             # Every optimizer param still holding a gradient: the last partial bucket, plus
             # params without a hook call this backward. step() would have stepped them too.
-            self._step_and_free(list(self.optimizer._params_with_grads()))
+            items = self.optimizer._params_with_grads()
+            self._step_and_free(items, sum(_grad_nbytes(p) for _, p in items))
 
-    def _step_and_free(self, items: list[tuple[dict, torch.Tensor]]) -> None:
+    def _step_and_free(self, items: list[tuple[dict, torch.Tensor]], nbytes: int) -> None:
+        """Step ``items`` (their gradients hold ``nbytes``) and free their gradients."""
         if not items:
             return
         self._check_no_grad_scaler()
-        nbytes = 0
-        for _, p in items:
-            check_grad(p, p.grad)
-            nbytes += _grad_nbytes(p)
         self.max_bucket_bytes = max(self.max_bucket_bytes, nbytes)
         if self.clip_grad_norm_per_tensor is not None:
-            for _, p in items:
+            for _, p in items:  # step_params checks every gradient too, but after clipping
+                check_grad(p, p.grad)
                 torch.nn.utils.clip_grad_norm_([p], self.clip_grad_norm_per_tensor)
-        self.optimizer.step_params(items)
+        self.optimizer.step_params(items)  # checks every gradient before stepping any
         for _, p in items:
             p.grad = None
 
