@@ -41,6 +41,14 @@ MAX_PLANS = 4096  # parameter subsets cached per optimizer (gradient release ste
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
+# C-level accessors for the per-step passes over every param (no Python frame per tensor).
+_second = operator.itemgetter(1)
+_grad_of = operator.attrgetter("grad")
+_dtype_of = operator.attrgetter("dtype")
+_data_ptr = torch.Tensor.data_ptr
+_contiguous = torch.Tensor.is_contiguous
+
+
 def rule_for(opt):
     """The kernel rule the optimizer declares (None: a subclass with its own math)."""
     name = opt.kernel_rule_name()
@@ -265,14 +273,6 @@ def refresh_hyperparameters(opt) -> None:
             values, tensors = _host_values(plan)
             upload(plan, values.reshape(-1).view(np.int64), plan.upload[plan.n_ptrs :], tensors)
             plan.last_values = values.tobytes()
-
-
-# C-level accessors for the per-step passes over every param (no Python frame per tensor).
-_second = operator.itemgetter(1)
-_grad_of = operator.attrgetter("grad")
-_dtype_of = operator.attrgetter("dtype")
-_data_ptr = torch.Tensor.data_ptr
-_contiguous = torch.Tensor.is_contiguous
 
 
 def _plan_for(opt, rule, items):
