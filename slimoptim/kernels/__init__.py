@@ -21,8 +21,10 @@ def triton_available() -> bool:
 
 
 @torch.compiler.disable  # opaque to torch.compile: raw pointers and Triton launches
-def fused_step(opt, items, grad_scale, found_inf) -> list:
+def fused_step(opt, items, grad_scale, found_inf, grads=None) -> list:
     """Step what the kernels can step; return the (group, param) items left to the reference.
+
+    ``grads``: the items' gradients, when the caller has just read them (None: read here).
 
     ``opt.fused``: None uses the kernels for CUDA params when Triton imports; True
     forces them (CPU params only under TRITON_INTERPRET=1, else an error); False
@@ -32,7 +34,7 @@ def fused_step(opt, items, grad_scale, found_inf) -> list:
         return items
     from .dispatch import step_fused  # noqa: PLC0415
 
-    return step_fused(opt, items, grad_scale, found_inf)
+    return step_fused(opt, items, grad_scale, found_inf, grads)
 
 
 def kernels_usable(opt, items) -> bool:

@@ -41,6 +41,14 @@ MAX_PLANS = 4096  # parameter subsets cached per optimizer (gradient release ste
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
+# C-level accessors for the per-step passes over every param (no Python frame per tensor).
+_second = operator.itemgetter(1)
+_grad_of = operator.attrgetter("grad")
+_dtype_of = operator.attrgetter("dtype")
+_data_ptr = torch.Tensor.data_ptr
+_contiguous = torch.Tensor.is_contiguous
+
+
 def rule_for(opt):
     """The kernel rule the optimizer declares (None: a subclass with its own math)."""
     name = opt.kernel_rule_name()
@@ -148,6 +156,7 @@ class Plan:
             first += len(ms)
         self.grad_params = [p for b in self.buckets for p in b.params]
         self.grad_dtypes = [p.grad.dtype for p in self.grad_params]
+        self.positions = _positions(items, self.grad_params)
         # FSDP2 params and grads are DTensors: the kernels step their local shards.
         self.sharded = any(hasattr(p, "to_local") for p in self.grad_params)
         # Each step compares the params' addresses too (see _grad_pointers).
@@ -163,11 +172,27 @@ class Plan:
     def launch_all(self, scale, found_inf) -> None:
         launch_buckets(self, scale, found_inf)
 
+    def grads(self, item_grads: list | None) -> list:
+        """The gradients of ``grad_params``, in their order: picked from ``item_grads`` (the
+        gradients of the items the plan was built for, just read by step()) or read here."""
+        if item_grads is None:
+            return list(map(_grad_of, self.grad_params))
+        if self.positions is None:
+            return item_grads
+        return list(map(item_grads.__getitem__, self.positions))
+
     def still_valid(self, opt) -> bool:
         # Loading a state_dict (state_io, checkpoint) replaces every param's state dict, so
         # checking the first and last param catches it without a per-param lookup per step.
         ends = (self.states[0], self.states[-1]) if self.states else ()
         return all(opt.state.get(p) is s for p, s in ends)
+
+
+def _positions(items, params: list) -> list | None:
+    """Where each of ``params`` stands in ``items``; None when they are the items in order."""
+    index = {id(p): i for i, (_, p) in enumerate(items)}
+    positions = [index[id(p)] for p in params]
+    return None if positions == list(range(len(items))) else positions
 
 
 def eligible(opt, group, p) -> bool:
@@ -250,14 +275,6 @@ def refresh_hyperparameters(opt) -> None:
             plan.last_values = values.tobytes()
 
 
-# C-level accessors for the per-step passes over every param (no Python frame per tensor).
-_second = operator.itemgetter(1)
-_grad_of = operator.attrgetter("grad")
-_dtype_of = operator.attrgetter("dtype")
-_data_ptr = torch.Tensor.data_ptr
-_contiguous = torch.Tensor.is_contiguous
-
-
 def _plan_for(opt, rule, items):
     plans = opt.__dict__.setdefault("_slimoptim_plans", {})
     # Group options decide what a kernel is compiled for: a change rebuilds the plan.
@@ -266,7 +283,7 @@ def _plan_for(opt, rule, items):
         + tuple(rule.flags(opt, g).values())
         for g in opt.param_groups
     )
-    key = (tuple(map(id, map(_second, items))), modes)
+    key = (_param_ids(opt, items), modes)
     plan = plans.get(key)
     if plan is not None and plan.still_valid(opt):
         return plan
@@ -281,21 +298,35 @@ def _plan_for(opt, rule, items):
     return plan
 
 
+def _param_ids(opt, items) -> tuple:
+    """The ids of the items' params. step() hands over the same tuple while the same params
+    have gradients (a tuple cannot change), so its ids are kept with it: no pass per step."""
+    kept = opt.__dict__.get("_slimoptim_item_ids")
+    if kept is not None and kept[0] is items:
+        return kept[1]
+    ids = tuple(map(id, map(_second, items)))
+    if type(items) is tuple:
+        opt.__dict__["_slimoptim_item_ids"] = (items, ids)
+    return ids
+
+
 def _capturing(items) -> bool:
     return bool(items) and items[0][1].is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _grad_pointers(plan) -> list | None:
-    """Current gradient addresses, or None when a gradient no longer fits its bucket (None,
-    sparse, other dtype, not contiguous, misaligned) or a parameter's storage moved since
-    the plan was built. One pass of a few attribute reads per param: this runs every step."""
-    grads = list(map(_grad_of, plan.grad_params))
+def _grad_pointers(plan, grads: list) -> np.ndarray | None:
+    """The addresses of ``grads`` (the plan's gradients, in its order), or None when a
+    gradient no longer fits its bucket (None, sparse, other dtype, not contiguous,
+    misaligned) or a parameter's storage moved since the plan was built. A few C-level
+    passes over the params (no Python frame per param): this runs every step."""
     if plan.sharded:
         grads = [None if g is None else local_tensor(g) for g in grads]
     try:
         ptrs = list(map(_data_ptr, grads))  # None or a sparse grad raises
     except (TypeError, RuntimeError):
         return None
+    # Not redundant with the ``p.grad`` setter's dtype check: ``p.grad.data = ...`` and a
+    # param's ``grad_dtype = None`` let a gradient of another dtype through.
     if list(map(_dtype_of, grads)) != plan.grad_dtypes or not all(map(_contiguous, grads)):
         return None
     # Module.to / .half() / cast_model replace p.data: the tables would point at freed
@@ -304,23 +335,26 @@ def _grad_pointers(plan) -> list | None:
     params = [local_tensor(p) for p in plan.grad_params] if plan.sharded else plan.grad_params
     if list(map(_data_ptr, params)) != plan.param_ptrs:
         return None
-    if any(map((15).__and__, ptrs)):
+    ptrs = np.fromiter(ptrs, dtype=np.int64, count=len(ptrs))
+    if (ptrs & 15).any():  # the kernels load 16 bytes at a time
         return None
     return ptrs
 
 
-def step_fused(opt, items, grad_scale, found_inf) -> list:
-    """Step the fusable items in bucket launches; return the items left to the reference."""
+def step_fused(opt, items, grad_scale, found_inf, grads=None) -> list:
+    """Step the fusable items in bucket launches; return the items left to the reference.
+    ``grads``: the items' gradients, just read by step() (None: read here)."""
     rule = rule_for(opt)
     if rule is None:
         return items
     plan = _plan_for(opt, rule, items)
     if plan.device is None:
         return plan.reference
-    ptrs = _grad_pointers(plan)
-    if ptrs is None:  # a grad or param changed storage, dtype or layout: rebuild next step
+    addresses = _grad_pointers(plan, plan.grads(grads))
+    if addresses is None:  # a grad or param changed storage, dtype or layout: rebuild next step
         opt._slimoptim_plans.clear()
         return items
+    ptrs = addresses.tobytes()  # compared with the last upload's as bytes
     if _capturing(items):
         if ptrs != plan.last_grad_ptrs:
             raise RuntimeError(
@@ -332,9 +366,7 @@ def step_fused(opt, items, grad_scale, found_inf) -> list:
         # Skip the copy when nothing changed (the caching allocator often hands back the
         # same gradient addresses); tensor-valued hyper-parameters are copied on device.
         if ptrs != plan.last_grad_ptrs or values.tobytes() != plan.last_values:
-            host = np.concatenate(
-                [np.asarray(ptrs, dtype=np.int64), values.reshape(-1).view(np.int64)]
-            )
+            host = np.concatenate([addresses, values.reshape(-1).view(np.int64)])
             upload(plan, host, plan.upload, tensors)
             plan.last_grad_ptrs, plan.last_values = ptrs, values.tobytes()
         else:

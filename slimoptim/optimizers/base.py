@@ -27,6 +27,7 @@ from .arguments import (
     scalar_hyperparameters,
 )
 from .state_spec import StateSpec
+from .stepped import items_and_grads
 
 # What a kernel rule bakes in: a subclass that changes any of these (the update math, its
 # scalars, the states and how their codes round) steps through its own reference code.
@@ -226,29 +227,9 @@ class SlimOptimizer(torch.optim.Optimizer):
         """Per-step scalars derived from the group and the step counter (tensors, no sync)."""
         return {}
 
-    def _params_with_grads(self) -> list:
-        # One attribute read per param (this runs every step); the gradients are checked
-        # where they are used (the kernels' dispatch, step_params). A param listed twice
-        # steps once.
-        items = [
-            (group, p) for group in self.param_groups for p in group["params"] if p.grad is not None
-        ]
-        if self._lists_a_param_twice():
-            seen = set()
-            items = [(g, p) for g, p in items if not (id(p) in seen or seen.add(id(p)))]
-        return items
-
-    def _lists_a_param_twice(self) -> bool:
-        """Whether some param appears twice in the groups. Which ids repeat is a function
-        of the groups' id sequence alone, so the answer is cached on that sequence: one
-        C-level pass per step instead of a set of every id."""
-        ids = tuple(tuple(map(id, g["params"])) for g in self.param_groups)
-        cached = self.__dict__.get("_slimoptim_repeats")
-        if cached is None or cached[0] != ids:
-            flat = [i for group_ids in ids for i in group_ids]
-            cached = (ids, len(set(flat)) != len(flat))
-            self.__dict__["_slimoptim_repeats"] = cached
-        return cached[1]
+    def _params_with_grads(self) -> tuple:
+        """(group, param) of every param with a gradient, a param listed twice once."""
+        return items_and_grads(self)[0]
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -256,8 +237,17 @@ class SlimOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self.step_params(self._params_with_grads())
+        items, grads = items_and_grads(self)
+        if self._step_params_is_ours():
+            self._step_params(items, grads)  # the gradients just read: no second pass
+        else:
+            self.step_params(items)  # a subclass's or a wrapper's: it may change the grads
         return loss
+
+    def _step_params_is_ours(self) -> bool:
+        return type(self).step_params is SlimOptimizer.step_params and (
+            "step_params" not in self.__dict__
+        )
 
     @torch.no_grad()
     def step_params(self, items: list[tuple[dict, torch.Tensor]]) -> None:
@@ -266,6 +256,11 @@ class SlimOptimizer(torch.optim.Optimizer):
         ``step()`` calls this with every param that has a gradient; gradient
         release calls it with the params whose gradients are ready.
         """
+        self._step_params(items, None)
+
+    def _step_params(self, items, grads: list | None) -> None:
+        """``step_params``; ``grads``: the items' gradients when the caller has just read
+        them (step()), None to read them here."""
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         if self.fused:
@@ -275,7 +270,7 @@ class SlimOptimizer(torch.optim.Optimizer):
 
             # The Triton kernels step what they can (checking the gradients they take);
             # the rest is left to the reference.
-            items = fused_step(self, items, grad_scale, found_inf)
+            items = fused_step(self, items, grad_scale, found_inf, grads)
         self.check_grads(items)  # every check before any reference step
         for group, p in items:
             self._step_reference(p, group, grad_scale, found_inf)

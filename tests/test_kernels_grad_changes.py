@@ -1,0 +1,146 @@
+"""A gradient that stops fitting its bucket after the plan was built is caught before any
+kernel runs, and that step goes to the reference path: bit for bit the reference's.
+
+The checks run every step over every param (dispatch._grad_pointers); these tests pin
+each case down, so that a faster check cannot drop one unnoticed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_kernels import DEVICE, _assert_same  # skips this module too without Triton
+
+import slimoptim
+
+pytest.importorskip("triton")
+from slimoptim.kernels import dispatch  # noqa: E402
+
+SHAPES = ((8, 16), (40,), (33,))
+
+
+def _pair(dtype=torch.bfloat16, cls=slimoptim.AdamW, **kw):
+    gen = torch.Generator().manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype).to(DEVICE)) for s in SHAPES]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    return cls(ps, lr=1e-2, fused=True, **kw), cls(qs, lr=1e-2, fused=False, **kw), ps, qs
+
+
+def _launches(monkeypatch) -> list:
+    """The params of every plan launched from now on, one list per launch."""
+    launched, launch_plan = [], dispatch.launch_plan
+
+    def recording(plan, *args, **kwargs):
+        launched.append(list(plan.grad_params))
+        launch_plan(plan, *args, **kwargs)
+
+    monkeypatch.setattr(dispatch, "launch_plan", recording)
+    return launched
+
+
+def _step_both(fused, ref, ps, qs, gen, change=None) -> None:
+    """One step of both on the same fresh gradients; ``change(p, grad)`` sets the fused
+    and the reference param's gradient when given."""
+    for p, q in zip(ps, qs, strict=True):
+        g = torch.randn(p.shape, generator=gen).to(p.dtype).to(DEVICE)
+        for param in (p, q):
+            if change is None:
+                param.grad = g.clone()
+            else:
+                change(param, g.clone())
+    fused.step()
+    ref.step()
+    _assert_same(fused, ref, ps, qs)
+
+
+def _non_contiguous(p, g):
+    p.grad = g.t().contiguous().t() if g.dim() == 2 else g  # same shape, column-major
+    assert g.dim() != 2 or not p.grad.is_contiguous()
+
+
+def _misaligned(p, g):
+    buffer = torch.empty(g.numel() + 8, dtype=g.dtype, device=g.device)
+    p.grad = buffer[1 : g.numel() + 1].view(g.shape).copy_(g)
+    assert p.grad.data_ptr() % 16 != 0
+
+
+def _float32_through_data(p, g):
+    p.grad = g
+    p.grad.data = g.float()  # Tensor.data's setter accepts another dtype: no grad check
+    assert p.grad.dtype == torch.float32 != p.dtype
+
+
+def _float32_through_grad_dtype(p, g):
+    p.grad_dtype = None  # lets the grad setter take any dtype
+    p.grad = g.float()
+
+
+CHANGES = [_non_contiguous, _misaligned, _float32_through_data]
+if hasattr(torch.Tensor, "grad_dtype"):
+    CHANGES.append(_float32_through_grad_dtype)
+
+
+@pytest.mark.parametrize("change", CHANGES, ids=lambda f: f.__name__.strip("_"))
+def test_a_gradient_that_no_longer_fits_goes_to_the_reference(monkeypatch, change):
+    fused, ref, ps, qs = _pair()
+    gen = torch.Generator().manual_seed(1)
+    launched = _launches(monkeypatch)
+    _step_both(fused, ref, ps, qs, gen)
+    assert len(launched) == 1  # the plan is built and launched
+    _step_both(fused, ref, ps, qs, gen, change)
+    assert len(launched) == 1, "a kernel ran on a gradient it cannot read"
+    _step_both(fused, ref, ps, qs, gen)
+    assert len(launched) == 2  # fitting gradients again: a plan is built anew
+
+
+def test_params_without_a_gradient_are_left_alone_whichever_they_are(monkeypatch):
+    """The same subset several steps running (step() keeps its items), then another."""
+    fused, ref, ps, qs = _pair()
+    gen = torch.Generator().manual_seed(2)
+    launched = _launches(monkeypatch)
+    for missing in ((), (1,), (1,), (0, 2), (0, 2), (), (0, 1, 2), ()):
+
+        def change(p, g, missing=missing):
+            index = next(i for i, q in enumerate((*ps, *qs)) if q is p) % len(ps)
+            p.grad = None if index in missing else g
+
+        _step_both(fused, ref, ps, qs, gen, change)
+        stepped = [p for i, p in enumerate(ps) if i not in missing]
+        if stepped:
+            assert {id(p) for p in launched[-1]} == {id(p) for p in stepped}
+    assert [fused.state[p]["step"].item() for p in ps] == [5, 5, 5]
+
+
+def test_a_step_params_wrapper_that_replaces_the_gradients_is_followed():
+    """step() hands the gradients it read to the kernels only when nothing stands between:
+    a wrapper (or a subclass) of step_params may set others."""
+    fused, ref, ps, qs = _pair()
+    step_params = fused.step_params
+
+    def doubling(items):
+        for _, p in items:
+            p.grad = p.grad * 2  # new tensors: the ones step() read are stale
+        step_params(items)
+
+    fused.step_params = doubling
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        for p, q in zip(ps, qs, strict=True):
+            g = torch.randn(p.shape, generator=gen).to(p.dtype).to(DEVICE)
+            p.grad, q.grad = g.clone(), g * 2
+        fused.step()
+        ref.step()
+        _assert_same(fused, ref, ps, qs)
+
+
+def test_the_grad_setter_refuses_another_dtype_device_or_shape():
+    """What dispatch does not rely on alone: the setter checks, but ``.data`` and
+    ``grad_dtype`` get around its dtype check (tested above)."""
+    p = torch.nn.Parameter(torch.randn(4, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="dtype|type"):
+        p.grad = torch.randn(4)
+    with pytest.raises(RuntimeError, match="size"):
+        p.grad = torch.randn(5, dtype=torch.bfloat16)
+    if torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="device"):
+            p.grad = torch.randn(4, dtype=torch.bfloat16, device="cuda")
