@@ -199,3 +199,21 @@ def test_lion_sign_flips_three_steps(tmp_path):
         assert len(series) == 3 and series[0] == 0.0  # step 1: every state starts at zero
         assert all(0.0 <= r < 0.5 for r in series)
     assert (tmp_path / "lion_sign_flips_lr0.001.json").exists()
+
+
+def test_end_to_end_interleaved_on_cpu(tmp_path):
+    """The end-to-end benchmark builds every optimizer and times them round by round."""
+    import subprocess
+
+    only = "torch_adamw_bf16,slimoptim_adamw,slimoptim_adamw_release"
+    subprocess.run(
+        [sys.executable, "end_to_end.py", "--only", only, "--out", str(tmp_path)],
+        cwd=BENCHMARKS,
+        check=True,
+        capture_output=True,
+    )
+    (report,) = tmp_path.glob("end_to_end_*.json")
+    runs = json.loads(report.read_text())["runs"]
+    assert list(runs) == only.split(",")
+    for run in runs.values():
+        assert len(run["step_ms_all"]) == 2 and all(ms > 0 for ms in run["step_ms_all"])

@@ -23,10 +23,11 @@ from . import common as cm
 
 # Elements per tile (rounded to whole quantization groups), tiles per program, warps per
 # program, register cap. 8 elements per thread (4 threads per 32-element group) halve
-# the per-group work per element; capped at 96 registers, 21 one-warp programs fit an SM
-# (uncapped, 17). Measured on the H200 (benchmarks/NOTES.md v17); the GPU bit check
-# covers the tail-tile case that 8 elements per thread once miscompiled (Triton 3.6, v4).
-CONFIG = {"block": 256, "tiles": 8, "num_warps": 1, "maxnreg": 96}
+# the per-group work per element; capped at 80 registers, 25 one-warp programs fit an SM
+# (uncapped: 117 registers, 17 programs, slower). Swept on the H200 (benchmarks/NOTES.md
+# v17); the GPU bit check covers the tail-tile case that 8 elements per thread once
+# miscompiled (Triton 3.6, v4).
+CONFIG = {"block": 256, "tiles": 8, "num_warps": 1, "maxnreg": 80}
 # The interpreter's cost is per program and per launch, not per element: larger tiles
 # keep tests quick; 4 tiles per chunk still puts whole and tail tiles in one program
 # for a 4097-element tensor.
