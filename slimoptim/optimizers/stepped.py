@@ -10,6 +10,8 @@ from __future__ import annotations
 import operator
 from itertools import compress, repeat
 
+import torch
+
 _grad_of = operator.attrgetter("grad")
 
 
@@ -20,11 +22,16 @@ def items_and_grads(opt) -> tuple[tuple, list]:
     While the same params have gradients, the same tuple comes back step after step, so
     its identity stands for its params (the kernels' plan lookup relies on it).
     """
-    items, params = _every_param_once(opt)
+    # Traced by torch.compile (opt.step compiled): no caches, whose writes to the
+    # optimizer's __dict__ older dynamo versions cannot trace (torch 2.11).
+    compiling = torch.compiler.is_compiling()
+    items, params = _snapshot(opt.param_groups)[1:] if compiling else _every_param_once(opt)
     grads = list(map(_grad_of, params))
     if not any(map(operator.is_, grads, repeat(None))):
         return items, grads
     present = list(map(operator.is_not, grads, repeat(None)))
+    if compiling:
+        return tuple(compress(items, present)), list(compress(grads, present))
     cached = opt.__dict__.get("_slimoptim_with_grads")
     if cached is None or cached[0] is not items or cached[1] != present:
         cached = (items, present, tuple(compress(items, present)))
@@ -39,17 +46,22 @@ def _every_param_once(opt) -> tuple[tuple, tuple]:
     groups = opt.param_groups
     cached = opt.__dict__.get("_slimoptim_items")
     if cached is None or not _same_groups(cached[0], groups):
-        snapshot = tuple((group, tuple(group["params"])) for group in groups)
-        seen = set()
-        items = tuple(
-            (group, p)
-            for group, params in snapshot
-            for p in params
-            if not (id(p) in seen or seen.add(id(p)))
-        )
-        cached = (snapshot, items, tuple(map(operator.itemgetter(1), items)))
+        cached = _snapshot(groups)
         opt.__dict__["_slimoptim_items"] = cached
     return cached[1], cached[2]
+
+
+def _snapshot(groups: list) -> tuple[tuple, tuple, tuple]:
+    """(the groups with their params lists, every (group, param) pair once, the params)."""
+    snapshot = tuple((group, tuple(group["params"])) for group in groups)
+    seen = set()
+    items = tuple(
+        (group, p)
+        for group, params in snapshot
+        for p in params
+        if not (id(p) in seen or seen.add(id(p)))
+    )
+    return snapshot, items, tuple(map(operator.itemgetter(1), items))
 
 
 def _same_groups(snapshot: tuple, groups: list) -> bool:
