@@ -216,33 +216,36 @@ def _set_config(dispatch, cfg: str) -> None:
 
 
 def host_time(counts=(200, 1000, 2000), numel=1024, repeats=50) -> dict:
-    """CPU time of one step() call with many small tensors (the GPU is never the limit)."""
+    """CPU time of one step() call with many small tensors (the GPU is never the limit),
+    with the same gradient tensors every step and with new ones every step (as after
+    ``zero_grad()`` and a backward pass; assigned outside the timed call)."""
     out = {}
     factories = {
         "torch AdamW fused bf16": lambda p: torch.optim.AdamW(p, lr=1e-4, fused=True),
         "slimoptim AdamW 24/8": lambda p: slimoptim.AdamW(p, lr=1e-4),
     }
     for name, factory in factories.items():
-        out[name] = {}
-        for n in counts:
-            params = [
-                torch.nn.Parameter(torch.randn(numel, device="cuda", dtype=torch.bfloat16))
-                for _ in range(n)
-            ]
-            for p in params:
-                p.grad = torch.randn_like(p)
-            opt = factory(params)
-            for _ in range(3):
-                opt.step()
-            torch.cuda.synchronize()
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                opt.step()
-                times.append(time.perf_counter() - t0)
-                torch.cuda.synchronize()
-            out[name][n] = round(statistics.median(times) * 1e3, 4)
-        print(f"host ms per step() {name}: {out[name]}", flush=True)
+        for fresh in (False, True):
+            key = f"{name}, new grads each step" if fresh else name
+            out[key] = {}
+            for n in counts:
+                params = [
+                    torch.nn.Parameter(torch.randn(numel, device="cuda", dtype=torch.bfloat16))
+                    for _ in range(n)
+                ]
+                sets = 4 if fresh else 1
+                grad_sets = [[torch.randn_like(p) for p in params] for _ in range(sets)]
+                opt = factory(params)
+                times = []
+                for i in range(3 + repeats):
+                    for p, g in zip(params, grad_sets[i % len(grad_sets)], strict=True):
+                        p.grad = g
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                    opt.step()
+                    times.append(time.perf_counter() - t0)
+                out[key][n] = round(statistics.median(times[3:]) * 1e3, 4)
+            print(f"host ms per step() {key}: {out[key]}", flush=True)
     return out
 
 
