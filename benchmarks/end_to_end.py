@@ -62,7 +62,10 @@ def main() -> None:
     runs = interleaved(configs, SHAPES[args.shape], device, args)
     for config, run in runs.items():
         print(f"{config:28s} median step {run['step_ms_median']:.2f} ms", flush=True)
-    base = runs.get("torch_adamw_bf16", next(iter(runs.values())))["step_ms_median"]
+    if not runs:
+        raise SystemExit("no optimizer could be built (see the lines above)")
+    base_name = "torch_adamw_bf16" if "torch_adamw_bf16" in runs else next(iter(runs))
+    base = runs[base_name]["step_ms_median"]
     env = environment(device)
     lines = [
         f"# End-to-end training step, {args.shape}",
@@ -73,7 +76,7 @@ def main() -> None:
         f"rounds after {args.warmup} warm-up; "
         f"release buckets of {args.bucket_mb} MB.",
         "",
-        f"| optimizer | step ms (median) | x {next(iter(runs))} |",
+        f"| optimizer | step ms (median) | x {base_name} |",
         "|---|---|---|",
     ]
     for config, run in runs.items():
@@ -101,7 +104,10 @@ def interleaved(configs, shape, device, args) -> dict:
     times = {config: [] for config in built}
     per_round = max(1, args.steps // args.rounds)
     for round_ in range(args.rounds + 1):  # round 0 is the warm-up
-        for config, (model, opt, _, autocast) in built.items():
+        # Every other round in reverse: no config always runs right after the same one.
+        order = list(built) if round_ % 2 == 0 else list(reversed(built))
+        for config in order:
+            model, opt, _, autocast = built[config]
             for _ in range(args.warmup if round_ == 0 else per_round):
                 tokens = torch.randint(
                     shape.vocab, (args.batch_size, args.seq_len), generator=gen, device=device

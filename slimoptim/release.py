@@ -41,11 +41,6 @@ def _grad_nbytes(p: torch.Tensor) -> int:
     return grad.numel() * grad.element_size()
 
 
-def _local_nbytes(p: torch.Tensor) -> int:
-    local = local_tensor(p)
-    return local.numel() * local.element_size()
-
-
 def _reject_data_parallel_wrappers(model: nn.Module) -> None:
     """DDP and FSDP1 reduce gradients after the hooks fire: releasing would step unreduced grads."""
     if not torch.distributed.is_available():
@@ -142,10 +137,9 @@ class GradientRelease:
                 self._open_backward()
             if self.accumulating or p.grad is None:
                 return
-            entry = self._group_of.get(id(p))
-            if entry is None:  # left the optimizer since enable: not ours to step
+            group = self._group_of.get(id(p))
+            if group is None:  # left the optimizer since enable: not ours to step
                 return
-            group, nbytes = entry
             if id(p) in self._released_this_backward:
                 raise RuntimeError(
                     "gradient release: a parameter's gradient was accumulated twice in one "
@@ -156,7 +150,8 @@ class GradientRelease:
                 )
             self._released_this_backward.add(id(p))
             self._pending.append((group, p))
-            self._pending_bytes += nbytes
+            # The gradient's own bytes: its dtype can differ from the param's (grad_dtype).
+            self._pending_bytes += _grad_nbytes(p)
             if self._pending_bytes >= self.bucket_bytes:
                 self._step_and_free(self._pending, self._pending_bytes)
                 self._pending = []
@@ -173,11 +168,8 @@ class GradientRelease:
         self._backward_end = weakref.ref(callback, self._on_backward_end_freed)
         self._backward_open = True
         self._released_this_backward.clear()
-        # Rebuilt every backward: load_state_dict and add_param_group replace groups. A
-        # gradient has its parameter's dtype and (local) shape, so its bytes are known here.
-        self._group_of = {
-            id(p): (g, _local_nbytes(p)) for g in self.optimizer.param_groups for p in g["params"]
-        }
+        # Rebuilt every backward: load_state_dict and add_param_group replace groups.
+        self._group_of = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
 
     def _on_backward_end_freed(self, ref: weakref.ref) -> None:
         """The engine freed our end-of-backward callback: after running it, or unrun
@@ -210,8 +202,9 @@ class GradientRelease:
         self._check_no_grad_scaler()
         self.max_bucket_bytes = max(self.max_bucket_bytes, nbytes)
         if self.clip_grad_norm_per_tensor is not None:
-            for _, p in items:  # step_params checks every gradient too, but after clipping
+            for _, p in items:  # every check before any gradient is clipped in place
                 check_grad(p, p.grad)
+            for _, p in items:
                 torch.nn.utils.clip_grad_norm_([p], self.clip_grad_norm_per_tensor)
         self.optimizer.step_params(items)  # checks every gradient before stepping any
         for _, p in items:

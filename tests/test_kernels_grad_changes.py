@@ -133,6 +133,47 @@ def test_a_step_params_wrapper_that_replaces_the_gradients_is_followed():
         _assert_same(fused, ref, ps, qs)
 
 
+def test_a_step_params_patched_onto_the_class_is_followed(monkeypatch):
+    """The same for a wrapper patched onto the class itself (instrumentation does that)."""
+    fused, ref, ps, qs = _pair()
+    calls = []
+    original = slimoptim.SlimOptimizer.step_params
+
+    def counting(self, items):
+        calls.append(len(items))
+        original(self, items)
+
+    monkeypatch.setattr(slimoptim.SlimOptimizer, "step_params", counting)
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(2):
+        for p, q in zip(ps, qs, strict=True):
+            g = torch.randn(p.shape, generator=gen).to(p.dtype).to(DEVICE)
+            p.grad, q.grad = g.clone(), g
+        fused.step()
+        ref.step()
+        _assert_same(fused, ref, ps, qs)
+    assert calls == [len(ps)] * 4  # both optimizers, both steps
+
+
+def test_a_replaced_param_group_dict_is_read_by_the_next_step():
+    """A plan reads its groups' hyper-parameters: a group dict replaced in param_groups
+    (here with lr 0) must reach the kernels, not the old dict's lr."""
+    fused, ref, ps, qs = _pair()
+    gen = torch.Generator().manual_seed(9)
+    for step in range(3):
+        if step == 1:
+            for opt in (fused, ref):
+                opt.param_groups[0] = {**opt.param_groups[0], "lr": 0.0}
+        for p, q in zip(ps, qs, strict=True):
+            g = torch.randn(p.shape, generator=gen).to(p.dtype).to(DEVICE)
+            p.grad, q.grad = g.clone(), g
+        before = [p.detach().clone() for p in ps]
+        fused.step()
+        ref.step()
+        _assert_same(fused, ref, ps, qs)
+    assert all(torch.equal(p, b) for p, b in zip(ps, before, strict=True))  # lr 0: unmoved
+
+
 def test_the_grad_setter_refuses_another_dtype_device_or_shape():
     """What dispatch does not rely on alone: the setter checks, but ``.data`` and
     ``grad_dtype`` get around its dtype check (tested above)."""

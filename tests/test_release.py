@@ -150,6 +150,36 @@ def test_buckets_fill_to_bucket_bytes_in_ready_order():
     assert handle.max_bucket_bytes == max(buckets)
 
 
+@pytest.mark.skipif(not hasattr(torch.Tensor, "grad_dtype"), reason="needs Tensor.grad_dtype")
+def test_buckets_count_the_gradients_own_bytes():
+    """A gradient can have another dtype than its param (grad_dtype): buckets and
+    max_bucket_bytes count what the gradients hold."""
+    _, _, _, model, opt = adamw_pair(dtype=torch.bfloat16)
+    for p in model.parameters():
+        p.grad_dtype = torch.float32
+    bucket_bytes = 1500
+    handle = slimoptim.enable_gradient_release(model, opt, bucket_bytes=bucket_bytes)
+    buckets = []
+    step_params = opt.step_params
+
+    def recording_step_params(items):
+        assert all(p.grad.dtype == torch.float32 for _, p in items)
+        buckets.append(sum(p.grad.numel() * p.grad.element_size() for _, p in items))
+        step_params(items)
+
+    opt.step_params = recording_step_params
+    tokens, targets = batch(torch.Generator().manual_seed(new_seed()))
+    model(tokens, targets).backward()
+    assert len(buckets) > 1
+    assert all(nbytes >= bucket_bytes for nbytes in buckets[:-1])
+    assert all(nbytes < bucket_bytes + 2 * max_param_bytes(model) for nbytes in buckets)
+    assert handle.max_bucket_bytes == max(buckets)
+
+
+def max_param_bytes(model) -> int:
+    return max(4 * p.numel() for p in model.parameters())  # as float32 gradients
+
+
 def test_step_and_zero_grad_are_noops_that_warn_once_and_remove_restores_them():
     seed, ref_model, ref_opt, model, opt = adamw_pair()
     handle = slimoptim.enable_gradient_release(model, opt)

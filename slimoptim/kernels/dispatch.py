@@ -283,7 +283,9 @@ def _plan_for(opt, rule, items):
         + tuple(rule.flags(opt, g).values())
         for g in opt.param_groups
     )
-    key = (_param_ids(opt, items), modes)
+    # The groups themselves too: a plan reads its groups' hyper-parameters, so a group dict
+    # replaced in param_groups needs a new plan (the plan holds the old dicts: no id reuse).
+    key = (_param_ids(opt, items), modes, tuple(map(id, opt.param_groups)))
     plan = plans.get(key)
     if plan is not None and plan.still_valid(opt):
         return plan

@@ -245,9 +245,9 @@ class SlimOptimizer(torch.optim.Optimizer):
         return loss
 
     def _step_params_is_ours(self) -> bool:
-        return type(self).step_params is SlimOptimizer.step_params and (
-            "step_params" not in self.__dict__
-        )
+        # Against the function as defined here: a wrapper patched onto the class (or this
+        # base class) or the instance may replace the gradients, so it must run.
+        return type(self).step_params is _STEP_PARAMS and "step_params" not in self.__dict__
 
     @torch.no_grad()
     def step_params(self, items: list[tuple[dict, torch.Tensor]]) -> None:
@@ -376,3 +376,7 @@ class SlimOptimizer(torch.optim.Optimizer):
         listing = super().__repr__().removeprefix(name)
         mode = f"master {bits('master_weight_bits')}, states {bits('state_bits')}"
         return f"slimoptim.{name} ({mode}){listing}"
+
+
+# step_params as this module defines it (step() compares the class's with it).
+_STEP_PARAMS = SlimOptimizer.step_params
