@@ -37,6 +37,7 @@ STATE0 = tl.constexpr(3)  # a state; its group scales (8-bit states) are the nex
 STATE1 = tl.constexpr(5)
 N_FIELDS = tl.constexpr(7)  # a tensor's addresses are one row of the table
 MAX_SCALARS = tl.constexpr(9)  # per-tensor scalar row; column 0 is the step counter
+INF_BITS = tl.constexpr(0x7F800000)  # float32 +inf's bit pattern
 
 
 @triton.jit
@@ -88,11 +89,12 @@ def load_grad(
     if MAXIMIZE:
         g = g * -1.0  # not -g: Triton's unary minus is 0 - x, which loses -0.0
     # A group with a non-finite gradient keeps its old values; found_inf skips every group.
-    # One NaN-propagating max per row finds them (NaN < inf is false; nothing is < -1).
-    largest = tl.reduce(tl.where(mask, tl.abs(g), 0.0), 1, kf.max_keeping_nan)
-    limit = float("inf")
+    # One integer max per row of |g|'s bits finds them: inf's bits are above every finite
+    # value's, NaN's above inf's (a float max would drop NaN). found_inf: nothing is < 0.
+    largest = tl.max(tl.where(mask, kf.as_bits(tl.abs(g)), 0), axis=1)
+    limit = INF_BITS
     if HAS_FOUND_INF:
-        limit = tl.where(tl.load(found_inf) == 0, float("inf"), -1.0)
+        limit = tl.where(tl.load(found_inf) == 0, INF_BITS, 0)
     group_ok = largest < limit
     ok = group_ok[:, None] & mask
     return tl.where(ok, g, 0.0), ok, group_ok & group_mask

@@ -62,11 +62,6 @@ def is_finite(x):
 
 
 @triton.jit
-def max_keeping_nan(a, b):
-    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
 def as_float(bits):
     return bits.to(tl.float32, bitcast=True)
 
