@@ -131,22 +131,29 @@ def test_hooks_only_trainable_params_once_and_frees_grads_during_backward():
     assert all(p.grad is None for p in trainable)
 
 
-def test_buckets_fill_to_bucket_bytes_in_ready_order():
-    _, _, _, model, opt = adamw_pair(dtype=torch.float32)
-    bucket_bytes = 1500
+def released_buckets(model, opt, bucket_bytes: int) -> tuple[set, list[int], object]:
+    """Release with ``bucket_bytes`` through one backward: the gradient dtypes and the
+    gradient bytes of every bucket stepped, and the handle."""
     handle = slimoptim.enable_gradient_release(model, opt, bucket_bytes=bucket_bytes)
-    buckets = []
+    dtypes, buckets = set(), []
     step_params = opt.step_params
 
     def recording_step_params(items):
+        dtypes.update(p.grad.dtype for _, p in items)
         buckets.append(sum(p.grad.numel() * p.grad.element_size() for _, p in items))
         step_params(items)
 
     opt.step_params = recording_step_params
     tokens, targets = batch(torch.Generator().manual_seed(new_seed()))
     model(tokens, targets).backward()
+    return dtypes, buckets, handle
+
+
+def test_buckets_fill_to_bucket_bytes_in_ready_order():
+    _, _, _, model, opt = adamw_pair(dtype=torch.float32)
+    _, buckets, handle = released_buckets(model, opt, bucket_bytes=1500)
     assert len(buckets) > 1
-    assert all(nbytes >= bucket_bytes for nbytes in buckets[:-1])  # the last one is the rest
+    assert all(nbytes >= 1500 for nbytes in buckets[:-1])  # the last one is the rest
     assert handle.max_bucket_bytes == max(buckets)
 
 
@@ -157,27 +164,13 @@ def test_buckets_count_the_gradients_own_bytes():
     _, _, _, model, opt = adamw_pair(dtype=torch.bfloat16)
     for p in model.parameters():
         p.grad_dtype = torch.float32
-    bucket_bytes = 1500
-    handle = slimoptim.enable_gradient_release(model, opt, bucket_bytes=bucket_bytes)
-    buckets = []
-    step_params = opt.step_params
-
-    def recording_step_params(items):
-        assert all(p.grad.dtype == torch.float32 for _, p in items)
-        buckets.append(sum(p.grad.numel() * p.grad.element_size() for _, p in items))
-        step_params(items)
-
-    opt.step_params = recording_step_params
-    tokens, targets = batch(torch.Generator().manual_seed(new_seed()))
-    model(tokens, targets).backward()
+    dtypes, buckets, handle = released_buckets(model, opt, bucket_bytes=1500)
+    assert dtypes == {torch.float32}
     assert len(buckets) > 1
-    assert all(nbytes >= bucket_bytes for nbytes in buckets[:-1])
-    assert all(nbytes < bucket_bytes + 2 * max_param_bytes(model) for nbytes in buckets)
+    assert all(nbytes >= 1500 for nbytes in buckets[:-1])
+    largest = max(4 * p.numel() for p in model.parameters())  # a float32 gradient
+    assert all(nbytes < 1500 + 2 * largest for nbytes in buckets)
     assert handle.max_bucket_bytes == max(buckets)
-
-
-def max_param_bytes(model) -> int:
-    return max(4 * p.numel() for p in model.parameters())  # as float32 gradients
 
 
 def test_step_and_zero_grad_are_noops_that_warn_once_and_remove_restores_them():
