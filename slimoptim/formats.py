@@ -95,18 +95,32 @@ def _code_units(b: torch.Tensor, dtype: torch.dtype, code_bits: int):
     return _float(unit), _float(inverse)
 
 
-def split_master(w: torch.Tensor, dtype: torch.dtype, code_bits: int):
+def split_master(
+    w: torch.Tensor, dtype: torch.dtype, code_bits: int, noise: torch.Tensor | None = None
+):
     """Split float32 master ``w`` into (low-precision value as float32, int code).
 
     Codes span +-(2**(n-1) - 1), symmetric: a rebuilt master then always lies strictly
     inside ``b``'s rounding interval, so splitting it again gives back the same
     ``(b, code)``. With -2**(n-1) it could land on the midpoint below an odd ``b`` and
     re-round to the even neighbour, moving an element that was not stepped.
+
+    The code rounds to nearest, or, given ``noise`` (integers in [0, 65536), see
+    :func:`dither`) and 8-bit codes, stochastically: up with probability equal to the
+    fraction of a unit above the code below, so the rebuilt master is unbiased. An update
+    of under half a unit then moves the master on average instead of never (Lion's steps
+    of +-lr, docs/formats.md). A rebuilt master splits back to the same code either way.
+    16-bit codes hold a float32 master exactly (whole units, or halves just below a power
+    of two): nothing to dither, they always round to nearest.
     """
     b = round_to_dtype(w, dtype)
     scaled = (w - b) * _code_units(b, dtype, code_bits)[1]
     limit = 2 ** (code_bits - 1) - 1
-    code = torch.clamp(torch.floor(scaled + 0.5), -limit, limit)
+    if noise is None or code_bits != 8:
+        offset = 0.5
+    else:  # scaled: multiples of 2**-9 under 2**7 in size, so scaled + offset is exact
+        offset = noise * (1.0 / DITHER_LEVELS)
+    code = torch.clamp(torch.floor(scaled + offset), -limit, limit)
     keep = torch.isfinite(scaled)
     if dtype == torch.bfloat16:
         # Below 2**-100 the unit no longer divides b's half ulp, and a rebuilt master

@@ -34,6 +34,7 @@ class AdamWRule:
     update = adamw_update
     forget_column = ONE_MINUS_BETA1.value  # 1 - beta of the signed state
     momentum_levels = "square"  # formats.MOMENTUM_LEVEL_SETS
+    master_rounding = "nearest"  # SlimOptimizer.master_rounding
     state_names = ("exp_avg", "exp_avg_sq")
     flag_names = ("DECOUPLED", "HAS_WEIGHT_DECAY")
     # Values read from each param group at every step (float, or tensor for a tensor lr).

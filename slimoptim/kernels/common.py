@@ -112,12 +112,13 @@ def load_master(pp, cp, offs, mask, PARAM_KIND: tl.constexpr, CODE_BITS: tl.cons
 
 @triton.jit
 def store_master(
-    pp, cp, offs, mask, w,
+    pp, cp, offs, mask, w, noise,
     PARAM_KIND: tl.constexpr, CODE_BITS: tl.constexpr, HW_ROUND: tl.constexpr,
+    DITHERED: tl.constexpr,
 ):  # fmt: skip
     """Split ``w`` into the stored parameter and its correction code (formats.split_master)."""
     if CODE_BITS != 0:
-        b, code = kf.split_master(w, PARAM_KIND, CODE_BITS, HW_ROUND)
+        b, code = kf.split_master(w, noise, PARAM_KIND, CODE_BITS, HW_ROUND, DITHERED)
         if CODE_BITS == 8:
             tl.store(cp + offs, code.to(tl.int8), mask)
         else:
@@ -177,7 +178,7 @@ def _step_tile(
     FLAG0: tl.constexpr, FLAG1: tl.constexpr, FLAG2: tl.constexpr,
     PARAM_KIND: tl.constexpr, GRAD_KIND: tl.constexpr, CODE_BITS: tl.constexpr,
     STATE_BITS: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
-    HAS_FOUND_INF: tl.constexpr, HW_ROUND: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr, HW_ROUND: tl.constexpr, MASTER_DITHER: tl.constexpr,
 ):  # fmt: skip
     g, ok, group_ok = load_grad(
         gp, offs, mask, group_mask, grad_scale, found_inf,
@@ -200,12 +201,12 @@ def _step_tile(
     w, s0, s1 = RULE(w0, g, s0, s1, floor, k, FLAG0, FLAG1, FLAG2)
     w = tl.where(ok, w, w0)
 
-    store_master(pp, cp, offs, mask, w, PARAM_KIND, CODE_BITS, HW_ROUND)
     noise0 = 0.0
-    noise1 = 0.0
+    noise1 = 0
+    if (N_STATES >= 1 and STATE_BITS == 8) or MASTER_DITHER:
+        noise0, noise1 = kf.dither(offs, k[0])
+    store_master(pp, cp, offs, mask, w, noise1, PARAM_KIND, CODE_BITS, HW_ROUND, MASTER_DITHER)
     if N_STATES >= 1:
-        if STATE_BITS == 8:
-            noise0, noise1 = kf.dither(offs, k[0])
         forget = k[FORGET]
         store_state(
             s0p, s0sp, offs, mask, groups, s0, ok, group_ok, noise0, forget, s0_before, True,
@@ -226,7 +227,7 @@ def step_kernel(
     PARAM_KIND: tl.constexpr, GRAD_KIND: tl.constexpr, CODE_BITS: tl.constexpr,
     STATE_BITS: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, TILES: tl.constexpr,
     MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-    HW_ROUND: tl.constexpr,
+    HW_ROUND: tl.constexpr, MASTER_DITHER: tl.constexpr,
 ):  # fmt: skip
     """Step one chunk (up to TILES tiles) of one tensor of the bucket with ``RULE``."""
     pid = tl.program_id(0)
@@ -265,6 +266,7 @@ def step_kernel(
                 offs, everywhere(offs), groups, everywhere(groups), grad_scale, found_inf,
                 RULE, N_STATES, FORGET, LEVELS, FLAG0, FLAG1, FLAG2, PARAM_KIND, GRAD_KIND,
                 CODE_BITS, STATE_BITS, MAXIMIZE, HAS_GRAD_SCALE, HAS_FOUND_INF, HW_ROUND,
+                MASTER_DITHER,
             )  # fmt: skip
         else:
             _step_tile(
@@ -272,6 +274,7 @@ def step_kernel(
                 offs, offs < numel, groups, groups * G < numel, grad_scale, found_inf,
                 RULE, N_STATES, FORGET, LEVELS, FLAG0, FLAG1, FLAG2, PARAM_KIND, GRAD_KIND,
                 CODE_BITS, STATE_BITS, MAXIMIZE, HAS_GRAD_SCALE, HAS_FOUND_INF, HW_ROUND,
+                MASTER_DITHER,
             )  # fmt: skip
 
 

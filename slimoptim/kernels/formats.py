@@ -38,6 +38,7 @@ INV_SQUARE_UNITS = tl.constexpr(_f32(1.0 / ref._LEVEL_UNITS["square"]))
 HALF_DITHER = tl.constexpr(float(ref.DITHER_LEVELS // 2))
 MOVEMENT_SLACK = tl.constexpr(ref.MOVEMENT_SLACK)
 DITHER_LEVELS = tl.constexpr(float(ref.DITHER_LEVELS))
+INV_DITHER_LEVELS = tl.constexpr(1.0 / ref.DITHER_LEVELS)
 VARIANCE_LEVELS_INT = tl.constexpr(ref.VARIANCE_LEVELS)
 VARIANCE_CODE_SHIFT = tl.constexpr(ref.VARIANCE_CODE_SHIFT)
 FINEST_VARIANCE_SHIFT = tl.constexpr(ref.FINEST_VARIANCE_SHIFT)
@@ -137,13 +138,21 @@ def join_master(b, code, PARAM: tl.constexpr, CODE_BITS: tl.constexpr):
 
 
 @triton.jit
-def split_master(w, PARAM: tl.constexpr, CODE_BITS: tl.constexpr, HW_ROUND: tl.constexpr):
-    """(low-precision value as float32, code as float32) of master ``w``."""
+def split_master(
+    w, noise, PARAM: tl.constexpr, CODE_BITS: tl.constexpr, HW_ROUND: tl.constexpr,
+    DITHERED: tl.constexpr,
+):  # fmt: skip
+    """(low-precision value as float32, code as float32) of master ``w``; the code rounds
+    to nearest or, ``DITHERED``, stochastically with int32 ``noise`` in [0, 65536)."""
     b = round_to_dtype(w, PARAM, HW_ROUND)
     _, inverse = code_units(b, PARAM, CODE_BITS)
     scaled = (w - b) * inverse
     LIMIT: tl.constexpr = 2 ** (CODE_BITS - 1) - 1  # symmetric, see formats.split_master
-    code = tl.minimum(tl.maximum(tl.floor(scaled + 0.5), -LIMIT), LIMIT)
+    if DITHERED:
+        offset = noise.to(tl.float32) * INV_DITHER_LEVELS
+    else:
+        offset = 0.5
+    code = tl.minimum(tl.maximum(tl.floor(scaled + offset), -LIMIT), LIMIT)
     keep = is_finite(scaled)
     if PARAM == 1:  # formats.split_master: tiny bf16 masters keep no correction
         keep = keep & ((as_bits(b) & 0x7F800000) >= (BF16_MIN_FIELD << 23))

@@ -163,6 +163,7 @@ def _launch(plan, bucket, scale, found_inf, dummy, has_scale) -> None:
         HAS_GRAD_SCALE=has_scale,
         HAS_FOUND_INF=has_inf,
         HW_ROUND=not interpreting(),
+        MASTER_DITHER=plan.rule.master_rounding == "stochastic" and bucket.code_bits == 8,
         num_warps=CONFIG["num_warps"],
         enable_fp_fusion=False,
         **({"maxnreg": CONFIG["maxnreg"]} if CONFIG.get("maxnreg") else {}),

@@ -26,6 +26,7 @@ class LionRule:
     update = lion_update
     forget_column = 0  # the momentum code rounds by the movement rule (optimizers/lion.py)
     momentum_levels = "square"  # formats.MOMENTUM_LEVEL_SETS
+    master_rounding = "stochastic"  # optimizers/lion.py
     state_names = ("exp_avg",)
     flag_names = ("HAS_WEIGHT_DECAY",)
     group_values = ("lr", "decay", "beta1", "omb1", "beta2", "omb2")

@@ -241,6 +241,7 @@ def _launch(
         HAS_GRAD_SCALE=has_scale,
         HAS_FOUND_INF=True,
         HW_ROUND=not interpreting(),
+        MASTER_DITHER=False,  # Muon's master rounds to nearest (SlimOptimizer.master_rounding)
         num_warps=CONFIG["num_warps"],
         enable_fp_fusion=False,
         **({"maxnreg": CONFIG["maxnreg"]} if CONFIG.get("maxnreg") else {}),

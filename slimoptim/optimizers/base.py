@@ -31,7 +31,7 @@ from .stepped import items_and_grads
 
 # What a kernel rule bakes in: a subclass that changes any of these (the update math, its
 # scalars, the states and how their codes round) steps through its own reference code.
-_RULE_METHODS = ("_update", "_scalars", "_specs_for", "state_specs")
+_RULE_METHODS = ("_update", "_scalars", "_specs_for", "state_specs", "master_rounding")
 
 
 @functools.cache
@@ -50,6 +50,10 @@ class SlimOptimizer(torch.optim.Optimizer):
     # (slimoptim.kernels.dispatch.RULES) when one mirrors ``_update`` bit for bit.
     state_specs: tuple[StateSpec, ...] = ()
     kernel_rule: str | None = None
+    # How a 24-bit master's correction code rounds: "nearest", or "stochastic" where the
+    # update rule's steps are often under half a code unit (formats.split_master). The
+    # stochastic one takes the dither's second half, so only rules with one state use it.
+    master_rounding = "nearest"
     # GradScaler hands us grad_scale and found_inf instead of unscaling fp16 grads.
     _step_supports_amp_scaling = True
 
@@ -191,18 +195,17 @@ class SlimOptimizer(torch.optim.Optimizer):
         previous: dict,
         ok: torch.Tensor,
         ok_groups: torch.Tensor,
+        noise: tuple | None,
     ) -> None:
         """Code ``values`` into ``state`` where ``ok``; ``previous``: the decoded states
-        before the step (a signed state rounded by the movement rule compares with it)."""
+        before the step (a signed state rounded by the movement rule compares with it);
+        ``noise``: this step's dither (:meth:`_dither`)."""
         size = group["group_size"]
-        noise = None
         for spec in self._specs_for(group):
             new = values[spec.name]
             if group["state_bits"] == 32:
                 state[spec.name].copy_(torch.where(ok, new, state[spec.name]))
                 continue
-            if noise is None:
-                noise = formats.dither(new.numel(), state["step"], new.device)
             if spec.by_movement:
                 before = previous[spec.name]
                 code, scale = formats.quantize_momentum(
@@ -314,16 +317,30 @@ class SlimOptimizer(torch.optim.Optimizer):
         if w.dtype == torch.float64:  # states stay float32 / 8-bit for float64 params
             new_states = {k: v.float() for k, v in new_states.items()}
         new_w = torch.where(ok, new_w, w)
-        self._store_weight(p, state, group, new_w)
-        self._store_states(state, group, new_states, states, ok, ok_groups)
+        noise = self._dither(p, state, group, numel)
+        self._store_weight(p, state, group, new_w, noise)
+        self._store_states(state, group, new_states, states, ok, ok_groups, noise)
 
-    def _store_weight(self, p, state, group, w: torch.Tensor) -> None:
+    def _dither(self, p, state, group, numel: int) -> tuple | None:
+        """This step's (first, second) dither of ``p``'s elements (formats.dither) where
+        an 8-bit state code or a stochastically rounded master takes it, else None."""
+        coded_states = group["state_bits"] == 8 and self._specs_for(group)
+        if coded_states or self._dithers_master(p, group):
+            return formats.dither(numel, state["step"], local_tensor(p).device)
+        return None
+
+    def _dithers_master(self, p, group) -> bool:
+        bits = correction_bits(p, group["master_weight_bits"])
+        return self.master_rounding == "stochastic" and bits == 8
+
+    def _store_weight(self, p, state, group, w: torch.Tensor, noise: tuple | None) -> None:
         local = local_tensor(p)
         bits = correction_bits(p, group["master_weight_bits"])
         if bits is None:
             b = formats.round_to_dtype(w, p.dtype)
         else:
-            b, code = formats.split_master(w, p.dtype, bits)
+            dither = noise[1] if self._dithers_master(p, group) else None
+            b, code = formats.split_master(w, p.dtype, bits, dither)
             state["correction"].copy_(code)
         local.detach().copy_(b.view(local.shape))
 

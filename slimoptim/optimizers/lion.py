@@ -29,6 +29,11 @@ class Lion(SlimOptimizer):
     # to nearest even where a steady gradient moves them by under half a level, so such
     # states stop short of their average (tests/test_formats.py, docs/formats.md).
     state_specs = (StateSpec("exp_avg", signed=True, rounding="movement"),)
+    # Every step moves an element by exactly lr: for |w| >= ~0.5 (LayerNorm gains) late
+    # in a schedule, a step of a 24-bit master's code units or less, which nearest
+    # rounding would get wrong the same way at every step (an update of 0.6 units moves
+    # 1, one of 0.4 never moves): the code rounds stochastically (formats.split_master).
+    master_rounding = "stochastic"
 
     def __init__(
         self,

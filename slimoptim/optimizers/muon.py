@@ -259,8 +259,9 @@ class Muon(SlimOptimizer):
             weight_decay=group["weight_decay"],
             lr_adjusted=adjusted_lr(group["lr"], group["adjust_lr_fn"], p.shape),
         )
-        self._store_weight(p, state, group, torch.where(ok, new_w, w))
-        self._store_states(state, group, {"momentum_buffer": buf}, before, ok, ok)
+        noise = self._dither(p, state, group, w.numel())
+        self._store_weight(p, state, group, torch.where(ok, new_w, w), noise)
+        self._store_states(state, group, {"momentum_buffer": buf}, before, ok, ok, noise)
 
 
 @torch.compiler.disable  # asks the CUDA stream, at every call: nothing to trace

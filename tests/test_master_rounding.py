@@ -1,0 +1,102 @@
+"""Stochastic rounding of the 24-bit master's code (formats.split_master, Lion's rule)."""
+
+import random
+
+import torch
+
+import slimoptim
+from slimoptim import formats
+from slimoptim.kernels import dispatch
+
+
+def _gen():
+    return torch.Generator().manual_seed(random.randrange(2**31))
+
+
+def _noise(n, gen):
+    return torch.randint(0, formats.DITHER_LEVELS, (n,), generator=gen).float()
+
+
+def test_a_dithered_code_is_unbiased_within_its_unit():
+    gen = _gen()
+    b = (torch.rand(64, generator=gen) * 0.5 + 1.25).bfloat16().float()  # w stays in [1, 2)
+    unit = formats._code_units(b, torch.bfloat16, 8)[0]
+    # float32 holds 8 bits below a unit here: fractions are multiples of 1/256
+    fraction = torch.randint(0, 256, (64,), generator=gen) / 256
+    whole = torch.randint(-100, 100, (64,), generator=gen).float()
+    w = b + (whole + fraction) * unit
+    assert torch.equal((w - b) / unit, whole + fraction)  # exact
+    draws = 4000
+    codes = torch.stack(
+        [formats.split_master(w, torch.bfloat16, 8, _noise(64, gen))[1] for _ in range(draws)]
+    ).float()
+    assert ((codes == whole) | (codes == whole + 1)).all()  # the two codes around w
+    # mean code - whole estimates the fraction; 5 standard errors (<= 0.5 / sqrt(draws))
+    error = (codes.mean(0) - whole - fraction).abs()
+    assert error.max() < 5 * 0.5 / draws**0.5
+    nearest = formats.split_master(w, torch.bfloat16, 8)[1].float()
+    assert torch.equal(nearest, whole + (fraction >= 0.5).float())
+
+
+def test_a_rebuilt_master_splits_back_to_its_code_whatever_the_noise():
+    gen = _gen()
+    w = torch.randn(4096, generator=gen) * 3
+    for bits in (8, 16):
+        b, code = formats.split_master(w, torch.bfloat16, bits, _noise(w.numel(), gen))
+        rebuilt = formats.join_master(b, code, torch.bfloat16, bits)
+        b2, code2 = formats.split_master(rebuilt, torch.bfloat16, bits, _noise(w.numel(), gen))
+        assert torch.equal(b2, b) and torch.equal(code2, code)
+
+
+def test_16_bit_codes_ignore_the_noise():
+    gen = _gen()
+    w = torch.randn(4096, generator=gen)
+    nearest = formats.split_master(w, torch.bfloat16, 16)
+    dithered = formats.split_master(w, torch.bfloat16, 16, _noise(w.numel(), gen))
+    assert torch.equal(nearest[0], dithered[0]) and torch.equal(nearest[1], dithered[1])
+
+
+class NearestLion(slimoptim.Lion):
+    master_rounding = "nearest"
+
+
+def _lion_drift(cls, master_weight_bits, lr, steps, gen):
+    """(master after ``steps`` Lion steps on a constant gradient, float64 value) / lr."""
+    start = (1.0 + torch.rand(256, generator=gen)).bfloat16()  # |w| in [1, 2): unit 2**-15
+    p = torch.nn.Parameter(start.clone())
+    opt = cls([p], lr=lr, betas=(0.9, 0.99), master_weight_bits=master_weight_bits, fused=False)
+    grad = torch.where(torch.rand(256, generator=gen) < 0.5, -1.0, 1.0).bfloat16()
+    for _ in range(steps):
+        p.grad = grad.clone()
+        opt.step()
+    exact = start.double() - steps * lr * grad.double()  # sign(m) = sign(g) at every step
+    return (opt.master_weight(p).double() - exact) / (steps * lr)
+
+
+def test_lion_moves_a_24_bit_master_by_steps_under_half_a_unit():
+    """lr = 0.4 code units for |w| in [1, 2): nearest rounding never moves the master."""
+    gen = _gen()
+    lr, steps = 0.4 * 2.0**-15, 300
+    # Each step adds a zero-mean error under one unit: after 300 steps its spread is
+    # ~sqrt(300 / 6) ~ 7 units ~ 0.06 of the movement (120 units); 256 elements' mean
+    # is 16x tighter.
+    error = _lion_drift(slimoptim.Lion, 24, lr, steps, gen)
+    assert error.abs().mean() < 0.2
+    assert error.mean().abs() < 0.03
+    # A 32-bit master is float32: it rounds each step (102.4 ulps) by under half an ulp.
+    assert _lion_drift(slimoptim.Lion, 32, lr, steps, gen).abs().max() < 0.5 / 102.4
+    stuck = _lion_drift(NearestLion, 24, lr, steps, gen)
+    assert stuck.abs().min() > 0.99  # what the dither is for: not one step taken
+
+
+def test_every_optimizer_and_its_kernel_rule_round_the_master_alike():
+    assert slimoptim.Lion.master_rounding == "stochastic"
+    for cls in (slimoptim.AdamW, slimoptim.Adam, slimoptim.SGD, slimoptim.Lion):
+        assert dispatch.RULES[cls.kernel_rule].master_rounding == cls.master_rounding
+    assert slimoptim.Muon.master_rounding == "nearest"  # its kernels launch MASTER_DITHER=False
+
+
+def test_a_lion_whose_master_rounds_to_nearest_steps_by_its_reference():
+    p = torch.nn.Parameter(torch.randn(64).bfloat16())
+    assert NearestLion([p]).kernel_rule_name() is None
+    assert slimoptim.Lion([p]).kernel_rule_name() == "lion"
