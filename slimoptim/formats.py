@@ -204,11 +204,31 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 DITHER_LEVELS = 65536  # each state's dither: integers in [0, DITHER_LEVELS)
 
 
-def dither(numel: int, step: torch.Tensor, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two independent uniform integer dithers in [0, 65536) (as float32), one for each
-    8-bit state, a fixed function of (element index, step): the top and bottom halves
-    of one 32-bit hash."""
+# The sequenced dither's steps per element and step: 65536 / golden ratio and
+# 65536 * (sqrt(2) - 1), rounded to odd integers (every value of [0, 65536) is visited).
+SEQUENCE_STEPS = (40503, 27145)
+SEQUENCE_KEY = 0x2545F491
+
+
+def dither(
+    numel: int, step: torch.Tensor, device=None, sequenced: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two uniform integer dithers in [0, 65536) (as float32), one for each 8-bit state
+    (or the master's code), a fixed function of (element index, step).
+
+    Hashed (default): the top and bottom halves of one 32-bit hash of both, independent
+    from step to step. ``sequenced``: each element walks a Weyl sequence from a hashed
+    start, (start + step * SEQUENCE_STEPS[i]) mod 65536, so successive dithers of one
+    element are spread evenly over the range: a state coded again at every step collects
+    rounding errors that cancel instead of adding up as a random walk (Lion's slow EMA,
+    docs/formats.md).
+    """
     index = torch.arange(numel, device=device, dtype=torch.int64)
+    if sequenced:
+        h = _mix32(index ^ SEQUENCE_KEY)
+        s = step.to(torch.int64)
+        first = ((h >> 16) + s * SEQUENCE_STEPS[0]) & 0xFFFF
+        return first.to(torch.float32), (((h & 0xFFFF) + s * SEQUENCE_STEPS[1]) & 0xFFFF).float()
     key = _mix32((step.to(torch.int64) * 0x9E3779B1) & 0xFFFFFFFF)
     h = _mix32(index ^ key)
     return (h >> 16).to(torch.float32), (h & 0xFFFF).to(torch.float32)
@@ -242,6 +262,9 @@ _LEVEL_UNITS = {"square": float(MOMENTUM_LEVELS**2), "linear_square": float(2 * 
 
 
 MOVEMENT_SLACK = 1 + 2**-12  # see quantize_momentum's movement rule
+# Where a signed code dithers (optimizers.state_spec.StateSpec); the kernels' ROUNDING
+# constexpr is the index.
+MOMENTUM_ROUNDINGS = ("decay", "movement", "stochastic")
 
 
 def _momentum_level(c: torch.Tensor, offset: int) -> torch.Tensor:
@@ -267,8 +290,9 @@ def quantize_momentum(
     :func:`dither`) with probabilities that make the decoded value unbiased; nearest
     rounding elsewhere halves the error variance that stochastic rounding adds. The
     change is bounded by one step of decay, ``forget`` (1 - beta) times the value (the
-    decay rule), or, given ``previous`` (the decoded state before the step), measured as
-    |m - previous| (the movement rule; ``forget`` is then unused). A tiny group (even
+    decay rule; ``forget`` 0 dithers every value), or, given ``previous`` (the decoded
+    state before the step), measured as |m - previous| (the movement rule; ``forget`` is
+    then unused). A tiny group (even
     subnormal) is lifted by an exact power of two first (:func:`scale_lift`). Only exact
     float32 operations decide the code (the square root is corrected to the exact floor
     level), so every backend gives the same bits with a fast approximate root.

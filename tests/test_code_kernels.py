@@ -148,7 +148,7 @@ def test_fused_step_from_old_power_of_two_scales_matches_the_reference():
 @triton.jit
 def _quantize_kernel(
     m_ptr, previous_ptr, noise_ptr, code_ptr, scale_ptr, decoded_ptr, forget, numel,
-    G: tl.constexpr, ROWS: tl.constexpr, LEVELS: tl.constexpr, BY_MOVEMENT: tl.constexpr,
+    G: tl.constexpr, ROWS: tl.constexpr, LEVELS: tl.constexpr, ROUNDING: tl.constexpr,
 ):  # fmt: skip
     groups = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     offs = groups[:, None] * G + tl.arange(0, G)[None, :]
@@ -156,7 +156,7 @@ def _quantize_kernel(
     m = tl.load(m_ptr + offs, mask=mask, other=0.0)
     previous = tl.load(previous_ptr + offs, mask=mask, other=0.0)
     noise = tl.load(noise_ptr + offs, mask=mask, other=0.0)
-    code, scale = kf.quantize_momentum(m, mask, noise, forget, previous, LEVELS, BY_MOVEMENT)
+    code, scale = kf.quantize_momentum(m, mask, noise, forget, previous, LEVELS, ROUNDING)
     tl.store(code_ptr + offs, code, mask)
     tl.store(scale_ptr + groups, kf.float_to_bf16_bits(scale), groups * G < numel)
     tl.store(decoded_ptr + offs, kf.dequantize_momentum(code, scale, LEVELS), mask)
@@ -184,7 +184,7 @@ def boundary_groups(levels: str, gen: torch.Generator) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("levels", formats.MOMENTUM_LEVEL_SETS)
-@pytest.mark.parametrize("rule", ["nearest", "decay", "movement"])
+@pytest.mark.parametrize("rule", ["nearest", "decay", "movement", "stochastic"])
 def test_kernel_momentum_code_matches_the_reference_bit_for_bit(levels, rule):
     gen = torch.Generator().manual_seed(random.randrange(2**31))
     m = boundary_groups(levels, gen)
@@ -205,10 +205,11 @@ def test_kernel_momentum_code_matches_the_reference_bit_for_bit(levels, rule):
     noise[extreme < 0.2] = 0.0
     noise[extreme > 0.9] = formats.DITHER_LEVELS - 1
     previous = m + torch.randn(n, generator=gen) * m.abs() * 0.01
-    forget = 0.1
+    forget = 0.0 if rule == "stochastic" else 0.1
     if rule == "nearest":
         noise = torch.full((n,), formats.DITHER_LEVELS // 2, dtype=torch.float32)
     by_movement = rule == "movement"
+    rounding = formats.MOMENTUM_ROUNDINGS.index("decay" if rule == "nearest" else rule)
     code, scale = formats.quantize_momentum(
         m, GROUP, noise, forget, levels, previous if by_movement else None
     )
@@ -221,7 +222,7 @@ def test_kernel_momentum_code_matches_the_reference_bit_for_bit(levels, rule):
     _quantize_kernel[grid](
         m.to(DEVICE), previous.to(DEVICE), noise.to(DEVICE), k_code, k_scale, k_decoded,
         forget, n, G=GROUP, ROWS=ROWS, LEVELS=formats.MOMENTUM_LEVEL_SETS.index(levels),
-        BY_MOVEMENT=by_movement, enable_fp_fusion=False,
+        ROUNDING=rounding, enable_fp_fusion=False,
     )  # fmt: skip
     assert torch.equal(k_code.cpu(), code)
     assert torch.equal(k_scale.cpu(), scale.view(torch.int16))

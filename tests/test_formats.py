@@ -197,10 +197,12 @@ def _uniform_groups_coded_to_nearest(levels: str):
 @pytest.mark.parametrize("levels", LEVEL_SETS)
 def test_a_state_that_moves_rounds_to_nearest_and_one_that_could_freeze_is_dithered(levels):
     gen, m, noise, nearest = _uniform_groups_coded_to_nearest(levels)
-    # forget 1 (no memory): every value but those within half a gap of zero moves by
-    # more than half a gap, and those round to nearest whatever the noise
+    # forget 1 (no memory): a value moves by t (its level position squared, for square
+    # levels) and is dithered where t < low + 1/2, so every value from 1.25 levels up
+    # (above sqrt(1.5)) moves by more than half a gap and rounds to nearest whatever the
+    # noise
     scale = formats.per_element(formats.group_scale(m.abs(), 32).double(), 32, m.numel())
-    far = level_position(m / scale, levels) >= 1
+    far = level_position(m / scale, levels) >= 1.25
     assert far.double().mean() > 0.9
     coded = formats.quantize_momentum(m, 32, noise, 1.0, levels)[0]
     assert torch.equal(coded[far], nearest[far])

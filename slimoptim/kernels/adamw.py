@@ -35,6 +35,8 @@ class AdamWRule:
     forget_column = ONE_MINUS_BETA1.value  # 1 - beta of the signed state
     momentum_levels = "square"  # formats.MOMENTUM_LEVEL_SETS
     master_rounding = "nearest"  # SlimOptimizer.master_rounding
+    momentum_rounding = "decay"  # StateSpec.rounding of its momentum
+    dither = "hashed"  # SlimOptimizer.dither
     state_names = ("exp_avg", "exp_avg_sq")
     flag_names = ("DECOUPLED", "HAS_WEIGHT_DECAY")
     # Values read from each param group at every step (float, or tensor for a tensor lr).

@@ -15,11 +15,12 @@ tiles, where ``s0``/``s1`` are the decoded states (``N_STATES`` of them: a
 signed momentum-like state, then a non-negative second moment), ``floor`` the
 bound on sqrt(s1) of 8-bit second moments (0 otherwise), ``k`` the tensor's
 scalar row as a tuple, and the flags the rule's compile-time options. The signed
-state's 8-bit code rounds to nearest except where a step moves it by less than half a
-level (formats.quantize_momentum): ``FORGET`` names the column of ``k`` holding its
-1 - beta (the decay rule bounds the move by one step of decay), or is 0 (column 0 is
-the step, never a 1 - beta) for the movement rule, which compares with the state before
-the step. ``LEVELS`` picks the code's level set (formats.MOMENTUM_LEVEL_SETS).
+state's 8-bit code rounds by the rule's ``ROUNDING`` (index in StateSpec.ROUNDINGS,
+formats.quantize_momentum): the decay rule reads its 1 - beta from column ``FORGET``
+of ``k``; the movement rule compares with the state before the step; the stochastic
+one dithers every value. ``LEVELS`` picks the code's level set
+(formats.MOMENTUM_LEVEL_SETS); ``SEQUENCED`` the dither (formats.dither), and
+``MASTER_DITHER`` rounds the 24-bit master's code with its second half.
 """
 
 from __future__ import annotations
@@ -155,15 +156,13 @@ def load_state(
 @triton.jit
 def store_state(
     sp, scp, offs, mask, groups, x, ok, group_ok, noise, forget, previous,
-    SIGNED: tl.constexpr, BITS: tl.constexpr, LEVELS: tl.constexpr, BY_MOVEMENT: tl.constexpr,
+    SIGNED: tl.constexpr, BITS: tl.constexpr, LEVELS: tl.constexpr, ROUNDING: tl.constexpr,
 ):  # fmt: skip
     if BITS == 32:
         tl.store(sp + offs, x, ok)
     else:
         if SIGNED:
-            code, scale = kf.quantize_momentum(
-                x, mask, noise, forget, previous, LEVELS, BY_MOVEMENT
-            )
+            code, scale = kf.quantize_momentum(x, mask, noise, forget, previous, LEVELS, ROUNDING)
         else:
             code, scale = kf.quantize_variance(x, mask, noise)
         tl.store(sp + offs, code, ok)
@@ -179,6 +178,7 @@ def _step_tile(
     PARAM_KIND: tl.constexpr, GRAD_KIND: tl.constexpr, CODE_BITS: tl.constexpr,
     STATE_BITS: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr, HW_ROUND: tl.constexpr, MASTER_DITHER: tl.constexpr,
+    ROUNDING: tl.constexpr, SEQUENCED: tl.constexpr,
 ):  # fmt: skip
     g, ok, group_ok = load_grad(
         gp, offs, mask, group_mask, grad_scale, found_inf,
@@ -204,13 +204,13 @@ def _step_tile(
     noise0 = 0.0
     noise1 = 0
     if (N_STATES >= 1 and STATE_BITS == 8) or MASTER_DITHER:
-        noise0, noise1 = kf.dither(offs, k[0])
+        noise0, noise1 = kf.dither(offs, k[0], SEQUENCED)
     store_master(pp, cp, offs, mask, w, noise1, PARAM_KIND, CODE_BITS, HW_ROUND, MASTER_DITHER)
     if N_STATES >= 1:
         forget = k[FORGET]
         store_state(
             s0p, s0sp, offs, mask, groups, s0, ok, group_ok, noise0, forget, s0_before, True,
-            STATE_BITS, LEVELS, FORGET == 0,
+            STATE_BITS, LEVELS, ROUNDING,
         )  # fmt: skip
         if N_STATES >= 2:
             store_state(
@@ -227,7 +227,8 @@ def step_kernel(
     PARAM_KIND: tl.constexpr, GRAD_KIND: tl.constexpr, CODE_BITS: tl.constexpr,
     STATE_BITS: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, TILES: tl.constexpr,
     MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
-    HW_ROUND: tl.constexpr, MASTER_DITHER: tl.constexpr,
+    HW_ROUND: tl.constexpr, MASTER_DITHER: tl.constexpr, ROUNDING: tl.constexpr,
+    SEQUENCED: tl.constexpr,
 ):  # fmt: skip
     """Step one chunk (up to TILES tiles) of one tensor of the bucket with ``RULE``."""
     pid = tl.program_id(0)
@@ -266,7 +267,7 @@ def step_kernel(
                 offs, everywhere(offs), groups, everywhere(groups), grad_scale, found_inf,
                 RULE, N_STATES, FORGET, LEVELS, FLAG0, FLAG1, FLAG2, PARAM_KIND, GRAD_KIND,
                 CODE_BITS, STATE_BITS, MAXIMIZE, HAS_GRAD_SCALE, HAS_FOUND_INF, HW_ROUND,
-                MASTER_DITHER,
+                MASTER_DITHER, ROUNDING, SEQUENCED,
             )  # fmt: skip
         else:
             _step_tile(
@@ -274,7 +275,7 @@ def step_kernel(
                 offs, offs < numel, groups, groups * G < numel, grad_scale, found_inf,
                 RULE, N_STATES, FORGET, LEVELS, FLAG0, FLAG1, FLAG2, PARAM_KIND, GRAD_KIND,
                 CODE_BITS, STATE_BITS, MAXIMIZE, HAS_GRAD_SCALE, HAS_FOUND_INF, HW_ROUND,
-                MASTER_DITHER,
+                MASTER_DITHER, ROUNDING, SEQUENCED,
             )  # fmt: skip
 
 

@@ -39,6 +39,9 @@ HALF_DITHER = tl.constexpr(float(ref.DITHER_LEVELS // 2))
 MOVEMENT_SLACK = tl.constexpr(ref.MOVEMENT_SLACK)
 DITHER_LEVELS = tl.constexpr(float(ref.DITHER_LEVELS))
 INV_DITHER_LEVELS = tl.constexpr(1.0 / ref.DITHER_LEVELS)
+SEQUENCE_KEY = tl.constexpr(ref.SEQUENCE_KEY)
+SEQUENCE_STEP0 = tl.constexpr(ref.SEQUENCE_STEPS[0])
+SEQUENCE_STEP1 = tl.constexpr(ref.SEQUENCE_STEPS[1])
 VARIANCE_LEVELS_INT = tl.constexpr(ref.VARIANCE_LEVELS)
 VARIANCE_CODE_SHIFT = tl.constexpr(ref.VARIANCE_CODE_SHIFT)
 FINEST_VARIANCE_SHIFT = tl.constexpr(ref.FINEST_VARIANCE_SHIFT)
@@ -198,9 +201,14 @@ def mix32(x):
 
 
 @triton.jit
-def dither(index, step):
-    """formats.dither: the (momentum, variance) integer dithers in [0, 65536), the first as
-    float32, the second as int32."""
+def dither(index, step, SEQUENCED: tl.constexpr):
+    """formats.dither: the (momentum, variance or master) integer dithers in [0, 65536),
+    the first as float32, the second as int32."""
+    if SEQUENCED:  # uint32 products and sums wrap mod 2**32: the same low 16 bits
+        h = mix32(index.to(tl.uint32) ^ SEQUENCE_KEY)
+        s = step.to(tl.int32).to(tl.uint32)
+        first = ((h >> 16) + s * SEQUENCE_STEP0) & 0xFFFF
+        return first.to(tl.float32), (((h & 0xFFFF) + s * SEQUENCE_STEP1) & 0xFFFF).to(tl.int32)
     key = mix32(step.to(tl.int32).to(tl.uint32) * 0x9E3779B1)
     h = mix32(index.to(tl.uint32) ^ key)
     # The variance code adds its dither as an integer: no float round trip.
@@ -232,10 +240,12 @@ def dequantize_momentum(code, scale_row, LEVELS: tl.constexpr):
 
 @triton.jit
 def quantize_momentum(
-    m, mask, noise, forget, previous, LEVELS: tl.constexpr, BY_MOVEMENT: tl.constexpr
+    m, mask, noise, forget, previous, LEVELS: tl.constexpr, ROUNDING: tl.constexpr
 ):
-    """(int8 code, bf16 scale as float32 per row) of momentum tile ``m``; ``forget``
-    (decay rule) or ``previous`` (``BY_MOVEMENT``) as formats.quantize_momentum.
+    """(int8 code, bf16 scale as float32 per row) of momentum tile ``m`` as
+    formats.quantize_momentum, by the ``ROUNDING`` rule (index in StateSpec.ROUNDINGS):
+    0 decay (``forget``), 1 movement (``previous``), 2 stochastic (every value dithered,
+    the decay rule's forget = 0).
 
     The level is found from a fast approximate ``tl.sqrt`` and one exact comparison (the
     reference corrects an exact root both ways): the same exact floor level, so the same
@@ -259,12 +269,15 @@ def quantize_momentum(
     high = low + 1.0
     low = tl.where(momentum_level(high, LEVELS) <= t, high, low)
     half_gap = low + (offset + 1.0) * 0.5
-    if BY_MOVEMENT:
-        change = ((tl.abs(m - previous) * lift) * inverse) * units
-        dithered = change < half_gap * MOVEMENT_SLACK
+    if ROUNDING == 2:
+        threshold = noise * half_gap
     else:
-        dithered = t * forget < half_gap
-    threshold = tl.where(dithered, noise, HALF_DITHER) * half_gap
+        if ROUNDING == 1:
+            change = ((tl.abs(m - previous) * lift) * inverse) * units
+            dithered = change < half_gap * MOVEMENT_SLACK
+        else:
+            dithered = t * forget < half_gap
+        threshold = tl.where(dithered, noise, HALF_DITHER) * half_gap
     up = (t - momentum_level(low, LEVELS)) * HALF_DITHER > threshold
     code = low + up.to(tl.float32)
     # x's sign bit on the code (one bitwise op; -0.0 converts to 0 like +0.0)

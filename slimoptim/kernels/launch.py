@@ -18,7 +18,7 @@ import weakref
 import torch
 import triton
 
-from ..formats import MOMENTUM_LEVEL_SETS
+from ..formats import MOMENTUM_LEVEL_SETS, MOMENTUM_ROUNDINGS
 from . import common as cm
 
 # Elements per tile (rounded to whole quantization groups), tiles per program, warps per
@@ -164,6 +164,8 @@ def _launch(plan, bucket, scale, found_inf, dummy, has_scale) -> None:
         HAS_FOUND_INF=has_inf,
         HW_ROUND=not interpreting(),
         MASTER_DITHER=plan.rule.master_rounding == "stochastic" and bucket.code_bits == 8,
+        ROUNDING=MOMENTUM_ROUNDINGS.index(plan.rule.momentum_rounding),
+        SEQUENCED=plan.rule.dither == "sequenced",
         num_warps=CONFIG["num_warps"],
         enable_fp_fusion=False,
         **({"maxnreg": CONFIG["maxnreg"]} if CONFIG.get("maxnreg") else {}),

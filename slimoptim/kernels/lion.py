@@ -24,9 +24,11 @@ def lion_update(w, g, m, _s1, _floor, k, HAS_WEIGHT_DECAY, _UNUSED1, _UNUSED2):
 
 class LionRule:
     update = lion_update
-    forget_column = 0  # the momentum code rounds by the movement rule (optimizers/lion.py)
+    forget_column = 0  # unused: the stochastic rule reads no 1 - beta (column 0 is the step)
     momentum_levels = "square"  # formats.MOMENTUM_LEVEL_SETS
     master_rounding = "stochastic"  # optimizers/lion.py
+    momentum_rounding = "stochastic"  # StateSpec.rounding of its momentum
+    dither = "sequenced"  # SlimOptimizer.dither
     state_names = ("exp_avg",)
     flag_names = ("HAS_WEIGHT_DECAY",)
     group_values = ("lr", "decay", "beta1", "omb1", "beta2", "omb2")

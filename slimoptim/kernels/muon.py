@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..formats import MOMENTUM_LEVEL_SETS, correction_bits
+from ..formats import MOMENTUM_LEVEL_SETS, MOMENTUM_ROUNDINGS, correction_bits
 from . import common as cm
 from .dispatch import KINDS, aligned, eligible, split_values, tiling, upload, upload_tensors
 from .launch import CONFIG, interpreting, launch_plan
@@ -242,6 +242,8 @@ def _launch(
         HAS_FOUND_INF=True,
         HW_ROUND=not interpreting(),
         MASTER_DITHER=False,  # Muon's master rounds to nearest (SlimOptimizer.master_rounding)
+        ROUNDING=MOMENTUM_ROUNDINGS.index("decay"),  # optimizers.state_spec.MOMENTUM_BUFFER
+        SEQUENCED=False,
         num_warps=CONFIG["num_warps"],
         enable_fp_fusion=False,
         **({"maxnreg": CONFIG["maxnreg"]} if CONFIG.get("maxnreg") else {}),

@@ -32,6 +32,8 @@ class SGDRule:
     forget_column = ONE_MINUS_MOMENTUM.value  # 1 - beta of the signed state
     momentum_levels = "linear_square"  # formats.MOMENTUM_LEVEL_SETS
     master_rounding = "nearest"  # SlimOptimizer.master_rounding
+    momentum_rounding = "decay"  # StateSpec.rounding of its momentum
+    dither = "hashed"  # SlimOptimizer.dither
     state_names = ("momentum_buffer",)
     flag_names = ("HAS_MOMENTUM", "NESTEROV", "HAS_WEIGHT_DECAY")
     group_values = ("lr", "momentum", "omd", "weight_decay", "omm")

@@ -31,7 +31,7 @@ from .stepped import items_and_grads
 
 # What a kernel rule bakes in: a subclass that changes any of these (the update math, its
 # scalars, the states and how their codes round) steps through its own reference code.
-_RULE_METHODS = ("_update", "_scalars", "_specs_for", "state_specs", "master_rounding")
+_RULE_METHODS = ("_update", "_scalars", "_specs_for", "state_specs", "master_rounding", "dither")
 
 
 @functools.cache
@@ -54,6 +54,9 @@ class SlimOptimizer(torch.optim.Optimizer):
     # update rule's steps are often under half a code unit (formats.split_master). The
     # stochastic one takes the dither's second half, so only rules with one state use it.
     master_rounding = "nearest"
+    # The stochastic roundings' noise (formats.dither): "hashed" (independent at every
+    # step) or "sequenced" (a Weyl sequence per element: errors cancel over steps).
+    dither = "hashed"
     # GradScaler hands us grad_scale and found_inf instead of unscaling fp16 grads.
     _step_supports_amp_scaling = True
 
@@ -326,7 +329,8 @@ class SlimOptimizer(torch.optim.Optimizer):
         an 8-bit state code or a stochastically rounded master takes it, else None."""
         coded_states = group["state_bits"] == 8 and self._specs_for(group)
         if coded_states or self._dithers_master(p, group):
-            return formats.dither(numel, state["step"], local_tensor(p).device)
+            device, sequenced = local_tensor(p).device, self.dither == "sequenced"
+            return formats.dither(numel, state["step"], device, sequenced)
         return None
 
     def _dithers_master(self, p, group) -> bool:

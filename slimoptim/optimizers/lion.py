@@ -24,16 +24,16 @@ class Lion(SlimOptimizer):
 
     kernel_rule = "lion"
 
-    # The momentum code rounds by the movement rule (StateSpec): with beta2 0.99 the decay
-    # rule would dither every value under ~0.6 of its group's largest and round the rest
-    # to nearest even where a steady gradient moves them by under half a level, so such
-    # states stop short of their average (tests/test_formats.py, docs/formats.md).
-    state_specs = (StateSpec("exp_avg", signed=True, rounding="movement"),)
-    # Every step moves an element by exactly lr: for |w| >= ~0.5 (LayerNorm gains) late
-    # in a schedule, a step of a 24-bit master's code units or less, which nearest
-    # rounding would get wrong the same way at every step (an update of 0.6 units moves
-    # 1, one of 0.4 never moves): the code rounds stochastically (formats.split_master).
+    # Both codes round stochastically with a sequenced dither (formats.dither). The
+    # momentum (beta2 0.99) moves by ~1 % of itself per step: rounded to nearest it stops
+    # short of its average; dithered independently at every step, its errors add up to
+    # ~7x one rounding's (1 / sqrt(1 - beta2**2)); a Weyl sequence per element makes
+    # successive errors cancel (docs/formats.md). The master moves by exactly lr per step:
+    # for |w| >= ~0.5 (LayerNorm gains) late in a schedule that is a few code units or
+    # less of a 24-bit master, which nearest rounding gets wrong the same way every step.
+    state_specs = (StateSpec("exp_avg", signed=True, rounding="stochastic"),)
     master_rounding = "stochastic"
+    dither = "sequenced"
 
     def __init__(
         self,

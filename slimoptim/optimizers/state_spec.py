@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..formats import MOMENTUM_ROUNDINGS
+
 
 class StateSpec:
     """A named optimizer state (e.g. ``exp_avg``) and how 8-bit storage codes it.
@@ -9,11 +11,13 @@ class StateSpec:
     A signed state's code rounds stochastically only where nearest rounding could undo a
     step (formats.quantize_momentum), by one of two ``rounding`` rules: "decay", where one
     step of decay is under half a level (the state keeps ``beta(group)`` of itself per
-    step), or "movement", where the step moved the state by less than half a level. Its
-    ``levels`` (formats.MOMENTUM_LEVEL_SETS) follow what the update rule does with it.
+    step), or "movement", where the step moved the state by less than half a level; or
+    it rounds every value stochastically ("stochastic", for a sequenced dither: see
+    formats.dither). Its ``levels`` (formats.MOMENTUM_LEVEL_SETS) follow what the update
+    rule does with it.
     """
 
-    ROUNDINGS = ("decay", "movement")
+    ROUNDINGS = MOMENTUM_ROUNDINGS
 
     def __init__(
         self, name: str, signed: bool, beta=None, levels: str = "square", rounding: str = "decay"
@@ -33,7 +37,10 @@ class StateSpec:
         return self.signed and self.rounding == "movement"
 
     def forget(self, group: dict) -> float:
-        """1 - beta as the kernels' scalar rows hold it (a float64 difference)."""
+        """1 - beta as the kernels' scalar rows hold it (a float64 difference); 0 for the
+        stochastic rule (quantize_momentum then dithers every value)."""
+        if self.rounding == "stochastic":
+            return 0.0
         return 1 - float(self.beta(group))
 
     @property
