@@ -26,24 +26,22 @@ from slimoptim.demo_data import load_corpus, random_windows  # noqa: E402
 from slimoptim.demo_model import SIZES, ByteGPT  # noqa: E402
 
 BETA1, BETA2, WEIGHT_DECAY, GROUP = 0.9, 0.99, 0.3, 32
-# name -> (forget passed to quantize_momentum, levels); None: Lion's own 1 - beta2 (the
-# decay rule); "move": the movement rule, dithering where this step changed the state by
-# less than half a level (Lion's code since the decay rule's GPU shortfall, docs/quality.md)
+# name -> (forget passed to quantize_momentum, levels, sequenced dither); None: Lion's own
+# 1 - beta2 (the decay rule); "move": the movement rule, dithering where this step changed
+# the state by less than half a level; 0.0: every value dithered (the stochastic rule)
 VARIANTS = {
-    "square, stochastic (format 2)": (1e-9, "square"),
-    "square, nearest unless one step of decay is under half a level": (None, "square"),
-    "square, nearest": (1.0, "square"),
-    "linear-square, nearest unless freezing": (None, "linear_square"),
-    "linear-square, nearest": (1.0, "linear_square"),
-    "square, nearest unless this step's change is under half a level (Lion's code)": (
-        "move",
-        "square",
-    ),
+    "square, stochastic (format 2)": (1e-9, "square", False),
+    "square, nearest unless one step of decay is under half a level": (None, "square", False),
+    "square, nearest": (1.0, "square", False),
+    "linear-square, nearest unless freezing": (None, "linear_square", False),
+    "linear-square, nearest": (1.0, "linear_square", False),
+    "square, nearest unless this step's change is under half a level": ("move", "square", False),
+    "square, stochastic, sequenced dither (Lion's code)": (0.0, "square", True),
 }
 
 
 def coded(m_new, noise, variant: str, m_old) -> torch.Tensor:
-    forget, levels = VARIANTS[variant]
+    forget, levels, _ = VARIANTS[variant]
     if forget == "move":
         code, scale = formats.quantize_momentum(m_new, GROUP, noise, None, levels, previous=m_old)
     else:
@@ -76,11 +74,13 @@ def main(argv=None) -> dict:
             for i, p in enumerate(params):
                 g = p.grad.reshape(-1)
                 sign = torch.sign(m[i] * BETA1 + g * (1 - BETA1))
-                noise = formats.dither(g.numel(), torch.tensor(float(step)))[0]
+                at = torch.tensor(float(step))
+                noise = {s: formats.dither(g.numel(), at, sequenced=s)[0] for s in (False, True)}
                 for v in VARIANTS:
                     mq = shadow[v][i]
                     wrong[v] += int((torch.sign(mq * BETA1 + g * (1 - BETA1)) != sign).sum())
-                    shadow[v][i] = coded(mq * BETA2 + g * (1 - BETA2), noise, v, mq)
+                    new = coded(mq * BETA2 + g * (1 - BETA2), noise[VARIANTS[v][2]], v, mq)
+                    shadow[v][i] = new
                 p.mul_(1 - lr * WEIGHT_DECAY).add_(sign.view_as(p), alpha=-lr)
                 m[i] = m[i] * BETA2 + g * (1 - BETA2)
                 total += g.numel()
