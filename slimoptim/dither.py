@@ -1,0 +1,52 @@
+"""The stochastic-rounding dither of the 8-bit codes and the 24-bit master (formats.py).
+
+Integer noise that is a fixed function of (element index, step), so every backend draws
+the same values: the Triton kernels compute it with the same integer operations.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    # Integer hash on 32-bit values held in int64. Multipliers stay below 2**31
+    # so products fit in int64 exactly; Triton uses uint32 and gets the same bits.
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & 0xFFFFFFFF
+    x = x ^ (x >> 15)
+    x = (x * 0x1B873593) & 0xFFFFFFFF
+    return x ^ (x >> 16)
+
+
+DITHER_LEVELS = 65536  # each state's dither: integers in [0, DITHER_LEVELS)
+
+
+# The sequenced dither's steps per element and step: 65536 / golden ratio and
+# 65536 * (sqrt(2) - 1), rounded to odd integers (every value of [0, 65536) is visited).
+SEQUENCE_STEPS = (40503, 27145)
+SEQUENCE_KEY = 0x2545F491
+
+
+def dither(
+    numel: int, step: torch.Tensor, device=None, sequenced: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two uniform integer dithers in [0, 65536) (as float32), one for each 8-bit state
+    (or the master's code), a fixed function of (element index, step).
+
+    Hashed (default): the top and bottom halves of one 32-bit hash of both, independent
+    from step to step. ``sequenced``: each element walks a Weyl sequence from a hashed
+    start, (start + step * SEQUENCE_STEPS[i]) mod 65536, so successive dithers of one
+    element are spread evenly over the range: a state coded again at every step collects
+    rounding errors that cancel instead of adding up as a random walk (Lion's slow EMA,
+    docs/formats.md).
+    """
+    index = torch.arange(numel, device=device, dtype=torch.int64)
+    if sequenced:
+        h = _mix32(index ^ SEQUENCE_KEY)
+        s = step.to(torch.int64)
+        first = ((h >> 16) + s * SEQUENCE_STEPS[0]) & 0xFFFF
+        return first.to(torch.float32), (((h & 0xFFFF) + s * SEQUENCE_STEPS[1]) & 0xFFFF).float()
+    key = _mix32((step.to(torch.int64) * 0x9E3779B1) & 0xFFFFFFFF)
+    h = _mix32(index ^ key)
+    return (h >> 16).to(torch.float32), (h & 0xFFFF).to(torch.float32)
