@@ -120,7 +120,8 @@ def split_master(
     limit = 2 ** (code_bits - 1) - 1
     if noise is None or code_bits != 8:
         offset = 0.5
-    else:  # scaled: multiples of 2**-9 under 2**7 in size, so scaled + offset is exact
+    else:  # exact for bf16 (scaled: multiples of 2**-9 below 2**7); for fp16 masters near
+        # zero (clamped unit) the sum rounds: the same float32 operations on every backend
         offset = noise * (1.0 / DITHER_LEVELS)
     code = torch.clamp(torch.floor(scaled + offset), -limit, limit)
     keep = torch.isfinite(scaled)

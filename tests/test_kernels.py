@@ -352,7 +352,7 @@ def test_subclass_overriding_the_update_runs_its_own_math():
 
 def test_subclass_changing_how_its_states_round_runs_its_own_math():
     # The kernels bake in the rule's states and rounding: a Lion whose momentum rounds by
-    # the decay rule must not take Lion's (movement-rule) kernel.
+    # the decay rule must not take Lion's (stochastic-rule) kernel.
     from slimoptim.optimizers.state_spec import StateSpec
 
     class DecayRuleLion(slimoptim.Lion):

@@ -3,6 +3,7 @@ dither (formats.dither): Lion's rounding."""
 
 import random
 
+import pytest
 import torch
 
 import slimoptim
@@ -148,3 +149,15 @@ def test_a_sequenced_dither_keeps_a_slow_ema_closer_than_an_independent_one():
     seed = random.randrange(2**31)
     sequenced, hashed = _coded_ema_error(True, seed), _coded_ema_error(False, seed)
     assert sequenced < 0.85 * hashed  # ~0.7x measured
+
+
+def test_a_class_whose_stochastic_master_would_share_a_states_dither_is_refused():
+    with pytest.raises(TypeError, match="second half"):
+
+        class StochasticAdamW(slimoptim.AdamW):
+            master_rounding = "stochastic"
+
+    with pytest.raises(TypeError, match="dither must be"):
+
+        class OddLion(slimoptim.Lion):
+            dither = "blue"

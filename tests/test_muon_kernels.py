@@ -89,6 +89,31 @@ def test_fused_passes_match_the_reference_bit_for_bit(dtype, kwargs):
     _assert_same(opt, ref, ps, qs, start)
 
 
+class SequencedMuon(slimoptim.Muon):
+    dither = "sequenced"
+
+
+class StochasticMasterMuon(slimoptim.Muon):
+    master_rounding = "stochastic"
+
+
+@pytest.mark.parametrize("cls", [SequencedMuon, StochasticMasterMuon], ids=str)
+def test_a_subclass_that_rounds_otherwise_steps_by_its_reference(cls):
+    """Muon's kernels bake in its roundings: such a subclass must not take them."""
+    seed = random.randrange(2**31)
+    gen = torch.Generator().manual_seed(seed)
+    ws = [torch.randn(s, generator=gen).bfloat16().to(DEVICE) for s in SHAPES]
+    ps, qs = ([nn.Parameter(w.clone()) for w in ws] for _ in range(2))
+    opt, ref = cls(ps, lr=0.02, fused=True), cls(qs, lr=0.02, fused=False)
+    start = [p.detach().clone() for p in ps]
+    for _ in range(3):
+        _set_grads(ps, qs, gen)
+        opt.step()
+        ref.step()
+    assert "_slimoptim_muon_plans" not in opt.__dict__
+    _assert_same(opt, ref, ps, qs, start)
+
+
 def test_newton_schulz_batches_hold_same_shape_matrices_of_a_group_up_to_the_scratch():
     from slimoptim.kernels.muon import _batches  # noqa: PLC0415
 

@@ -26,7 +26,7 @@ from .arguments import (
     compute_dtype,
     scalar_hyperparameters,
 )
-from .state_spec import StateSpec
+from .state_spec import StateSpec, check_roundings
 from .stepped import items_and_grads
 
 # What a kernel rule bakes in: a subclass that changes any of these (the update math, its
@@ -59,6 +59,10 @@ class SlimOptimizer(torch.optim.Optimizer):
     dither = "hashed"
     # GradScaler hands us grad_scale and found_inf instead of unscaling fp16 grads.
     _step_supports_amp_scaling = True
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        check_roundings(cls)
 
     def __init__(
         self,

@@ -209,13 +209,23 @@ class Muon(SlimOptimizer):
         for group, p in items:
             self._step_reference(p, group, grad_scale, found_inf)
 
+    def _rounds_as_kernels(self) -> bool:
+        """Whether the codes round as Muon's kernels bake in (kernels/muon.py: nearest
+        master, hashed dither, the momentum buffer's decay rule); a subclass that rounds
+        otherwise steps by its reference path."""
+        return (
+            self.master_rounding == "nearest"
+            and self.dither == "hashed"
+            and self.state_specs == (MOMENTUM_BUFFER,)
+        )
+
     @torch.compiler.disable  # opaque to torch.compile: raw pointers and Triton launches
     def _step_fused(self, items, grad_scale, found_inf) -> list:
         """Step what the kernels can (pass A, Newton-Schulz, pass B per matrix); return the
         items left to the reference path. Bit-identical to ``_step_reference``."""
         from ..kernels import kernels_usable  # noqa: PLC0415 (Triton is optional)
 
-        if not kernels_usable(self, items):
+        if not kernels_usable(self, items) or not self._rounds_as_kernels():
             return items
         from ..kernels import muon as kernels  # noqa: PLC0415
 

@@ -56,3 +56,16 @@ MOMENTUM_BUFFER = StateSpec(
     beta=lambda group: group["momentum"],
     levels="linear_square",
 )
+
+
+def check_roundings(cls) -> None:
+    """Refuse an optimizer class whose declared roundings the step cannot honour."""
+    if cls.master_rounding not in ("nearest", "stochastic"):
+        raise TypeError(f"{cls.__name__}.master_rounding must be 'nearest' or 'stochastic'")
+    if cls.dither not in ("hashed", "sequenced"):
+        raise TypeError(f"{cls.__name__}.dither must be 'hashed' or 'sequenced'")
+    if cls.master_rounding == "stochastic" and len(cls.state_specs) > 1:
+        raise TypeError(
+            f"{cls.__name__}: a stochastic master takes the dither's second half, which a "
+            "second 8-bit state already uses; keep master_rounding = 'nearest'"
+        )
