@@ -34,12 +34,16 @@ from .stepped import items_and_grads
 _RULE_METHODS = ("_update", "_scalars", "_specs_for", "state_specs", "master_rounding", "dither")
 
 
+def keeps_rule_of(cls: type, owner: type) -> bool:
+    """Whether ``cls`` keeps everything ``owner``'s kernels bake in (_RULE_METHODS)."""
+    return all(getattr(cls, m) is getattr(owner, m) for m in _RULE_METHODS)
+
+
 @functools.cache
 def _kernel_rule_of(cls: type) -> str | None:
     for owner in cls.__mro__:
         if "kernel_rule" in vars(owner):
-            same = all(getattr(cls, m) is getattr(owner, m) for m in _RULE_METHODS)
-            return owner.kernel_rule if same else None
+            return owner.kernel_rule if keeps_rule_of(cls, owner) else None
     return None
 
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .arguments import check_fused_devices, check_grad, compute_dtype, scalar_hyperparameters
-from .base import SlimOptimizer, local_tensor
+from .base import SlimOptimizer, keeps_rule_of, local_tensor
 from .state_spec import MOMENTUM_BUFFER
 
 # Keller Jordan's quintic coefficients and step count, torch.optim.Muon's defaults.
@@ -209,23 +209,15 @@ class Muon(SlimOptimizer):
         for group, p in items:
             self._step_reference(p, group, grad_scale, found_inf)
 
-    def _rounds_as_kernels(self) -> bool:
-        """Whether the codes round as Muon's kernels bake in (kernels/muon.py: nearest
-        master, hashed dither, the momentum buffer's decay rule); a subclass that rounds
-        otherwise steps by its reference path."""
-        return (
-            self.master_rounding == "nearest"
-            and self.dither == "hashed"
-            and self.state_specs == (MOMENTUM_BUFFER,)
-        )
-
     @torch.compiler.disable  # opaque to torch.compile: raw pointers and Triton launches
     def _step_fused(self, items, grad_scale, found_inf) -> list:
         """Step what the kernels can (pass A, Newton-Schulz, pass B per matrix); return the
         items left to the reference path. Bit-identical to ``_step_reference``."""
         from ..kernels import kernels_usable  # noqa: PLC0415 (Triton is optional)
 
-        if not kernels_usable(self, items) or not self._rounds_as_kernels():
+        # Muon's kernels bake in its states and roundings (kernels/muon.py): a subclass
+        # that changes them steps by its reference path.
+        if not kernels_usable(self, items) or not keeps_rule_of(type(self), Muon):
             return items
         from ..kernels import muon as kernels  # noqa: PLC0415
 
