@@ -336,14 +336,14 @@ class SlimOptimizer(torch.optim.Optimizer):
         """This step's (first, second) dither of ``p``'s elements (formats.dither) where
         an 8-bit state code or a stochastically rounded master takes it, else None."""
         coded_states = group["state_bits"] == 8 and self._specs_for(group)
-        if coded_states or self._dithers_master(p, group):
+        bits = correction_bits(p, group["master_weight_bits"])
+        if coded_states or self._dithers_master(bits):
             device, sequenced = local_tensor(p).device, self.dither == "sequenced"
             return formats.dither(numel, state["step"], device, sequenced)
         return None
 
-    def _dithers_master(self, p, group) -> bool:
-        bits = correction_bits(p, group["master_weight_bits"])
-        return self.master_rounding == "stochastic" and bits == 8
+    def _dithers_master(self, code_bits: int | None) -> bool:
+        return self.master_rounding == "stochastic" and code_bits == 8
 
     def _store_weight(self, p, state, group, w: torch.Tensor, noise: tuple | None) -> None:
         local = local_tensor(p)
@@ -351,7 +351,7 @@ class SlimOptimizer(torch.optim.Optimizer):
         if bits is None:
             b = formats.round_to_dtype(w, p.dtype)
         else:
-            dither = noise[1] if self._dithers_master(p, group) else None
+            dither = noise[1] if self._dithers_master(bits) else None
             b, code = formats.split_master(w, p.dtype, bits, dither)
             state["correction"].copy_(code)
         local.detach().copy_(b.view(local.shape))
