@@ -46,7 +46,8 @@ def dither(
         h = _mix32(index ^ SEQUENCE_KEY)
         s = step.to(torch.int64)
         first = ((h >> 16) + s * SEQUENCE_STEPS[0]) & 0xFFFF
-        return first.to(torch.float32), (((h & 0xFFFF) + s * SEQUENCE_STEPS[1]) & 0xFFFF).float()
+        second = ((h & 0xFFFF) + s * SEQUENCE_STEPS[1]) & 0xFFFF
+        return first.to(torch.float32), second.to(torch.float32)
     key = _mix32((step.to(torch.int64) * 0x9E3779B1) & 0xFFFFFFFF)
     h = _mix32(index ^ key)
     return (h >> 16).to(torch.float32), (h & 0xFFFF).to(torch.float32)
