@@ -10,9 +10,12 @@ Two formats live here:
 
 * Master-weight split. A float32 master ``w`` is stored as its round-to-nearest
   low-precision value ``b`` (the bf16/fp16 parameter) plus a signed integer
-  ``code`` of ``n`` bits holding ``w - b`` in units of ``ulp(b) / 2**n``. Because
-  ``|w - b| <= ulp(b) / 2`` the code fits, and because the scale is a power of
-  two, both the split and the rebuild are exact float32 arithmetic.
+  ``code`` of ``n`` bits. For bf16, whose bits are float32's top half, the code is
+  the distance from ``b`` to ``w`` counted in float32 bit patterns, rounded to
+  ``2**(16 - n)`` of them: integer arithmetic on the bits, no exponent to read.
+  For fp16 it holds ``w - b`` in units of ``ulp(b) / 2**n``, a power of two, so
+  the split and the rebuild are exact float32 arithmetic. Either way
+  ``|w - b| <= ulp(b) / 2`` makes the code fit.
 * Group-quantized 8-bit states. Each run of ``group_size`` values shares one
   bf16 scale. Momentum codes index square (or half-linear, half-square) levels
   below the group's absmax, rounded to nearest except where a decaying state could
@@ -35,12 +38,10 @@ MOMENTUM_LEVELS = 127
 VARIANCE_LEVELS = 255
 DENOM_FLOOR = 1.0 / MOMENTUM_LEVELS**2
 
-# (mantissa bits, smallest exponent the correction's unit follows) of each low-precision
-# dtype. A bf16 master below 2**-100 keeps no correction (it is its bf16 value), so that
-# the unit and its inverse are each one float32 power of two: split and join then cost
-# one multiply (docs/formats.md).
-_LOW_PRECISION = {torch.bfloat16: (7, -100), torch.float16: (10, -14)}
-_MIN_FIELD_BITS = (_LOW_PRECISION[torch.bfloat16][1] + 127) << 23  # bf16 codes stop below it
+# fp16's (mantissa bits, smallest exponent the correction's unit follows): below its
+# smallest normal the unit stays put, so subnormal masters keep a correction too.
+_FP16_UNITS = (10, -14)
+CORRECTED_DTYPES = (torch.bfloat16, torch.float16)
 CODE_DTYPES = {8: torch.int8, 16: torch.int16}
 
 
@@ -64,6 +65,16 @@ def round_to_bf16(x: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isnan(x), x, _float(rounded))
 
 
+def as_low_precision(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A ``dtype``-exact float32 ``b`` as a ``dtype`` tensor. bf16 goes by its bits, every
+    NaN as 0x7FC0 (the kernels' store): torch's own cast keeps a NaN's sign on the CPU
+    and makes it 0x7FFF on the GPU."""
+    if dtype != torch.bfloat16:
+        return b.to(dtype)
+    bits = torch.where(torch.isnan(b), 0x7FC0, _bits(b) >> 16)
+    return bits.to(torch.int16).view(torch.bfloat16)
+
+
 def round_to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Round float32 ``x`` to nearest ``dtype`` value, returned as float32."""
     if dtype == torch.bfloat16:
@@ -81,15 +92,15 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 
 def correction_bits(param: torch.Tensor, master_weight_bits: int | None) -> int | None:
     """Bits of the stored master-weight correction for ``param``, None when none is kept."""
-    if param.dtype not in _LOW_PRECISION or master_weight_bits is None:
+    if param.dtype not in CORRECTED_DTYPES or master_weight_bits is None:
         return None
     return master_weight_bits - 16
 
 
-def _code_units(b: torch.Tensor, dtype: torch.dtype, code_bits: int):
-    """(unit, 1/unit) of the correction code for low-precision values ``b``: the unit is
+def _code_units(b: torch.Tensor, code_bits: int):
+    """(unit, 1/unit) of an fp16 correction code for values ``b``: the unit is
     ulp(b) / 2**code_bits, a power of two built from b's exponent bits."""
-    mantissa, min_exp = _LOW_PRECISION[dtype]
+    mantissa, min_exp = _FP16_UNITS
     exponent = torch.clamp(_bits(b) & 0x7F800000, min=(min_exp + 127) << 23)
     unit = exponent - ((mantissa + code_bits) << 23)
     # ((shift + 254) << 23) - exponent, summed so that no term leaves int32
@@ -107,35 +118,46 @@ def split_master(
     ``(b, code)``. With -2**(n-1) it could land on the midpoint below an odd ``b`` and
     re-round to the even neighbour, moving an element that was not stepped.
 
-    The code rounds to nearest, or, given ``noise`` (integers in [0, 65536), see
-    :func:`dither`) and 8-bit codes, stochastically: up with probability equal to the
-    fraction of a unit above the code below, so the rebuilt master is unbiased. An update
-    of under half a unit then moves the master on average instead of never (Lion's steps
-    of +-lr, docs/formats.md). A rebuilt master splits back to the same code either way.
-    16-bit codes hold a float32 master exactly (whole units, or halves just below a power
-    of two): nothing to dither, they always round to nearest.
+    A bf16 master's code counts float32 bit patterns from ``b`` to ``w`` (towards larger
+    magnitudes for either sign), ``2**(16 - n)`` to a unit: the same values as units of
+    ``ulp(b) / 2**n`` wherever ``w`` and ``b`` share a binade, twice as fine just below a
+    power of two, and down to float32's subnormals. The code rounds to nearest or, given
+    ``noise`` (integers in [0, 65536), see :func:`dither`) and 8-bit codes, stochastically:
+    away from ``b`` with probability equal to the fraction of a unit beyond the code
+    towards ``b``, so the rebuilt master is unbiased. An update of under half a unit then
+    moves the master on average instead of never (Lion's steps of +-lr,
+    docs/formats.md). A rebuilt master splits back to the same code either way. 16-bit
+    codes hold every bf16 master exactly but ties (``w`` on a midpoint): nothing to
+    dither. An fp16 master's code is ``w - b`` in units of ``ulp(b) / 2**n`` (the
+    subnormals' unit below 2**-14), rounded the same two ways.
     """
     b = round_to_dtype(w, dtype)
-    scaled = (w - b) * _code_units(b, dtype, code_bits)[1]
     limit = 2 ** (code_bits - 1) - 1
+    if dtype == torch.bfloat16:
+        shift = 16 - code_bits
+        distance = _bits(w) - _bits(b)  # NaN: round_to_bf16 keeps w, so 0
+        if noise is not None and code_bits == 8:
+            distance = distance + (noise.to(torch.int32) >> 8)  # its top 8 bits: a unit's fraction
+        elif shift:
+            distance = distance + (1 << (shift - 1))
+        code = torch.clamp(distance >> shift, -limit, limit)  # >>: floor, as the kernels'
+        return b, code.to(CODE_DTYPES[code_bits])
+    scaled = (w - b) * _code_units(b, code_bits)[1]
     if noise is None or code_bits != 8:
         offset = 0.5
-    else:  # exact for bf16 (scaled: multiples of 2**-9 below 2**7); for fp16 masters near
-        # zero (clamped unit) the sum rounds: the same float32 operations on every backend
+    else:  # exact but near zero, where the unit is clamped and the sum rounds: the same
+        # float32 operations on every backend
         offset = noise * (1.0 / DITHER_LEVELS)
     code = torch.clamp(torch.floor(scaled + offset), -limit, limit)
-    keep = torch.isfinite(scaled)
-    if dtype == torch.bfloat16:
-        # Below 2**-100 the unit no longer divides b's half ulp, and a rebuilt master
-        # could re-round elsewhere: such tiny values keep no correction.
-        keep &= (_bits(b) & 0x7F800000) >= _MIN_FIELD_BITS
-    code = torch.where(keep, code, torch.zeros_like(code))
+    code = torch.where(torch.isfinite(scaled), code, torch.zeros_like(code))
     return b, code.to(CODE_DTYPES[code_bits])
 
 
 def join_master(b: torch.Tensor, code: torch.Tensor, dtype: torch.dtype, code_bits: int):
     """Rebuild the float32 master from the low-precision value ``b`` (float32) and its code."""
-    return b + code.float() * _code_units(b, dtype, code_bits)[0]
+    if dtype == torch.bfloat16:
+        return _float(_bits(b) + (code.to(torch.int32) << (16 - code_bits)))
+    return b + code.float() * _code_units(b, code_bits)[0]
 
 
 # ---------------------------------------------------------------- group scales

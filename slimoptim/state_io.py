@@ -31,9 +31,11 @@ from .formats import local_tensor
 # (formats.py), which version-1 readers would decode wrongly, so they must refuse it;
 # version 1 (power-of-two scales) reads unchanged, as a version-2 scale with the coarsest
 # step. 3: SGD's and Muon's momentum codes use linear-square levels (formats.py); their
-# version 1 and 2 codes (square levels) are converted on loading (below).
-FORMAT_VERSION = 3
-READABLE_FORMAT_VERSIONS = (1, 2, 3)
+# version 1 and 2 codes (square levels) are converted on loading (below). 4: a bf16
+# param's correction counts float32 steps (formats.split_master); older ones, in units of
+# the param's ulp, are converted against the param's value when the state is applied.
+FORMAT_VERSION = 4
+READABLE_FORMAT_VERSIONS = (1, 2, 3, 4)
 
 HEADER_KEY = "slimoptim"
 _GROUP_MODE_KEYS = ("master_weight_bits", "state_bits", "group_size")
@@ -222,6 +224,29 @@ def _check_state(opt, p, group, saved_id, saved_state) -> None:
             )
 
 
+def _version3_master(b: torch.Tensor, code: torch.Tensor, code_bits: int) -> torch.Tensor:
+    """The float32 master a format-3 (or older) bf16 correction held: ``b`` plus ``code``
+    units of ulp(b) / 2**code_bits, b's exponent clamped at 2**-100 (tiny b had code 0)."""
+    exponent = torch.clamp(b.view(torch.int32) & 0x7F800000, min=27 << 23)
+    unit = (exponent - ((7 + code_bits) << 23)).view(torch.float32)
+    return b + code.float() * unit
+
+
+def _upgrade_corrections(state: dict) -> None:
+    """Re-code format-3 bf16 corrections in place against their params' present values:
+    the same masters exactly (both codes count the same steps within a binade, and the
+    new ones are finer just below a power of two), but for a master on the rounding
+    midpoint below a power of two, which moves by one (new) code unit towards it."""
+    for p, entry in state.items():
+        code = entry.get("correction")
+        if code is None or p.dtype != torch.bfloat16:
+            continue
+        bits = 8 if code.dtype == torch.int8 else 16
+        b = local_tensor(p).detach().reshape(-1).float()
+        master = _version3_master(b, code.reshape(-1).to(b.device), bits)
+        entry["correction"] = formats.split_master(master, torch.bfloat16, bits)[1].view(code.shape)
+
+
 @dataclass
 class LoadPlan:
     """A checked state_dict, ready to swap in: new per-param state and group values."""
@@ -229,6 +254,7 @@ class LoadPlan:
     optimizer: torch.optim.Optimizer
     state: dict
     group_values: list[dict]
+    saved_version: int = FORMAT_VERSION
 
 
 def check(opt, state_dict: dict) -> LoadPlan:
@@ -265,12 +291,16 @@ def check(opt, state_dict: dict) -> LoadPlan:
                 for k, v in saved[saved_id].items()
             }
     group_values = [_group_values(opt, saved) for saved in state_dict["param_groups"]]
-    return LoadPlan(opt, new_state, group_values)
+    return LoadPlan(opt, new_state, group_values, _saved_version(state_dict))
 
 
 def apply(plan: LoadPlan) -> None:
-    """Swap a checked plan into its optimizer (cannot fail half-way)."""
+    """Swap a checked plan into its optimizer (cannot fail half-way). A format-3 bf16
+    correction is converted here, against the param's value at this moment: load the
+    model's weights first (``load_checkpoint`` does)."""
     opt = plan.optimizer
+    if plan.saved_version < 4:
+        _upgrade_corrections(plan.state)
     for group, values in zip(opt.param_groups, plan.group_values, strict=True):
         group.update(values)
     opt.state.clear()

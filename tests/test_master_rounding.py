@@ -22,7 +22,7 @@ def _noise(n, gen):
 def test_a_dithered_code_is_unbiased_within_its_unit():
     gen = _gen()
     b = (torch.rand(64, generator=gen) * 0.5 + 1.25).bfloat16().float()  # w stays in [1, 2)
-    unit = formats._code_units(b, torch.bfloat16, 8)[0]
+    unit = 2.0**-15  # 2**8 float32 steps of 2**-23 in [1, 2)
     # float32 holds 8 bits below a unit here: fractions are multiples of 1/256
     fraction = torch.randint(0, 256, (64,), generator=gen) / 256
     whole = torch.randint(-100, 100, (64,), generator=gen).float()
@@ -64,7 +64,8 @@ class NearestLion(slimoptim.Lion):
 
 def _lion_drift(cls, master_weight_bits, lr, steps, gen):
     """(master after ``steps`` Lion steps on a constant gradient, float64 value) / lr."""
-    start = (1.0 + torch.rand(256, generator=gen)).bfloat16()  # |w| in [1, 2): unit 2**-15
+    # |w| in [1, 2), away from its ends: unit 2**-15 (just below a power of two it halves)
+    start = (1.01 + 0.98 * torch.rand(256, generator=gen)).bfloat16()
     p = torch.nn.Parameter(start.clone())
     opt = cls([p], lr=lr, betas=(0.9, 0.99), master_weight_bits=master_weight_bits, fused=False)
     grad = torch.where(torch.rand(256, generator=gen) < 0.5, -1.0, 1.0).bfloat16()
@@ -161,3 +162,43 @@ def test_a_class_whose_stochastic_master_would_share_a_states_dither_is_refused(
 
         class OddLion(slimoptim.Lion):
             dither = "blue"
+
+
+def _special_bf16_masters(gen) -> torch.Tensor:
+    """bf16 params with NaN, +-Inf, the largest finite, subnormals and tiny values, beside
+    ordinary ones: 4096 values (whole tiles and a tail)."""
+    w = torch.randn(4099, generator=gen) * 10.0 ** torch.randint(-3, 2, (4099,), generator=gen)
+    specials = [float("nan"), float("inf"), -float("inf"), 3.3895e38, -3.3895e38, 1e-38, -3e-39]
+    specials += [1e-40, -2e-41, 1.2e-30, 0.0, -0.0, 2.0, -0.5]
+    index = torch.randperm(4099, generator=gen)[: 10 * len(specials)]
+    w[index] = torch.tensor(specials * 10)
+    return w.bfloat16()
+
+
+@pytest.mark.parametrize("cls", [slimoptim.AdamW, slimoptim.Lion])
+@pytest.mark.parametrize("master_weight_bits", [24, 32])
+def test_kernels_split_special_masters_as_the_reference(cls, master_weight_bits):
+    """Masters that decay towards zero by weight decay alone (AdamW's eps 1e30 makes its
+    update vanish; Lion's gradients are 0), so tiny and subnormal masters keep nonzero
+    codes, next to NaN and Inf: the kernels' split and join give the reference's bits."""
+    pytest.importorskip("triton")
+    gen = _gen()
+    start = _special_bf16_masters(gen)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    options = {"eps": 1e30} if cls is slimoptim.AdamW else {}
+    runs = []
+    for fused in (True, False):
+        p = torch.nn.Parameter(start.clone().to(device))
+        opt = cls(
+            [p], lr=0.5, weight_decay=0.1, master_weight_bits=master_weight_bits,
+            fused=fused, **options,
+        )  # fmt: skip
+        for _ in range(3):
+            p.grad = torch.zeros_like(p) if cls is slimoptim.Lion else torch.ones_like(p)
+            opt.step()
+        runs.append((p.detach().view(torch.int16), opt.state[p]["correction"]))
+    (p_fused, c_fused), (p_ref, c_ref) = runs
+    assert torch.equal(p_fused, p_ref) and torch.equal(c_fused, c_ref)
+    assert c_ref.ne(0).float().mean() > 0.9  # the codes are in use
+    tiny = start.float().abs() < 1e-30
+    assert c_ref.cpu()[tiny & (start.float() != 0)].ne(0).any()  # tiny masters keep codes

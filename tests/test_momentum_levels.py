@@ -61,7 +61,7 @@ def test_a_version_2_momentum_loads_at_the_nearest_level_of_its_optimizer():
     for cls, name, options, levels in CASES:
         p, opt = _stepped(cls, gen, **options)
         sd = opt.state_dict()
-        assert sd["slimoptim"]["format_version"] == 3
+        assert sd["slimoptim"]["format_version"] == 4
         n = p.numel()
         code = torch.randint(-127, 128, (n,), generator=gen, dtype=torch.int8)
         scale = (torch.rand(formats.num_groups(n, GROUP), generator=gen) * 4).bfloat16()

@@ -106,8 +106,7 @@ def load_master(pp, cp, offs, mask, PARAM_KIND: tl.constexpr, CODE_BITS: tl.cons
     """float32 master weight: the stored parameter joined with its correction code."""
     b = load_float(pp, offs, mask, PARAM_KIND)
     if CODE_BITS != 0:
-        code = tl.load(cp + offs, mask=mask, other=0).to(tl.float32)
-        b = kf.join_master(b, code, PARAM_KIND, CODE_BITS)
+        b = kf.join_master(b, tl.load(cp + offs, mask=mask, other=0), PARAM_KIND, CODE_BITS)
     return b
 
 

@@ -92,7 +92,7 @@ def round_to_bf16(x):
 
 @triton.jit
 def float_to_bf16_bits(b):
-    """bf16-exact float32 -> int16 bits; NaN becomes 0x7FC0 as in torch's CPU cast."""
+    """bf16-exact float32 -> int16 bits; NaN becomes 0x7FC0 (formats.as_low_precision)."""
     bits = (as_bits(b) >> 16).to(tl.int16)
     return tl.where(b != b, 0x7FC0, bits).to(tl.int16)
 
@@ -113,22 +113,16 @@ def round_to_dtype(x, PARAM: tl.constexpr, HW_ROUND: tl.constexpr):
         return x
 
 
-# formats._LOW_PRECISION as float32 exponent fields: (mantissa bits, smallest exponent field)
-BF16_MANTISSA = tl.constexpr(ref._LOW_PRECISION[torch.bfloat16][0])
-BF16_MIN_FIELD = tl.constexpr(ref._LOW_PRECISION[torch.bfloat16][1] + 127)
-FP16_MANTISSA = tl.constexpr(ref._LOW_PRECISION[torch.float16][0])
-FP16_MIN_FIELD = tl.constexpr(ref._LOW_PRECISION[torch.float16][1] + 127)
+# formats._FP16_UNITS as float32 exponent fields: (mantissa bits, smallest exponent field)
+FP16_MANTISSA = tl.constexpr(ref._FP16_UNITS[0])
+FP16_MIN_FIELD = tl.constexpr(ref._FP16_UNITS[1] + 127)
 
 
 @triton.jit
-def code_units(b, PARAM: tl.constexpr, CODE_BITS: tl.constexpr):
-    """formats._code_units: (unit, 1/unit) of the correction code, from b's exponent bits."""
-    if PARAM == 1:
-        SHIFT: tl.constexpr = BF16_MANTISSA + CODE_BITS
-        exponent = tl.maximum(as_bits(b) & 0x7F800000, BF16_MIN_FIELD << 23)
-    else:
-        SHIFT: tl.constexpr = FP16_MANTISSA + CODE_BITS
-        exponent = tl.maximum(as_bits(b) & 0x7F800000, FP16_MIN_FIELD << 23)
+def fp16_code_units(b, CODE_BITS: tl.constexpr):
+    """formats._code_units: (unit, 1/unit) of an fp16 correction code, from b's exponent."""
+    SHIFT: tl.constexpr = FP16_MANTISSA + CODE_BITS
+    exponent = tl.maximum(as_bits(b) & 0x7F800000, FP16_MIN_FIELD << 23)
     # 1/unit's bits are ((SHIFT + 254) << 23) - exponent, summed so no term leaves int32
     inverse = (((SHIFT + 127) << 23) - exponent) + (127 << 23)
     return as_float(exponent - (SHIFT << 23)), as_float(inverse)
@@ -136,8 +130,12 @@ def code_units(b, PARAM: tl.constexpr, CODE_BITS: tl.constexpr):
 
 @triton.jit
 def join_master(b, code, PARAM: tl.constexpr, CODE_BITS: tl.constexpr):
-    unit, _ = code_units(b, PARAM, CODE_BITS)
-    return b + code * unit
+    """formats.join_master of float32 ``b`` and the integer ``code``."""
+    if PARAM == 1:  # a bf16 code counts float32 bit patterns: one shift and one add
+        return as_float(as_bits(b) + (code.to(tl.int32) << (16 - CODE_BITS)))
+    else:
+        unit, _ = fp16_code_units(b, CODE_BITS)
+        return b + code.to(tl.float32) * unit
 
 
 @triton.jit
@@ -145,21 +143,29 @@ def split_master(
     w, noise, PARAM: tl.constexpr, CODE_BITS: tl.constexpr, HW_ROUND: tl.constexpr,
     DITHERED: tl.constexpr,
 ):  # fmt: skip
-    """(low-precision value as float32, code as float32) of master ``w``; the code rounds
+    """(low-precision value as float32, int32 code) of master ``w``; the code rounds
     to nearest or, ``DITHERED``, stochastically with int32 ``noise`` in [0, 65536)."""
     b = round_to_dtype(w, PARAM, HW_ROUND)
-    _, inverse = code_units(b, PARAM, CODE_BITS)
-    scaled = (w - b) * inverse
     LIMIT: tl.constexpr = 2 ** (CODE_BITS - 1) - 1  # symmetric, see formats.split_master
-    if DITHERED:
-        offset = noise.to(tl.float32) * INV_DITHER_LEVELS
+    if PARAM == 1:
+        SHIFT: tl.constexpr = 16 - CODE_BITS
+        distance = as_bits(w) - as_bits(b)
+        if DITHERED:
+            distance += noise >> 8
+        elif SHIFT > 0:
+            distance += 1 << (SHIFT - 1)
+        code = tl.minimum(tl.maximum(distance >> SHIFT, -LIMIT), LIMIT)
+        # NaN: the reference's b is w (distance 0); the hardware convert's is another NaN
+        code = tl.where(w == w, code, 0)
     else:
-        offset = 0.5
-    code = tl.minimum(tl.maximum(tl.floor(scaled + offset), -LIMIT), LIMIT)
-    keep = is_finite(scaled)
-    if PARAM == 1:  # formats.split_master: tiny bf16 masters keep no correction
-        keep = keep & ((as_bits(b) & 0x7F800000) >= (BF16_MIN_FIELD << 23))
-    code = tl.where(keep, code, 0.0)
+        _, inverse = fp16_code_units(b, CODE_BITS)
+        scaled = (w - b) * inverse
+        if DITHERED:
+            offset = noise.to(tl.float32) * INV_DITHER_LEVELS
+        else:
+            offset = 0.5
+        code = tl.minimum(tl.maximum(tl.floor(scaled + offset), -LIMIT), LIMIT)
+        code = tl.where(is_finite(scaled), code, 0.0).to(tl.int32)
     return b, code
 
 

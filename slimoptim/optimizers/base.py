@@ -354,7 +354,7 @@ class SlimOptimizer(torch.optim.Optimizer):
             dither = noise[1] if self._dithers_master(bits) else None
             b, code = formats.split_master(w, p.dtype, bits, dither)
             state["correction"].copy_(code)
-        local.detach().copy_(b.view(local.shape))
+        local.detach().copy_(formats.as_low_precision(b, p.dtype).view(local.shape))
 
     # ------------------------------------------------------------ state dict
 
