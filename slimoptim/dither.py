@@ -10,8 +10,9 @@ import torch
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
-    # Integer hash on 32-bit values held in int64. Multipliers stay below 2**31
-    # so products fit in int64 exactly; Triton uses uint32 and gets the same bits.
+    # Integer hash on 32-bit values held in int64 (the step's key: one per step and
+    # tensor). Multipliers stay below 2**31 so products fit in int64 exactly; Triton uses
+    # uint32 and gets the same bits.
     x = x ^ (x >> 16)
     x = (x * 0x7FEB352D) & 0xFFFFFFFF
     x = x ^ (x >> 15)
@@ -19,12 +20,24 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def _mix_element(x: torch.Tensor) -> torch.Tensor:
+    # The per-element hash: multiply, xor-shift, multiply (4 GPU instructions where
+    # _mix32 takes 8). On 2**21 elements its halves pass the same pairwise uniformity
+    # checks as _mix32's (neighbours at lags 1 to 65536, halves against each other,
+    # steps against steps; benchmarks/NOTES.md v19).
+    x = ((x & 0xFFFFFFFF) * 0x7FEB352D) & 0xFFFFFFFF  # index + key may pass 2**32: wrap
+    x = x ^ (x >> 16)
+    return (x * 0x046CA68B) & 0xFFFFFFFF
+
+
 DITHER_LEVELS = 65536  # each state's dither: integers in [0, DITHER_LEVELS)
 
 
 # The sequenced dither's steps per element and step: 65536 / golden ratio and
-# 65536 * (sqrt(2) - 1), rounded to odd integers (every value of [0, 65536) is visited).
+# 65536 * (sqrt(2) - 1), rounded to odd integers (every value of [0, 65536) is visited),
+# added as one 32-bit word: the first half also takes the second's carry.
 SEQUENCE_STEPS = (40503, 27145)
+SEQUENCE_WORD = (SEQUENCE_STEPS[0] << 16) | SEQUENCE_STEPS[1]
 SEQUENCE_KEY = 0x2545F491
 
 
@@ -32,22 +45,22 @@ def dither(
     numel: int, step: torch.Tensor, device=None, sequenced: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Two uniform integer dithers in [0, 65536) (as float32), one for each 8-bit state
-    (or the master's code), a fixed function of (element index, step).
+    (or the master's code), a fixed function of (element index, step): the top and bottom
+    halves of one 32-bit word.
 
-    Hashed (default): the top and bottom halves of one 32-bit hash of both, independent
-    from step to step. ``sequenced``: each element walks a Weyl sequence from a hashed
-    start, (start + step * SEQUENCE_STEPS[i]) mod 65536, so successive dithers of one
-    element are spread evenly over the range: a state coded again at every step collects
-    rounding errors that cancel instead of adding up as a random walk (Lion's slow EMA,
-    docs/formats.md).
+    Hashed (default): the word is a hash of the element index plus a hash of the step,
+    independent from step to step. ``sequenced``: each element walks a Weyl sequence from
+    a hashed start, start + step * SEQUENCE_WORD mod 2**32 (the bottom half advances by
+    SEQUENCE_STEPS[1], the top by SEQUENCE_STEPS[0] plus the bottom's carry), so
+    successive dithers of one element are spread evenly over the range: a state coded
+    again at every step collects rounding errors that cancel instead of adding up as a
+    random walk (Lion's slow EMA, docs/formats.md).
     """
     index = torch.arange(numel, device=device, dtype=torch.int64)
     if sequenced:
-        h = _mix32(index ^ SEQUENCE_KEY)
         s = step.to(torch.int64)
-        first = ((h >> 16) + s * SEQUENCE_STEPS[0]) & 0xFFFF
-        second = ((h & 0xFFFF) + s * SEQUENCE_STEPS[1]) & 0xFFFF
-        return first.to(torch.float32), second.to(torch.float32)
-    key = _mix32((step.to(torch.int64) * 0x9E3779B1) & 0xFFFFFFFF)
-    h = _mix32(index ^ key)
+        h = (_mix_element(index + SEQUENCE_KEY) + s * SEQUENCE_WORD) & 0xFFFFFFFF
+    else:
+        key = _mix32((step.to(torch.int64) * 0x9E3779B1) & 0xFFFFFFFF)
+        h = _mix_element(index + key)
     return (h >> 16).to(torch.float32), (h & 0xFFFF).to(torch.float32)

@@ -28,7 +28,15 @@ from __future__ import annotations
 
 import torch
 
-from .dither import DITHER_LEVELS, SEQUENCE_KEY, SEQUENCE_STEPS, _mix32, dither  # noqa: F401
+from .dither import (  # noqa: F401
+    DITHER_LEVELS,
+    SEQUENCE_KEY,
+    SEQUENCE_STEPS,
+    SEQUENCE_WORD,
+    _mix32,
+    _mix_element,
+    dither,
+)
 
 # Relative level below which a square-level momentum code cannot resolve a value: its
 # smallest non-zero level is (1/127)**2 of the group scale. The denominator sqrt(v) is
@@ -42,6 +50,7 @@ DENOM_FLOOR = 1.0 / MOMENTUM_LEVELS**2
 # smallest normal the unit stays put, so subnormal masters keep a correction too.
 _FP16_UNITS = (10, -14)
 CORRECTED_DTYPES = (torch.bfloat16, torch.float16)
+BF16_NAN_BITS = 0x7FFF  # the canonical bf16 NaN (CUDA's, and its round-to-nearest convert's)
 CODE_DTYPES = {8: torch.int8, 16: torch.int16}
 
 
@@ -62,17 +71,17 @@ def round_to_bf16(x: torch.Tensor) -> torch.Tensor:
     u = _bits(x)
     lsb = (u >> 16) & 1
     rounded = (u + 0x7FFF + lsb) & -65536
-    return torch.where(torch.isnan(x), x, _float(rounded))
+    # Every NaN becomes bf16's canonical NaN, as the GPU's convert makes it.
+    return _float(torch.where(torch.isnan(x), BF16_NAN_BITS << 16, rounded))
 
 
 def as_low_precision(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A ``dtype``-exact float32 ``b`` as a ``dtype`` tensor. bf16 goes by its bits, every
-    NaN as 0x7FC0 (the kernels' store): torch's own cast keeps a NaN's sign on the CPU
-    and makes it 0x7FFF on the GPU."""
+    """A ``dtype`` value ``b`` (float32, from round_to_dtype) as a ``dtype`` tensor. bf16
+    goes by its top bits, so a NaN stays the canonical 0x7FFF round_to_bf16 made it
+    (torch's own cast would make it 0x7FC0, or keep its sign, on the CPU)."""
     if dtype != torch.bfloat16:
         return b.to(dtype)
-    bits = torch.where(torch.isnan(b), 0x7FC0, _bits(b) >> 16)
-    return bits.to(torch.int16).view(torch.bfloat16)
+    return (_bits(b) >> 16).to(torch.int16).view(torch.bfloat16)
 
 
 def round_to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -135,12 +144,13 @@ def split_master(
     limit = 2 ** (code_bits - 1) - 1
     if dtype == torch.bfloat16:
         shift = 16 - code_bits
-        distance = _bits(w) - _bits(b)  # NaN: round_to_bf16 keeps w, so 0
+        distance = _bits(w) - _bits(b)
         if noise is not None and code_bits == 8:
             distance = distance + (noise.to(torch.int32) >> 8)  # its top 8 bits: a unit's fraction
         elif shift:
             distance = distance + (1 << (shift - 1))
         code = torch.clamp(distance >> shift, -limit, limit)  # >>: floor, as the kernels'
+        code = torch.where(torch.isnan(w), 0, code)  # not the distance to the canonical NaN
         return b, code.to(CODE_DTYPES[code_bits])
     scaled = (w - b) * _code_units(b, code_bits)[1]
     if noise is None or code_bits != 8:

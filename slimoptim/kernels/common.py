@@ -126,7 +126,7 @@ def store_master(
     else:
         b = kf.round_to_dtype(w, PARAM_KIND, HW_ROUND)
     if PARAM_KIND == 1:
-        tl.store(pp + offs, kf.float_to_bf16_bits(b), mask)
+        tl.store(pp + offs, kf.bf16_bits(b), mask)
     elif PARAM_KIND == 2:
         tl.store(pp + offs, b.to(tl.float16), mask)
     else:

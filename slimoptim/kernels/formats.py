@@ -40,8 +40,7 @@ MOVEMENT_SLACK = tl.constexpr(ref.MOVEMENT_SLACK)
 DITHER_LEVELS = tl.constexpr(float(ref.DITHER_LEVELS))
 INV_DITHER_LEVELS = tl.constexpr(1.0 / ref.DITHER_LEVELS)
 SEQUENCE_KEY = tl.constexpr(ref.SEQUENCE_KEY)
-SEQUENCE_STEP0 = tl.constexpr(ref.SEQUENCE_STEPS[0])
-SEQUENCE_STEP1 = tl.constexpr(ref.SEQUENCE_STEPS[1])
+SEQUENCE_WORD = tl.constexpr(ref.SEQUENCE_WORD)
 VARIANCE_LEVELS_INT = tl.constexpr(ref.VARIANCE_LEVELS)
 VARIANCE_CODE_SHIFT = tl.constexpr(ref.VARIANCE_CODE_SHIFT)
 FINEST_VARIANCE_SHIFT = tl.constexpr(ref.FINEST_VARIANCE_SHIFT)
@@ -55,6 +54,7 @@ TINY_SCALE = tl.constexpr(ref.TINY_SCALE)
 LIFT = tl.constexpr(ref.LIFT)
 ROOT_LOW = tl.constexpr(1.0 - 2.0**-16)
 SIGN_BIT = tl.constexpr(-(2**31))
+BF16_NAN = tl.constexpr(ref.BF16_NAN_BITS)
 
 # Parameter storage kinds (a tl.constexpr of the kernels).
 FP32, BF16, FP16 = 0, 1, 2
@@ -87,12 +87,19 @@ def round_to_bf16(x):
     u = as_bits(x)
     lsb = (u >> 16) & 1
     rounded = (u + 0x7FFF + lsb) & -65536
-    return tl.where(x != x, x, as_float(rounded))
+    return as_float(tl.where(x != x, BF16_NAN << 16, rounded))
+
+
+@triton.jit
+def bf16_bits(b):
+    """The int16 bits of float32 ``b`` from round_to_dtype: its top half (NaN is canonical)."""
+    return (as_bits(b) >> 16).to(tl.int16)
 
 
 @triton.jit
 def float_to_bf16_bits(b):
-    """bf16-exact float32 -> int16 bits; NaN becomes 0x7FC0 (formats.as_low_precision)."""
+    """bf16-exact float32 -> int16 bits; NaN becomes 0x7FC0 (a group scale's NaN, as
+    torch's CPU cast writes it)."""
     bits = (as_bits(b) >> 16).to(tl.int16)
     return tl.where(b != b, 0x7FC0, bits).to(tl.int16)
 
@@ -207,16 +214,22 @@ def mix32(x):
 
 
 @triton.jit
+def mix_element(x):
+    """formats._mix_element on uint32."""
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 16)
+    return x * 0x046CA68B
+
+
+@triton.jit
 def dither(index, step, SEQUENCED: tl.constexpr):
     """formats.dither: the (momentum, variance or master) integer dithers in [0, 65536),
-    the first as float32, the second as int32."""
-    if SEQUENCED:  # uint32 products and sums wrap mod 2**32: the same low 16 bits
-        h = mix32(index.to(tl.uint32) ^ SEQUENCE_KEY)
-        s = step.to(tl.int32).to(tl.uint32)
-        first = ((h >> 16) + s * SEQUENCE_STEP0) & 0xFFFF
-        return first.to(tl.float32), (((h & 0xFFFF) + s * SEQUENCE_STEP1) & 0xFFFF).to(tl.int32)
-    key = mix32(step.to(tl.int32).to(tl.uint32) * 0x9E3779B1)
-    h = mix32(index.to(tl.uint32) ^ key)
+    the first as float32, the second as int32 (uint32 sums and products wrap mod 2**32)."""
+    s = step.to(tl.int32).to(tl.uint32)
+    if SEQUENCED:
+        h = mix_element(index.to(tl.uint32) + SEQUENCE_KEY) + s * SEQUENCE_WORD
+    else:
+        h = mix_element(index.to(tl.uint32) + mix32(s * 0x9E3779B1))
     # The variance code adds its dither as an integer: no float round trip.
     return (h >> 16).to(tl.float32), (h & 0xFFFF).to(tl.int32)
 
