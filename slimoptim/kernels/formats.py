@@ -343,9 +343,12 @@ def variance_scale_parts(scale_row):
 
 @triton.jit
 def dequantize_variance(code, scale_row):
+    """top - ((255 - code) << shift) as (top - (255 << shift)) + code * 2**shift: the same
+    int32 (sums wrap alike), one multiply-add per element."""
     top, shift = variance_scale_parts(scale_row)
     code = code.to(tl.int32)
-    bits = tl.maximum(top[:, None] - ((VARIANCE_LEVELS_INT - code) << shift[:, None]), 0)
+    base = top - (VARIANCE_LEVELS_INT << shift)
+    bits = tl.maximum(base[:, None] + code * (1 << shift)[:, None], 0)
     return tl.where(code > 0, as_float(bits), 0.0)
 
 
