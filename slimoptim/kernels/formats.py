@@ -162,8 +162,7 @@ def split_master(
         elif SHIFT > 0:
             distance += 1 << (SHIFT - 1)
         code = tl.minimum(tl.maximum(distance >> SHIFT, -LIMIT), LIMIT)
-        # NaN: the reference's b is w (distance 0); the hardware convert's is another NaN
-        code = tl.where(w == w, code, 0)
+        code = tl.where(w == w, code, 0)  # NaN: 0, not the distance to the canonical NaN
     else:
         _, inverse = fp16_code_units(b, CODE_BITS)
         scaled = (w - b) * inverse
