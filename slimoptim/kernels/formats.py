@@ -283,7 +283,8 @@ def quantize_momentum(
     if LEVELS == 0:
         low = tl.floor(tl.sqrt(t) * ROOT_LOW)
     else:
-        low = tl.floor((tl.sqrt(t * 4.0 + offset * offset) * ROOT_LOW - offset) * 0.5)
+        # c (offset + c) = t at c = sqrt(t + offset**2 / 4) - offset / 2 (constexprs)
+        low = tl.floor(tl.sqrt(t + offset * offset * 0.25) * ROOT_LOW - offset * 0.5)
     high = low + 1.0
     low = tl.where(momentum_level(high, LEVELS) <= t, high, low)
     half_gap = low + (offset + 1.0) * 0.5
