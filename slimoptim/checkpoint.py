@@ -128,7 +128,7 @@ def load_checkpoint(
         raise CheckpointError(f"{where}: {error}") from error
     model.load_state_dict(ckpt["model"])
     if plan is not None:
-        state_io.apply(plan)
+        state_io.apply(plan, weights_loaded=True)
     if scheduler is not None:
         scheduler.load_state_dict(ckpt["scheduler"])
     return ckpt["extra"]
@@ -187,7 +187,7 @@ def load_fp32_state_dict(model: nn.Module, optimizer, state_dict: dict, strict: 
         else:
             b, code = formats.split_master(w, target.dtype, bits)
             corrections.append((target, group, code))
-        converted[name] = b.to(target.dtype).view(target.shape)
+        converted[name] = formats.as_low_precision(b, target.dtype).view(target.shape)
     model.load_state_dict(converted, strict=strict)
     for p, group, code in corrections:
         optimizer._ensure_state(p, group)["correction"].copy_(code)

@@ -34,8 +34,9 @@ DITHER_LEVELS = 65536  # each state's dither: integers in [0, DITHER_LEVELS)
 
 
 # The sequenced dither's steps per element and step: 65536 / golden ratio and
-# 65536 * (sqrt(2) - 1), rounded to odd integers (every value of [0, 65536) is visited),
-# added as one 32-bit word: the first half also takes the second's carry.
+# 65536 * (sqrt(2) - 1), rounded to odd integers, added as one 32-bit word: the second
+# half visits every value of [0, 65536) in 65536 steps; the first, which also takes the
+# second's carry, steps by 40503 or 40504 (~59,300 distinct values per 65536 steps).
 SEQUENCE_STEPS = (40503, 27145)
 SEQUENCE_WORD = (SEQUENCE_STEPS[0] << 16) | SEQUENCE_STEPS[1]
 SEQUENCE_KEY = 0x2545F491

@@ -164,9 +164,14 @@ def split_master(
 
 
 def join_master(b: torch.Tensor, code: torch.Tensor, dtype: torch.dtype, code_bits: int):
-    """Rebuild the float32 master from the low-precision value ``b`` (float32) and its code."""
+    """Rebuild the float32 master from the low-precision value ``b`` (float32) and its code.
+
+    A bf16 code that steps past zero or beyond Inf rebuilds a NaN bit pattern; the master
+    is then ``b``. split_master never makes such a pair: a stale code does, whose param was
+    set to +-0 or +-Inf outside the optimizer (pruning, ``zero_()``, a weights-only load)."""
     if dtype == torch.bfloat16:
-        return _float(_bits(b) + (code.to(torch.int32) << (16 - code_bits)))
+        rebuilt = _float(_bits(b) + (code.to(torch.int32) << (16 - code_bits)))
+        return torch.where(torch.isnan(rebuilt), b, rebuilt)
     return b + code.float() * _code_units(b, code_bits)[0]
 
 

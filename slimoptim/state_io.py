@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -232,11 +233,13 @@ def _version3_master(b: torch.Tensor, code: torch.Tensor, code_bits: int) -> tor
     return b + code.float() * unit
 
 
-def _upgrade_corrections(state: dict) -> None:
+def _upgrade_corrections(state: dict) -> bool:
     """Re-code format-3 bf16 corrections in place against their params' present values:
     the same masters exactly (both codes count the same steps within a binade, and the
     new ones are finer just below a power of two), but for a master on the rounding
-    midpoint below a power of two, which moves by one (new) code unit towards it."""
+    midpoint below a power of two, which moves by one (new) code unit towards it.
+    Returns whether any was converted."""
+    converted = False
     for p, entry in state.items():
         code = entry.get("correction")
         if code is None or p.dtype != torch.bfloat16:
@@ -245,6 +248,8 @@ def _upgrade_corrections(state: dict) -> None:
         b = local_tensor(p).detach().reshape(-1).float()
         master = _version3_master(b, code.reshape(-1).to(b.device), bits)
         entry["correction"] = formats.split_master(master, torch.bfloat16, bits)[1].view(code.shape)
+        converted = True
+    return converted
 
 
 @dataclass
@@ -294,13 +299,21 @@ def check(opt, state_dict: dict) -> LoadPlan:
     return LoadPlan(opt, new_state, group_values, _saved_version(state_dict))
 
 
-def apply(plan: LoadPlan) -> None:
+def apply(plan: LoadPlan, weights_loaded: bool = False) -> None:
     """Swap a checked plan into its optimizer (cannot fail half-way). A format-3 bf16
-    correction is converted here, against the param's value at this moment: load the
-    model's weights first (``load_checkpoint`` does)."""
+    correction is converted here, against the param's value at this moment: the model's
+    weights must be loaded first (``load_checkpoint`` does: ``weights_loaded``); otherwise
+    a warning says so, since a wrong order cannot be detected."""
     opt = plan.optimizer
-    if plan.saved_version < 4:
-        _upgrade_corrections(plan.state)
+    if plan.saved_version < 4 and _upgrade_corrections(plan.state) and not weights_loaded:
+        warnings.warn(
+            f"slimoptim: this state_dict is format version {plan.saved_version}; its bf16 "
+            "master corrections were converted against the parameters' current values. "
+            "Load the model's weights before the optimizer's state_dict (as "
+            "slimoptim.checkpoint.load_checkpoint does), or the masters are off by up to a "
+            "bf16 ulp; saving the optimizer again writes version 4.",
+            stacklevel=3,
+        )
     for group, values in zip(opt.param_groups, plan.group_values, strict=True):
         group.update(values)
     opt.state.clear()

@@ -2,6 +2,7 @@
 format 4's code (float32 steps, formats.split_master), against the param's loaded value."""
 
 import random
+import warnings
 
 import pytest
 import torch
@@ -63,7 +64,8 @@ def test_a_version_3_correction_loads_as_the_same_master(master_weight_bits):
     with torch.no_grad():
         p.copy_(b.bfloat16())  # the weights the checkpoint was saved with
     fresh = slimoptim.AdamW([p], lr=1e-3, master_weight_bits=master_weight_bits, fused=False)
-    fresh.load_state_dict(sd)
+    with pytest.warns(UserWarning, match="Load the model's weights before"):
+        fresh.load_state_dict(sd)  # a wrong order cannot be detected: it says so
     got = fresh.master_weight(p).double()
     expected = _version3_master_float64(b, old_code, code_bits)
     assert torch.equal(expected.float().double(), expected)  # a float32 master
@@ -97,6 +99,8 @@ def test_load_checkpoint_converts_against_the_checkpoint_weights(tmp_path, monke
     monkeypatch.undo()
     other = make_model(torch.bfloat16, random.randrange(2**31))  # other weights
     fresh = slimoptim.AdamW(other.parameters(), lr=1e-3, group_size=GROUP, fused=False)
-    checkpoint.load_checkpoint(tmp_path / "v3.ckpt", other, fresh)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the right order: no warning
+        checkpoint.load_checkpoint(tmp_path / "v3.ckpt", other, fresh)
     for p, q in zip(model.parameters(), other.parameters(), strict=True):
         assert torch.equal(fresh.master_weight(q), expected[p])

@@ -202,3 +202,32 @@ def test_kernels_split_special_masters_as_the_reference(cls, master_weight_bits)
     assert c_ref.ne(0).float().mean() > 0.9  # the codes are in use
     tiny = start.float().abs() < 1e-30
     assert c_ref.cpu()[tiny & (start.float() != 0)].ne(0).any()  # tiny masters keep codes
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_param_zeroed_outside_the_optimizer_keeps_a_finite_master(fused):
+    """Pruning or zero_() after a step leaves the old codes beside +-0 params: a negative
+    code would step past zero to a NaN bit pattern (and +Inf plus a positive one beyond
+    Inf); the master is then the param itself, and the next step stays finite."""
+    pytest.importorskip("triton")
+    gen = _gen()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    p = torch.nn.Parameter((torch.randn(4099, generator=gen) * 0.5).bfloat16().to(device))
+    opt = slimoptim.AdamW([p], lr=1e-3, fused=fused)
+    p.grad = torch.randn(4099, generator=gen).bfloat16().to(device)
+    opt.step()
+    code = opt.state[p]["correction"]
+    assert code.lt(0).any() and code.gt(0).any()  # stale codes of both signs remain
+    pruned = torch.rand(4099, generator=gen).to(device) < 0.5
+    infinite = torch.nonzero(~pruned & (code > 0)).flatten()[:8]
+    with torch.no_grad():
+        p[pruned] = 0.0
+        p[infinite] = float("inf")
+    master = opt.master_weight(p)
+    assert not master.isnan().any()
+    # a pruned weight's master is its stale code's tiny subnormal, or +-0
+    assert master[pruned].abs().max() < 1e-38 and master[pruned & (code < 0)].eq(0).all()
+    assert master[infinite].eq(float("inf")).all()
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    assert not p.isnan().any()

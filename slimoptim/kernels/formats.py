@@ -139,7 +139,8 @@ def fp16_code_units(b, CODE_BITS: tl.constexpr):
 def join_master(b, code, PARAM: tl.constexpr, CODE_BITS: tl.constexpr):
     """formats.join_master of float32 ``b`` and the integer ``code``."""
     if PARAM == 1:  # a bf16 code counts float32 bit patterns: one shift and one add
-        return as_float(as_bits(b) + (code.to(tl.int32) << (16 - CODE_BITS)))
+        rebuilt = as_float(as_bits(b) + (code.to(tl.int32) << (16 - CODE_BITS)))
+        return tl.where(rebuilt != rebuilt, b, rebuilt)  # a stale code past 0 or Inf
     else:
         unit, _ = fp16_code_units(b, CODE_BITS)
         return b + code.to(tl.float32) * unit
