@@ -11,7 +11,7 @@ from test_checkpoint import make_model
 import slimoptim
 from slimoptim import checkpoint, state_io
 
-# A tiny model: hidden 24, so every weight is in one of a handful of groups.
+# Small quantization groups, so that the test model's tensors span several.
 GROUP = 8
 
 
