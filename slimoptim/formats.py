@@ -28,15 +28,8 @@ from __future__ import annotations
 
 import torch
 
-from .dither import (  # noqa: F401
-    DITHER_LEVELS,
-    SEQUENCE_KEY,
-    SEQUENCE_STEPS,
-    SEQUENCE_WORD,
-    _mix32,
-    _mix_element,
-    dither,
-)
+# The dither's names that the formats, their tests and the kernels' mirror read from here.
+from .dither import DITHER_LEVELS, SEQUENCE_KEY, SEQUENCE_WORD, dither  # noqa: F401
 
 # Relative level below which a square-level momentum code cannot resolve a value: its
 # smallest non-zero level is (1/127)**2 of the group scale. The denominator sqrt(v) is

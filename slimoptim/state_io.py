@@ -228,6 +228,7 @@ def _check_state(opt, p, group, saved_id, saved_state) -> None:
 def _version3_master(b: torch.Tensor, code: torch.Tensor, code_bits: int) -> torch.Tensor:
     """The float32 master a format-3 (or older) bf16 correction held: ``b`` plus ``code``
     units of ulp(b) / 2**code_bits, b's exponent clamped at 2**-100 (tiny b had code 0)."""
+    # exponent fields: -100 + 127 = 27; bf16 keeps 7 mantissa bits
     exponent = torch.clamp(b.view(torch.int32) & 0x7F800000, min=27 << 23)
     unit = (exponent - ((7 + code_bits) << 23)).view(torch.float32)
     return b + code.float() * unit
@@ -274,7 +275,8 @@ def check(opt, state_dict: dict) -> LoadPlan:
     if unknown:
         _fail(f"state for unknown parameter ids {sorted(unknown, key=str)}.")
     # Version 3 moved SGD's and Muon's signed codes to new levels: older codes convert.
-    saved_levels = _saved_levels(_saved_version(state_dict))
+    version = _saved_version(state_dict)
+    saved_levels = _saved_levels(version)
     rows = saved
     saved = localize(opt, pairs, saved, saved_levels)  # FSDP2's row form -> local tensors
     for p, group, saved_id in pairs:
@@ -296,7 +298,7 @@ def check(opt, state_dict: dict) -> LoadPlan:
                 for k, v in saved[saved_id].items()
             }
     group_values = [_group_values(opt, saved) for saved in state_dict["param_groups"]]
-    return LoadPlan(opt, new_state, group_values, _saved_version(state_dict))
+    return LoadPlan(opt, new_state, group_values, version)
 
 
 def apply(plan: LoadPlan, weights_loaded: bool = False) -> None:

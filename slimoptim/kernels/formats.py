@@ -37,7 +37,6 @@ SQUARE_UNITS = tl.constexpr(ref._LEVEL_UNITS["square"])
 INV_SQUARE_UNITS = tl.constexpr(_f32(1.0 / ref._LEVEL_UNITS["square"]))
 HALF_DITHER = tl.constexpr(float(ref.DITHER_LEVELS // 2))
 MOVEMENT_SLACK = tl.constexpr(ref.MOVEMENT_SLACK)
-DITHER_LEVELS = tl.constexpr(float(ref.DITHER_LEVELS))
 INV_DITHER_LEVELS = tl.constexpr(1.0 / ref.DITHER_LEVELS)
 SEQUENCE_KEY = tl.constexpr(ref.SEQUENCE_KEY)
 SEQUENCE_WORD = tl.constexpr(ref.SEQUENCE_WORD)
@@ -205,7 +204,7 @@ def safe_reciprocal(scale):
 
 @triton.jit
 def mix32(x):
-    """formats._mix32 on uint32: products wrap mod 2**32 like the masked int64 ones."""
+    """dither._mix32 on uint32: products wrap mod 2**32 like the masked int64 ones."""
     x = x ^ (x >> 16)
     x = x * 0x7FEB352D
     x = x ^ (x >> 15)
@@ -215,7 +214,7 @@ def mix32(x):
 
 @triton.jit
 def mix_element(x):
-    """formats._mix_element on uint32."""
+    """dither._mix_element on uint32."""
     x = x * 0x7FEB352D
     x = x ^ (x >> 16)
     return x * 0x046CA68B
