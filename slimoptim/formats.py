@@ -30,6 +30,7 @@ import torch
 
 # The dither's names that the formats, their tests and the kernels' mirror read from here.
 from .dither import DITHER_LEVELS, SEQUENCE_KEY, SEQUENCE_WORD, dither  # noqa: F401
+from .ieee import sqrt_rn
 
 # Relative level below which a square-level momentum code cannot resolve a value: its
 # smallest non-zero level is (1/127)**2 of the group scale. The denominator sqrt(v) is
@@ -221,17 +222,6 @@ def _safe_reciprocal(scale: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, torch.ones_like(scale) / torch.where(ok, scale, 1.0), 0.0)
 
 
-def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
-    """Correctly rounded float32 square root on every backend.
-
-    torch's vectorised float32 sqrt on AVX-512 CPUs is not correctly rounded
-    (about 1 element in 5 is off by one ulp); the float64 root rounded to
-    float32 is, because a float32 root never lies within a float64 ulp of a
-    float32 rounding boundary. The kernels use the IEEE ``sqrt_rn``.
-    """
-    return torch.sqrt(x.double()).float()
-
-
 # ------------------------------------------------------------ momentum (signed)
 
 # Level c of a signed code sits at c * (offset + c) / units of the group scale. Two level
@@ -288,9 +278,11 @@ def quantize_momentum(
     scale = group_scale(m.abs(), group_size)
     group_lift = scale_lift(scale)
     lift = per_element(group_lift, group_size, m.numel())
-    inverse = per_element(_safe_reciprocal(scale * group_lift), group_size, m.numel())
-    x = (m * lift) * inverse
-    t = torch.clamp(x.abs() * units, max=units)
+    # 1/scale and the units in one factor per group (its range allows it: the lift keeps
+    # 1/scale below 2**70); the lift stays on the values, whose products it keeps normal.
+    factor = _safe_reciprocal(scale * group_lift) * units
+    factor = per_element(factor, group_size, m.numel())
+    t = torch.clamp((m * lift).abs() * factor, max=units)
     # low: the largest c with c * (offset + c) <= t, from the root of c**2 + offset c = t
     low = torch.floor((torch.sqrt(t * 4.0 + offset * offset) - offset) * 0.5)
     low = torch.where(_momentum_level(low, offset) > t, low - 1, low)
@@ -304,12 +296,12 @@ def quantize_momentum(
         # The slack (relative 2**-12, exact on half_gap) covers float32 rounding: a change
         # a hair over half a gap by this count, and under it by t's distance to the
         # level, would round back to the same level at every step, for good.
-        change = (((m - previous).abs() * lift) * inverse) * units
+        change = ((m - previous).abs() * lift) * factor
         dithered = change < half_gap * MOVEMENT_SLACK
     threshold = torch.where(dithered, noise, DITHER_LEVELS // 2) * half_gap
     up = (t - _momentum_level(low, offset)) * (DITHER_LEVELS // 2) > threshold
     code = low + up.float()
-    code = torch.where(x < 0, -code, code)
+    code = torch.where(m < 0, -code, code)
     return code.to(torch.int8), scale.to(torch.bfloat16)
 
 

@@ -14,17 +14,18 @@ DECAY, WEIGHT_DECAY, ONE_MINUS_BETA1, BETA2, ONE_MINUS_BETA2, EPS, STEP_SIZE, IN
 
 @triton.jit
 def adamw_update(w, g, m, v, floor, k, DECOUPLED, HAS_WEIGHT_DECAY, _UNUSED):
-    """optimizers.adamw.adam_update, operation for operation."""
+    """optimizers.adamw.adam_update, operation for operation (its fma_rn is tl.fma)."""
     if HAS_WEIGHT_DECAY:
         if DECOUPLED:
             w = w * k[DECAY]
         else:
-            g = g + w * k[WEIGHT_DECAY]
-    m = m + (g - m) * k[ONE_MINUS_BETA1]
-    v = v * k[BETA2] + g * g * k[ONE_MINUS_BETA2]
+            g = tl.fma(w, k[WEIGHT_DECAY], g)
+    m = tl.fma(g - m, k[ONE_MINUS_BETA1], m)
+    v = tl.fma(v, k[BETA2], g * g * k[ONE_MINUS_BETA2])
     root = tl.maximum(tl.sqrt_rn(v), floor, propagate_nan=tl.PropagateNan.ALL)
-    denom = root * k[INV_BC2_SQRT] + k[EPS]
-    w = w - k[STEP_SIZE] * tl.div_rn(m, denom)
+    denom = tl.fma(root, k[INV_BC2_SQRT], k[EPS])
+    # k * -1.0, not -k: Triton's unary minus is 0 - x, which loses -0.0
+    w = tl.fma(k[STEP_SIZE] * -1.0, tl.div_rn(m, denom), w)
     return w, m, v
 
 

@@ -7,7 +7,9 @@ PyTorch twin, so kernel and reference produce the same bits. Rules kept here:
   (Triton's CPU interpreter truncates bf16 casts; bits are exact everywhere).
 * division and square root use ``tl.div_rn`` / ``tl.sqrt_rn``: plain ``/`` and
   ``tl.sqrt`` are approximate on the GPU. Kernels are launched with
-  ``enable_fp_fusion=False`` so that no multiply-add is contracted into an FMA.
+  ``enable_fp_fusion=False`` so that no multiply-add is contracted into an FMA behind
+  the reference's back: an fma is written as ``tl.fma`` where the reference has
+  ``ieee.fma_rn`` (or where the product is exact, so that both round alike).
 * tiles are 2-D, ``(rows, group_size)``: one row per quantization group, so a
   group's scale is a row reduction.
 """
@@ -273,10 +275,9 @@ def quantize_momentum(
     units: tl.constexpr = SQUARE_UNITS * (1 + LEVELS)
     scale = round_up_to_bf16(tl.max(tl.where(mask, tl.abs(m), 0.0), axis=1))
     row_lift = scale_lift(scale)  # exact power of two: tiny groups' 1/scale would overflow
-    inverse = safe_reciprocal(scale * row_lift)[:, None]
+    factor = (safe_reciprocal(scale * row_lift) * units)[:, None]
     lift = row_lift[:, None]
-    x = (m * lift) * inverse
-    t = tl.minimum(tl.abs(x) * units, units)
+    t = tl.minimum(tl.abs(m * lift) * factor, units)
     # The root scaled by ROOT_LOW is below the exact one (the approximate root errs by
     # ~2**-22, the bias is 2**-16) and above it minus one (roots are < 2**8), so its floor
     # is the level or the one below: one upward fix-up gives the exact floor level.
@@ -284,7 +285,7 @@ def quantize_momentum(
         low = tl.floor(tl.sqrt(t) * ROOT_LOW)
     else:
         # c (offset + c) = t at c = sqrt(t + offset**2 / 4) - offset / 2 (constexprs)
-        low = tl.floor(tl.sqrt(t + offset * offset * 0.25) * ROOT_LOW - offset * 0.5)
+        low = tl.floor(tl.fma(tl.sqrt(t + offset * offset * 0.25), ROOT_LOW, -offset * 0.5))
     high = low + 1.0
     low = tl.where(momentum_level(high, LEVELS) <= t, high, low)
     half_gap = low + (offset + 1.0) * 0.5
@@ -292,15 +293,20 @@ def quantize_momentum(
         threshold = noise * half_gap
     else:
         if ROUNDING == 1:
-            change = ((tl.abs(m - previous) * lift) * inverse) * units
+            change = (tl.abs(m - previous) * lift) * factor
             dithered = change < half_gap * MOVEMENT_SLACK
         else:
             dithered = t * forget < half_gap
         threshold = tl.where(dithered, noise, HALF_DITHER) * half_gap
-    up = (t - momentum_level(low, LEVELS)) * HALF_DITHER > threshold
+    # t - level(low), the level an exact product: one fma, the reference's bits
+    if LEVELS == 0:
+        below = tl.fma(-low, low, t)  # no + 0.0: it is not free (-0.0 + 0.0 is +0.0)
+    else:
+        below = tl.fma(-low, low + offset, t)
+    up = below * HALF_DITHER > threshold
     code = low + up.to(tl.float32)
-    # x's sign bit on the code (one bitwise op; -0.0 converts to 0 like +0.0)
-    code = as_float(as_bits(code) | (as_bits(x) & SIGN_BIT))
+    # m's sign bit on the code (one bitwise op; -0.0 converts to 0 like +0.0)
+    code = as_float(as_bits(code) | (as_bits(m) & SIGN_BIT))
     return code.to(tl.int8), scale
 
 

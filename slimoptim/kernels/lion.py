@@ -12,13 +12,14 @@ LR, DECAY, BETA1, ONE_MINUS_BETA1, BETA2, ONE_MINUS_BETA2 = (tl.constexpr(i) for
 
 @triton.jit
 def lion_update(w, g, m, _s1, _floor, k, HAS_WEIGHT_DECAY, _UNUSED1, _UNUSED2):
-    """optimizers.lion.lion_update, operation for operation; sign() as torch.sign."""
+    """optimizers.lion.lion_update, operation for operation (its fma_rn is tl.fma);
+    sign() as torch.sign."""
     if HAS_WEIGHT_DECAY:
         w = w * k[DECAY]
-    direction = m * k[BETA1] + g * k[ONE_MINUS_BETA1]
+    direction = tl.fma(m, k[BETA1], g * k[ONE_MINUS_BETA1])
     sign = (direction > 0).to(tl.float32) - (direction < 0).to(tl.float32)
-    w = w - sign * k[LR]
-    m = m * k[BETA2] + g * k[ONE_MINUS_BETA2]
+    w = tl.fma(sign, k[LR] * -1.0, w)  # sign * lr is exact: the reference's product and sum
+    m = tl.fma(m, k[BETA2], g * k[ONE_MINUS_BETA2])
     return w, m, _s1
 
 

@@ -14,17 +14,17 @@ LR, MOMENTUM, ONE_MINUS_DAMPENING, WEIGHT_DECAY, FIRST_STEP, ONE_MINUS_MOMENTUM 
 
 @triton.jit
 def sgd_update(w, g, buf, _s1, _floor, k, HAS_MOMENTUM, NESTEROV, HAS_WEIGHT_DECAY):
-    """optimizers.sgd.sgd_update, operation for operation."""
+    """optimizers.sgd.sgd_update, operation for operation (its fma_rn is tl.fma)."""
     if HAS_WEIGHT_DECAY:
-        g = g + w * k[WEIGHT_DECAY]
+        g = tl.fma(w, k[WEIGHT_DECAY], g)
     if HAS_MOMENTUM:
-        buf = buf * k[MOMENTUM] + g * k[ONE_MINUS_DAMPENING]
+        buf = tl.fma(buf, k[MOMENTUM], g * k[ONE_MINUS_DAMPENING])
         buf = tl.where(k[FIRST_STEP] != 0, g, buf)
         if NESTEROV:
-            g = g + buf * k[MOMENTUM]
+            g = tl.fma(buf, k[MOMENTUM], g)
         else:
             g = buf
-    return w - g * k[LR], buf, _s1
+    return tl.fma(g, k[LR] * -1.0, w), buf, _s1  # k * -1.0 keeps -0.0
 
 
 class SGDRule:

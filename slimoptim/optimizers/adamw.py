@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import formats
+from ..ieee import fma_rn, sqrt_rn
 from .arguments import check_betas
 from .base import SlimOptimizer
 from .state_spec import StateSpec
@@ -41,7 +41,8 @@ def adam_update(
     """One Adam(W) step on float32 tensors, in torch.optim's order of operations.
 
     Only two operations per element are IEEE divisions or roots (sqrt(v) and
-    m / denom); the bias correction of v is a multiplication by its reciprocal.
+    m / denom); the bias correction of v is a multiplication by its reciprocal. Each
+    multiply followed by an add rounds once (``fma_rn``), as the kernels' fma does.
 
     ``denom_floor`` (per element, or None) bounds sqrt(v) from below where the
     8-bit second moment cannot resolve it, so m / sqrt(v) stays bounded.
@@ -50,14 +51,14 @@ def adam_update(
         if decoupled:
             w = w * (1 - lr * weight_decay)
         else:
-            g = g + w * weight_decay
-    exp_avg = exp_avg + (g - exp_avg) * (1 - beta1)
-    exp_avg_sq = exp_avg_sq * beta2 + g * g * (1 - beta2)
-    root = formats.sqrt_rn(exp_avg_sq)  # correctly rounded, as the kernel's
+            g = fma_rn(w, weight_decay, g)
+    exp_avg = fma_rn(g - exp_avg, 1 - beta1, exp_avg)
+    exp_avg_sq = fma_rn(exp_avg_sq, beta2, g * g * (1 - beta2))
+    root = sqrt_rn(exp_avg_sq)  # correctly rounded, as the kernel's
     if denom_floor is not None:
         root = torch.maximum(root, denom_floor)
-    denom = root * inv_bias_correction2_sqrt + eps
-    w = w - step_size * (exp_avg / denom)
+    denom = fma_rn(root, inv_bias_correction2_sqrt, eps)
+    w = fma_rn(-step_size, exp_avg / denom, w)
     return w, exp_avg, exp_avg_sq
 
 

@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import torch
 
+from ..ieee import fma_rn
 from .arguments import check_betas
 from .base import SlimOptimizer
 from .state_spec import StateSpec
 
 
 def lion_update(w, g, exp_avg, *, lr, beta1, beta2, weight_decay):
-    """One Lion step on float32 tensors: signed interpolated update, then the EMA."""
+    """One Lion step on float32 tensors: signed interpolated update, then the EMA; each
+    multiply followed by an add rounds once (``fma_rn``), as the kernels' fma does."""
     if weight_decay != 0:
         w = w * (1 - lr * weight_decay)
-    direction = exp_avg * beta1 + g * (1 - beta1)
-    w = w - torch.sign(direction) * lr
-    exp_avg = exp_avg * beta2 + g * (1 - beta2)
+    direction = fma_rn(exp_avg, beta1, g * (1 - beta1))
+    w = w - torch.sign(direction) * lr  # an exact product: the kernel's fma rounds alike
+    exp_avg = fma_rn(exp_avg, beta2, g * (1 - beta2))
     return w, exp_avg
 
 

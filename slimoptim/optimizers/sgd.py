@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..ieee import fma_rn
 from .base import SlimOptimizer
 from .state_spec import MOMENTUM_BUFFER
 
@@ -9,14 +10,15 @@ from .state_spec import MOMENTUM_BUFFER
 def sgd_update(w, g, buf, *, lr, momentum, dampening, nesterov, weight_decay, first_step):
     """One torch.optim.SGD step on float32 tensors; ``buf`` is None without momentum.
 
-    ``first_step`` (bool tensor) starts the buffer at the gradient, as torch does.
+    ``first_step`` (bool tensor) starts the buffer at the gradient, as torch does. Each
+    multiply followed by an add rounds once (``fma_rn``), as the kernels' fma does.
     """
     if weight_decay != 0:
-        g = g + w * weight_decay
+        g = fma_rn(w, weight_decay, g)
     if buf is not None:
-        buf = (buf * momentum + g * (1 - dampening)).where(~first_step, g)
-        g = g + buf * momentum if nesterov else buf
-    return w - g * lr, buf
+        buf = fma_rn(buf, momentum, g * (1 - dampening)).where(~first_step, g)
+        g = fma_rn(buf, momentum, g) if nesterov else buf
+    return fma_rn(g, -lr, w), buf
 
 
 class SGD(SlimOptimizer):
