@@ -201,10 +201,14 @@ def bit_check(shapes) -> dict:
     return out
 
 
+SWEPT = ("slimoptim AdamW 24/8", "slimoptim SGD-m 24/8", "slimoptim Lion 24/8")
+
+
 def _set_config(dispatch, cfg: str) -> None:
-    """'BLOCKxWARPS[tTILES][rREGS]', e.g. '128x1t16': elements per tile, warps per program,
-    tiles per program, register cap."""
-    block, rest = cfg.split("x")
+    """'BLOCKxWARPS[tTILES][rREGS][p]', e.g. '128x1t16': elements per tile, warps per program,
+    tiles per program, register cap, and p to prefetch each next tile's loads."""
+    prefetch = cfg.endswith("p")
+    block, rest = cfg.removesuffix("p").split("x")
     rest, _, regs = rest.partition("r")
     warps, _, tiles = rest.partition("t")
     dispatch.CONFIG.update(
@@ -212,6 +216,7 @@ def _set_config(dispatch, cfg: str) -> None:
         num_warps=int(warps),
         tiles=int(tiles or dispatch.CONFIG["tiles"]),
         maxnreg=int(regs or 0),
+        prefetch=prefetch,
     )
 
 
@@ -280,15 +285,17 @@ def main() -> None:
     ceiling = copy_ceiling_gbs()
     meta["copy_ceiling_gbs"] = round(ceiling, 1)
     print(meta, flush=True)
-    if args.sweep:  # kernel launch configs on the 1.1B AdamW step; the fastest is kept
+    if args.sweep:  # kernel launch configs on the 1.1B steps; AdamW's fastest is kept
         timings = {}
         for cfg in args.sweep.split(","):
             _set_config(dispatch, cfg)
-            dtype, factory = optimizers()["slimoptim AdamW 24/8"]
-            r = bench_one(tinyllama_shapes(), dtype, factory, 10, ceiling)
-            timings[cfg] = r["ms_back_to_back"]
-            print(f"sweep {cfg:10s} AdamW 24/8 back to back {r['ms_back_to_back']} ms", flush=True)
-        _set_config(dispatch, min(timings, key=timings.get))
+            for name in SWEPT:
+                dtype, factory = optimizers()[name]
+                r = bench_one(tinyllama_shapes(), dtype, factory, 10, ceiling)
+                timings.setdefault(name, {})[cfg] = r["ms_back_to_back"]
+                print(f"sweep {cfg:12s} {name:22s} back to back {r['ms_back_to_back']} ms")
+        adamw = timings[SWEPT[0]]
+        _set_config(dispatch, min(adamw, key=adamw.get))
         meta["sweep_ms_back_to_back"] = timings
     meta["kernel_config"] = dict(dispatch.CONFIG)
     results = {}

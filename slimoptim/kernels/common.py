@@ -69,22 +69,50 @@ def typed_ptr(address, KIND: tl.constexpr):
 
 
 @triton.jit
-def load_float(ptr, offs, mask, KIND: tl.constexpr):
-    """float32 values of a float32/bf16/fp16 tensor (bf16 through its bits: exact)."""
+def widen(x, KIND: tl.constexpr):
+    """float32 values of loaded float32/bf16/fp16 values (bf16 as its bits: exact)."""
     if KIND == 1:
-        return kf.bf16_bits_to_float(tl.load(ptr + offs, mask=mask, other=0))
+        return kf.bf16_bits_to_float(x)
     else:
-        return tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        return x.to(tl.float32)
 
 
 @triton.jit
-def load_grad(
-    gp, offs, mask, group_mask, grad_scale, found_inf,
+def load_tile(
+    pp, cp, gp, s0p, s0sp, s1p, s1sp, offs, mask, groups, group_mask,
+    N_STATES: tl.constexpr, CODE_BITS: tl.constexpr, STATE_BITS: tl.constexpr,
+):  # fmt: skip
+    """Everything a tile reads, as stored (bf16 as bits, codes as integers): the loads are
+    issued here and their values first used by ``step_tile``, so a loop can issue the next
+    tile's loads before it steps this one."""
+    g = tl.load(gp + offs, mask=mask, other=0)
+    b = tl.load(pp + offs, mask=mask, other=0)
+    code = 0
+    if CODE_BITS != 0:
+        code = tl.load(cp + offs, mask=mask, other=0)
+    s0 = 0
+    s0_scale = 0
+    s1 = 0
+    s1_scale = 0
+    if N_STATES >= 1:
+        s0 = tl.load(s0p + offs, mask=mask, other=0)
+        if STATE_BITS == 8:
+            s0_scale = tl.load(s0sp + groups, mask=group_mask, other=0)
+    if N_STATES >= 2:
+        s1 = tl.load(s1p + offs, mask=mask, other=0)
+        if STATE_BITS == 8:
+            s1_scale = tl.load(s1sp + groups, mask=group_mask, other=0)
+    return g, b, code, s0, s0_scale, s1, s1_scale
+
+
+@triton.jit
+def decode_grad(
+    g, mask, group_mask, grad_scale, found_inf,
     GRAD: tl.constexpr, MAXIMIZE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
 ):  # fmt: skip
     """(float32 gradient, element ok, group ok): the reference's unscale/maximize/skip logic."""
-    g = load_float(gp, offs, mask, GRAD)
+    g = widen(g, GRAD)
     if HAS_GRAD_SCALE:
         g = tl.div_rn(g, tl.load(grad_scale))
     if MAXIMIZE:
@@ -102,11 +130,11 @@ def load_grad(
 
 
 @triton.jit
-def load_master(pp, cp, offs, mask, PARAM_KIND: tl.constexpr, CODE_BITS: tl.constexpr):
+def decode_master(b, code, PARAM_KIND: tl.constexpr, CODE_BITS: tl.constexpr):
     """float32 master weight: the stored parameter joined with its correction code."""
-    b = load_float(pp, offs, mask, PARAM_KIND)
+    b = widen(b, PARAM_KIND)
     if CODE_BITS != 0:
-        b = kf.join_master(b, tl.load(cp + offs, mask=mask, other=0), PARAM_KIND, CODE_BITS)
+        b = kf.join_master(b, code, PARAM_KIND, CODE_BITS)
     return b
 
 
@@ -134,21 +162,18 @@ def store_master(
 
 
 @triton.jit
-def load_state(
-    sp, scp, offs, mask, groups, group_mask,
-    SIGNED: tl.constexpr, BITS: tl.constexpr, LEVELS: tl.constexpr,
-):  # fmt: skip
-    """(float32 state, its float32 group scale per row) from its codes or float32 storage."""
+def decode_state(x, scale, SIGNED: tl.constexpr, BITS: tl.constexpr, LEVELS: tl.constexpr):
+    """(float32 state, its float32 group scale per row) from its codes and bf16 scale bits,
+    or float32 storage."""
     if BITS == 32:
-        x = tl.load(sp + offs, mask=mask, other=0.0)
+        x = x.to(tl.float32)
         scale = 0.0
     else:
-        code = tl.load(sp + offs, mask=mask, other=0)
-        scale = kf.bf16_bits_to_float(tl.load(scp + groups, mask=group_mask, other=0))
+        scale = kf.bf16_bits_to_float(scale)
         if SIGNED:
-            x = kf.dequantize_momentum(code, scale, LEVELS)
+            x = kf.dequantize_momentum(x, scale, LEVELS)
         else:
-            x = kf.dequantize_variance(code, scale)
+            x = kf.dequantize_variance(x, scale)
     return x, scale
 
 
@@ -171,30 +196,32 @@ def store_state(
 
 @triton.jit
 def _step_tile(
-    pp, cp, gp, s0p, s0sp, s1p, s1sp, k, offs, mask, groups, group_mask, grad_scale, found_inf,
-    RULE: tl.constexpr, N_STATES: tl.constexpr, FORGET: tl.constexpr, LEVELS: tl.constexpr,
+    loaded, pp, cp, s0p, s0sp, s1p, s1sp, k, offs, mask, groups, group_mask, grad_scale,
+    found_inf, RULE: tl.constexpr, N_STATES: tl.constexpr, FORGET: tl.constexpr, LEVELS: tl.constexpr,
     FLAG0: tl.constexpr, FLAG1: tl.constexpr, FLAG2: tl.constexpr,
     PARAM_KIND: tl.constexpr, GRAD_KIND: tl.constexpr, CODE_BITS: tl.constexpr,
     STATE_BITS: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr, HW_ROUND: tl.constexpr, MASTER_DITHER: tl.constexpr,
     ROUNDING: tl.constexpr, SEQUENCED: tl.constexpr,
 ):  # fmt: skip
-    g, ok, group_ok = load_grad(
-        gp, offs, mask, group_mask, grad_scale, found_inf,
+    """Step one tile from what ``load_tile`` read for it (``loaded``)."""
+    g, b, code, s0, s0_scale, s1, s1_scale = loaded
+    g, ok, group_ok = decode_grad(
+        g, mask, group_mask, grad_scale, found_inf,
         GRAD_KIND, MAXIMIZE, HAS_GRAD_SCALE, HAS_FOUND_INF,
     )  # fmt: skip
-    w0 = load_master(pp, cp, offs, mask, PARAM_KIND, CODE_BITS)
-    s0 = 0.0
-    s1 = 0.0
+    w0 = decode_master(b, code, PARAM_KIND, CODE_BITS)
     floor = 0.0
     if N_STATES >= 1:
-        s0, _ = load_state(s0p, s0sp, offs, mask, groups, group_mask, True, STATE_BITS, LEVELS)
+        s0, _ = decode_state(s0, s0_scale, True, STATE_BITS, LEVELS)
+    else:
+        s0 = 0.0
     if N_STATES >= 2:
-        s1, s1_scale = load_state(
-            s1p, s1sp, offs, mask, groups, group_mask, False, STATE_BITS, LEVELS
-        )  # fmt: skip
+        s1, s1_scale = decode_state(s1, s1_scale, False, STATE_BITS, LEVELS)
         if STATE_BITS == 8:
             floor = kf.variance_floor(s1_scale)[:, None]
+    else:
+        s1 = 0.0
 
     s0_before = s0
     w, s0, s1 = RULE(w0, g, s0, s1, floor, k, FLAG0, FLAG1, FLAG2)
@@ -227,7 +254,7 @@ def step_kernel(
     STATE_BITS: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, TILES: tl.constexpr,
     MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     HW_ROUND: tl.constexpr, MASTER_DITHER: tl.constexpr, ROUNDING: tl.constexpr,
-    SEQUENCED: tl.constexpr,
+    SEQUENCED: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     """Step one chunk (up to TILES tiles) of one tensor of the bucket with ``RULE``."""
     pid = tl.program_id(0)
@@ -257,25 +284,67 @@ def step_kernel(
 
     TILE: tl.constexpr = ROWS * G
     end = tl.minimum(start + TILES * TILE, numel)
-    for tile_start in range(start, end, TILE):
-        groups = tile_start // G + tl.arange(0, ROWS)
-        offs = groups[:, None] * G + tl.arange(0, G)[None, :]
-        if tile_start + TILE <= numel:
+    whole_end = start + (end - start) // TILE * TILE  # the tiles wholly inside the tensor
+    rows = tl.arange(0, ROWS)
+    columns = tl.arange(0, G)[None, :]
+    if PREFETCH:
+        # Software pipelining by hand: the next whole tile's loads are issued before this
+        # tile is stepped, so they are in flight while it computes (a warp's step is
+        # long enough to hide the memory latency). The masks are uniform (true or false
+        # for the whole tile), which keeps the loads vectorised.
+        groups = start // G + rows
+        offs = groups[:, None] * G + columns
+        loaded = load_tile(
+            pp, cp, gp, s0p, s0sp, s1p, s1sp, offs, everywhere(offs) & (start < whole_end),
+            groups, everywhere(groups) & (start < whole_end), N_STATES, CODE_BITS, STATE_BITS,
+        )  # fmt: skip
+        for tile_start in range(start, whole_end, TILE):
+            groups = tile_start // G + rows
+            offs = groups[:, None] * G + columns
+            more = tile_start + TILE < whole_end
+            upcoming = load_tile(
+                pp, cp, gp, s0p, s0sp, s1p, s1sp, offs + TILE, everywhere(offs) & more,
+                groups + ROWS, everywhere(groups) & more, N_STATES, CODE_BITS, STATE_BITS,
+            )  # fmt: skip
             _step_tile(
-                pp, cp, gp, s0p, s0sp, s1p, s1sp, k,
+                loaded, pp, cp, s0p, s0sp, s1p, s1sp, k,
                 offs, everywhere(offs), groups, everywhere(groups), grad_scale, found_inf,
                 RULE, N_STATES, FORGET, LEVELS, FLAG0, FLAG1, FLAG2, PARAM_KIND, GRAD_KIND,
                 CODE_BITS, STATE_BITS, MAXIMIZE, HAS_GRAD_SCALE, HAS_FOUND_INF, HW_ROUND,
                 MASTER_DITHER, ROUNDING, SEQUENCED,
             )  # fmt: skip
-        else:
+            loaded = upcoming
+    else:
+        for tile_start in range(start, whole_end, TILE):
+            groups = tile_start // G + rows
+            offs = groups[:, None] * G + columns
+            loaded = load_tile(
+                pp, cp, gp, s0p, s0sp, s1p, s1sp, offs, everywhere(offs),
+                groups, everywhere(groups), N_STATES, CODE_BITS, STATE_BITS,
+            )  # fmt: skip
             _step_tile(
-                pp, cp, gp, s0p, s0sp, s1p, s1sp, k,
-                offs, offs < numel, groups, groups * G < numel, grad_scale, found_inf,
+                loaded, pp, cp, s0p, s0sp, s1p, s1sp, k,
+                offs, everywhere(offs), groups, everywhere(groups), grad_scale, found_inf,
                 RULE, N_STATES, FORGET, LEVELS, FLAG0, FLAG1, FLAG2, PARAM_KIND, GRAD_KIND,
                 CODE_BITS, STATE_BITS, MAXIMIZE, HAS_GRAD_SCALE, HAS_FOUND_INF, HW_ROUND,
                 MASTER_DITHER, ROUNDING, SEQUENCED,
             )  # fmt: skip
+    if whole_end < end:  # the tensor's last, partial tile: masked
+        groups = whole_end // G + rows
+        offs = groups[:, None] * G + columns
+        mask = offs < numel
+        group_mask = groups * G < numel
+        loaded = load_tile(
+            pp, cp, gp, s0p, s0sp, s1p, s1sp, offs, mask, groups, group_mask,
+            N_STATES, CODE_BITS, STATE_BITS,
+        )  # fmt: skip
+        _step_tile(
+            loaded, pp, cp, s0p, s0sp, s1p, s1sp, k,
+            offs, mask, groups, group_mask, grad_scale, found_inf,
+            RULE, N_STATES, FORGET, LEVELS, FLAG0, FLAG1, FLAG2, PARAM_KIND, GRAD_KIND,
+            CODE_BITS, STATE_BITS, MAXIMIZE, HAS_GRAD_SCALE, HAS_FOUND_INF, HW_ROUND,
+            MASTER_DITHER, ROUNDING, SEQUENCED,
+        )  # fmt: skip
 
 
 @triton.jit
