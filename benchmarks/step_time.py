@@ -205,10 +205,9 @@ SWEPT = ("slimoptim AdamW 24/8", "slimoptim SGD-m 24/8", "slimoptim Lion 24/8")
 
 
 def _set_config(dispatch, cfg: str) -> None:
-    """'BLOCKxWARPS[tTILES][rREGS][p]', e.g. '128x1t16': elements per tile, warps per program,
-    tiles per program, register cap, and p to prefetch each next tile's loads."""
-    prefetch = cfg.endswith("p")
-    block, rest = cfg.removesuffix("p").split("x")
+    """'BLOCKxWARPS[tTILES][rREGS]', e.g. '128x1t16': elements per tile, warps per program,
+    tiles per program, register cap."""
+    block, rest = cfg.split("x")
     rest, _, regs = rest.partition("r")
     warps, _, tiles = rest.partition("t")
     dispatch.CONFIG.update(
@@ -216,7 +215,6 @@ def _set_config(dispatch, cfg: str) -> None:
         num_warps=int(warps),
         tiles=int(tiles or dispatch.CONFIG["tiles"]),
         maxnreg=int(regs or 0),
-        prefetch=prefetch,
     )
 
 

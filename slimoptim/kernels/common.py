@@ -82,9 +82,7 @@ def load_tile(
     pp, cp, gp, s0p, s0sp, s1p, s1sp, offs, mask, groups, group_mask,
     N_STATES: tl.constexpr, CODE_BITS: tl.constexpr, STATE_BITS: tl.constexpr,
 ):  # fmt: skip
-    """Everything a tile reads, as stored (bf16 as bits, codes as integers): the loads are
-    issued here and their values first used by ``step_tile``, so a loop can issue the next
-    tile's loads before it steps this one."""
+    """Everything a tile reads, as stored (bf16 as bits, codes as integers)."""
     g = tl.load(gp + offs, mask=mask, other=0)
     b = tl.load(pp + offs, mask=mask, other=0)
     code = 0
@@ -196,16 +194,18 @@ def store_state(
 
 @triton.jit
 def _step_tile(
-    loaded, pp, cp, s0p, s0sp, s1p, s1sp, k, offs, mask, groups, group_mask, grad_scale,
-    found_inf, RULE: tl.constexpr, N_STATES: tl.constexpr, FORGET: tl.constexpr, LEVELS: tl.constexpr,
+    pp, cp, gp, s0p, s0sp, s1p, s1sp, k, offs, mask, groups, group_mask, grad_scale, found_inf,
+    RULE: tl.constexpr, N_STATES: tl.constexpr, FORGET: tl.constexpr, LEVELS: tl.constexpr,
     FLAG0: tl.constexpr, FLAG1: tl.constexpr, FLAG2: tl.constexpr,
     PARAM_KIND: tl.constexpr, GRAD_KIND: tl.constexpr, CODE_BITS: tl.constexpr,
     STATE_BITS: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr, HW_ROUND: tl.constexpr, MASTER_DITHER: tl.constexpr,
     ROUNDING: tl.constexpr, SEQUENCED: tl.constexpr,
 ):  # fmt: skip
-    """Step one tile from what ``load_tile`` read for it (``loaded``)."""
-    g, b, code, s0, s0_scale, s1, s1_scale = loaded
+    g, b, code, s0, s0_scale, s1, s1_scale = load_tile(
+        pp, cp, gp, s0p, s0sp, s1p, s1sp, offs, mask, groups, group_mask,
+        N_STATES, CODE_BITS, STATE_BITS,
+    )  # fmt: skip
     g, ok, group_ok = decode_grad(
         g, mask, group_mask, grad_scale, found_inf,
         GRAD_KIND, MAXIMIZE, HAS_GRAD_SCALE, HAS_FOUND_INF,
@@ -254,7 +254,7 @@ def step_kernel(
     STATE_BITS: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, TILES: tl.constexpr,
     MAXIMIZE: tl.constexpr, HAS_GRAD_SCALE: tl.constexpr, HAS_FOUND_INF: tl.constexpr,
     HW_ROUND: tl.constexpr, MASTER_DITHER: tl.constexpr, ROUNDING: tl.constexpr,
-    SEQUENCED: tl.constexpr, PREFETCH: tl.constexpr,
+    SEQUENCED: tl.constexpr,
 ):  # fmt: skip
     """Step one chunk (up to TILES tiles) of one tensor of the bucket with ``RULE``."""
     pid = tl.program_id(0)
@@ -287,60 +287,22 @@ def step_kernel(
     whole_end = start + (end - start) // TILE * TILE  # the tiles wholly inside the tensor
     rows = tl.arange(0, ROWS)
     columns = tl.arange(0, G)[None, :]
-    if PREFETCH:
-        # Software pipelining by hand: the next whole tile's loads are issued before this
-        # tile is stepped, so they are in flight while it computes (a warp's step is
-        # long enough to hide the memory latency). The masks are uniform (true or false
-        # for the whole tile), which keeps the loads vectorised.
-        groups = start // G + rows
+    for tile_start in range(start, whole_end, TILE):
+        groups = tile_start // G + rows
         offs = groups[:, None] * G + columns
-        loaded = load_tile(
-            pp, cp, gp, s0p, s0sp, s1p, s1sp, offs, everywhere(offs) & (start < whole_end),
-            groups, everywhere(groups) & (start < whole_end), N_STATES, CODE_BITS, STATE_BITS,
+        _step_tile(
+            pp, cp, gp, s0p, s0sp, s1p, s1sp, k,
+            offs, everywhere(offs), groups, everywhere(groups), grad_scale, found_inf,
+            RULE, N_STATES, FORGET, LEVELS, FLAG0, FLAG1, FLAG2, PARAM_KIND, GRAD_KIND,
+            CODE_BITS, STATE_BITS, MAXIMIZE, HAS_GRAD_SCALE, HAS_FOUND_INF, HW_ROUND,
+            MASTER_DITHER, ROUNDING, SEQUENCED,
         )  # fmt: skip
-        for tile_start in range(start, whole_end, TILE):
-            groups = tile_start // G + rows
-            offs = groups[:, None] * G + columns
-            more = tile_start + TILE < whole_end
-            upcoming = load_tile(
-                pp, cp, gp, s0p, s0sp, s1p, s1sp, offs + TILE, everywhere(offs) & more,
-                groups + ROWS, everywhere(groups) & more, N_STATES, CODE_BITS, STATE_BITS,
-            )  # fmt: skip
-            _step_tile(
-                loaded, pp, cp, s0p, s0sp, s1p, s1sp, k,
-                offs, everywhere(offs), groups, everywhere(groups), grad_scale, found_inf,
-                RULE, N_STATES, FORGET, LEVELS, FLAG0, FLAG1, FLAG2, PARAM_KIND, GRAD_KIND,
-                CODE_BITS, STATE_BITS, MAXIMIZE, HAS_GRAD_SCALE, HAS_FOUND_INF, HW_ROUND,
-                MASTER_DITHER, ROUNDING, SEQUENCED,
-            )  # fmt: skip
-            loaded = upcoming
-    else:
-        for tile_start in range(start, whole_end, TILE):
-            groups = tile_start // G + rows
-            offs = groups[:, None] * G + columns
-            loaded = load_tile(
-                pp, cp, gp, s0p, s0sp, s1p, s1sp, offs, everywhere(offs),
-                groups, everywhere(groups), N_STATES, CODE_BITS, STATE_BITS,
-            )  # fmt: skip
-            _step_tile(
-                loaded, pp, cp, s0p, s0sp, s1p, s1sp, k,
-                offs, everywhere(offs), groups, everywhere(groups), grad_scale, found_inf,
-                RULE, N_STATES, FORGET, LEVELS, FLAG0, FLAG1, FLAG2, PARAM_KIND, GRAD_KIND,
-                CODE_BITS, STATE_BITS, MAXIMIZE, HAS_GRAD_SCALE, HAS_FOUND_INF, HW_ROUND,
-                MASTER_DITHER, ROUNDING, SEQUENCED,
-            )  # fmt: skip
     if whole_end < end:  # the tensor's last, partial tile: masked
         groups = whole_end // G + rows
         offs = groups[:, None] * G + columns
-        mask = offs < numel
-        group_mask = groups * G < numel
-        loaded = load_tile(
-            pp, cp, gp, s0p, s0sp, s1p, s1sp, offs, mask, groups, group_mask,
-            N_STATES, CODE_BITS, STATE_BITS,
-        )  # fmt: skip
         _step_tile(
-            loaded, pp, cp, s0p, s0sp, s1p, s1sp, k,
-            offs, mask, groups, group_mask, grad_scale, found_inf,
+            pp, cp, gp, s0p, s0sp, s1p, s1sp, k,
+            offs, offs < numel, groups, groups * G < numel, grad_scale, found_inf,
             RULE, N_STATES, FORGET, LEVELS, FLAG0, FLAG1, FLAG2, PARAM_KIND, GRAD_KIND,
             CODE_BITS, STATE_BITS, MAXIMIZE, HAS_GRAD_SCALE, HAS_FOUND_INF, HW_ROUND,
             MASTER_DITHER, ROUNDING, SEQUENCED,

@@ -166,7 +166,6 @@ def _launch(plan, bucket, scale, found_inf, dummy, has_scale) -> None:
         MASTER_DITHER=plan.rule.master_rounding == "stochastic" and bucket.code_bits == 8,
         ROUNDING=MOMENTUM_ROUNDINGS.index(plan.rule.momentum_rounding),
         SEQUENCED=plan.rule.dither == "sequenced",
-        PREFETCH=CONFIG.get("prefetch", False),
         num_warps=CONFIG["num_warps"],
         enable_fp_fusion=False,
         **({"maxnreg": CONFIG["maxnreg"]} if CONFIG.get("maxnreg") else {}),

@@ -244,7 +244,6 @@ def _launch(
         MASTER_DITHER=False,  # Muon's master rounds to nearest (SlimOptimizer.master_rounding)
         ROUNDING=MOMENTUM_ROUNDINGS.index("decay"),  # optimizers.state_spec.MOMENTUM_BUFFER
         SEQUENCED=False,
-        PREFETCH=CONFIG.get("prefetch", False),
         num_warps=CONFIG["num_warps"],
         enable_fp_fusion=False,
         **({"maxnreg": CONFIG["maxnreg"]} if CONFIG.get("maxnreg") else {}),
