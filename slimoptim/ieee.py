@@ -22,12 +22,21 @@ def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(x.double()).float()
 
 
-def _float64(x) -> torch.Tensor | float:
-    """A float32 tensor or a Python number (rounded to float32 first, as torch's float32
-    arithmetic reads it) in float64."""
+def _float64(x) -> torch.Tensor:
+    """An operand of float32 arithmetic, rounded to float32 as torch reads it (a Python
+    number, a 0-dim float64 tensor), in float64."""
     if isinstance(x, torch.Tensor):
         return x.float().double()
-    return float(torch.tensor(x, dtype=torch.float32))
+    return torch.tensor(x, dtype=torch.float32).double()
+
+
+def _float64_arithmetic(*operands) -> bool:
+    """Whether torch computes in float64 on these operands: a float64 tensor with
+    dimensions is among them (0-dim tensors take the dimensioned ones' dtype, as in
+    ``g * torch.tensor(0.1, dtype=torch.float64)``, which is float32)."""
+    tensors = [x for x in operands if isinstance(x, torch.Tensor)]
+    deciding = [x for x in tensors if x.dim() > 0] or tensors
+    return any(x.dtype == torch.float64 for x in deciding)
 
 
 def fma_rn(a, b, c) -> torch.Tensor:
@@ -39,23 +48,23 @@ def fma_rn(a, b, c) -> torch.Tensor:
     to odd with at least two more bits than float32 rounds to float32 as the exact value
     would. Rounding the float64 sum to nearest instead could round twice: ``a * b`` on a
     float32 midpoint plus a tiny ``c`` would land on the midpoint and then go to even.
-    Infinities and NaN pass through the float64 arithmetic unchanged. With a float64
-    tensor among the operands (float64 params, which no kernel steps) it is ``a * b + c``
-    in float64.
+    Infinities and NaN pass through the float64 arithmetic unchanged. Where torch itself
+    would compute in float64 (float64 params, which no kernel steps) it is ``a * b + c``
+    in float64; a 0-dim float64 operand of float32 tensors (a float64 tensor lr) is read
+    as float32, as the kernels read it.
     """
-    if any(isinstance(x, torch.Tensor) and x.dtype == torch.float64 for x in (a, b, c)):
+    if _float64_arithmetic(a, b, c):
         return a * b + c
     product = _float64(a) * _float64(b)
     addend = _float64(c)
     total = product + addend
     # two-sum: product + addend == total + error exactly (no overflow: |a * b| < 2**256)
     addend_part = total - product
-    error = (product - (total - addend_part)) + (addend - addend_part)
-    bits = total.view(torch.int64)
-    even_and_inexact = (error != 0) & ((bits & 1) == 0) & torch.isfinite(total)
-    # one step away from zero where the error has the sum's sign, towards zero otherwise
-    # (a zero sum is exact: two finite float32 products and values never cancel to below
-    # float64's smallest step)
-    away = (error > 0) == (total > 0)
-    bits = bits + torch.where(even_and_inexact, torch.where(away, 1, -1), 0)
-    return bits.view(torch.float64).float()
+    error = (product - (total - addend_part)).add_(addend - addend_part)
+    # +1 where the exact value lies farther from zero than the sum, -1 nearer, 0 where the
+    # sum is exact, infinite or NaN (a zero sum is exact: two finite float32 products and
+    # values never cancel to below float64's smallest step)
+    towards_exact = torch.sign(error).mul_(torch.sign(total)).nan_to_num_(0).to(torch.int64)
+    bits = total.view(torch.int64)  # a float's magnitude grows with its bits, either sign
+    bits.add_(towards_exact.mul_(1 - (bits & 1)))  # only an even last bit moves: to odd
+    return total.float()

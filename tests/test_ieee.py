@@ -141,3 +141,17 @@ def test_triton_fma_rounds_as_the_reference():
     out = torch.empty_like(a)
     _fma_kernel[(triton.cdiv(n, 256),)](a, b, c, out, n, BLOCK=256)
     assert _same_bits(out.cpu(), fma_rn(a.cpu(), b.cpu(), c.cpu()))
+
+
+def test_fma_reads_a_zero_dim_float64_operand_as_float32():
+    x, y = torch.randn(1000), torch.randn(1000)
+    lr = torch.tensor(0.1, dtype=torch.float64)  # torch computes x * lr in float32
+    once = fma_rn(x, lr, y)
+    assert once.dtype == torch.float32
+    assert _same_bits(once, fma_rn(x, torch.tensor(0.1), y))
+    assert _same_bits(once, _exact_fma(x, torch.full_like(x, 0.1), y))
+    # float64 tensors with dimensions (float64 params) stay float64
+    wide = fma_rn(x.double(), lr, y.double())
+    assert wide.dtype == torch.float64
+    assert torch.equal(wide, x.double() * lr + y.double())
+    assert fma_rn(1.5, 2.0, 0.25).item() == 3.25  # numbers alone

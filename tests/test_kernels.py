@@ -154,6 +154,26 @@ def test_several_groups_tensor_lr_and_schedule():
     _assert_same(fused, ref, ps, qs)
 
 
+@pytest.mark.parametrize(
+    "cls, kw",
+    [
+        (slimoptim.SGD, dict(momentum=0.9, nesterov=True, weight_decay=1e-2)),
+        (slimoptim.AdamW, dict(betas=(0.9, 0.95), weight_decay=1e-3)),
+        (slimoptim.Adam, dict(betas=(0.8, 0.99), weight_decay=1e-2)),
+        (slimoptim.Lion, dict(betas=(0.9, 0.99), state_bits=32)),
+    ],
+)
+def test_float64_tensor_hyperparameters(cls, kw):
+    """A float64 tensor lr or betas is read as float32 by the kernels and by the reference
+    (its fused multiply-adds included), as torch's float32 arithmetic reads it."""
+    f64 = {"dtype": torch.float64, "device": DEVICE}
+    kw = dict(kw, lr=torch.tensor(0.03, **f64))
+    if "betas" in kw:
+        kw["betas"] = tuple(torch.tensor(b, **f64) for b in kw["betas"])
+    _run(cls, torch.float32, **kw)
+    _run(cls, torch.bfloat16, **kw)
+
+
 def test_grad_scaler_unscale_and_found_inf():
     ps = _params(torch.float16)
     qs = _clone(ps)
