@@ -45,6 +45,7 @@ DENOM_FLOOR = 1.0 / MOMENTUM_LEVELS**2
 _FP16_UNITS = (10, -14)
 CORRECTED_DTYPES = (torch.bfloat16, torch.float16)
 BF16_NAN_BITS = 0x7FFF  # the canonical bf16 NaN (CUDA's, and its round-to-nearest convert's)
+FP16_NAN_BITS = 0x7FFF  # the canonical fp16 NaN, likewise
 CODE_DTYPES = {8: torch.int8, 16: torch.int16}
 
 
@@ -73,6 +74,9 @@ def as_low_precision(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A ``dtype`` value ``b`` (float32, from round_to_dtype) as a ``dtype`` tensor. bf16
     goes by its top bits, so a NaN stays the canonical 0x7FFF round_to_bf16 made it
     (torch's own cast would make it 0x7FC0, or keep its sign, on the CPU)."""
+    if dtype == torch.float16:  # a NaN as the GPU's convert makes it, whatever its sign
+        bits = b.to(torch.float16).view(torch.int16)
+        return torch.where(torch.isnan(b), FP16_NAN_BITS, bits).view(torch.float16)
     if dtype != torch.bfloat16:
         return b.to(dtype)
     return (_bits(b) >> 16).to(torch.int16).view(torch.bfloat16)
@@ -197,8 +201,18 @@ def round_up_to_bf16(x: torch.Tensor) -> torch.Tensor:
 
 
 def group_scale(magnitude: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Per-group bf16 scale (as float32) >= the group's largest ``magnitude``."""
-    return round_up_to_bf16(group_view(magnitude, group_size).amax(dim=1))
+    """Per-group bf16 scale (as float32) >= the group's largest ``magnitude``. NaN is
+    passed over unless the whole group is NaN (then the scale is the largest bf16), as
+    the kernels' float max (IEEE maxNum) does; a state turns NaN only after a param did."""
+    return round_up_to_bf16(_largest(group_view(magnitude, group_size)))
+
+
+def _largest(rows: torch.Tensor) -> torch.Tensor:
+    """Per row of values >= 0 (or NaN), the IEEE maxNum reduction the kernels' float max
+    does: NaN passed over unless the whole row is NaN (torch's amax would give NaN)."""
+    nan = torch.isnan(rows)
+    largest = torch.where(nan, 0.0, rows).amax(dim=1)
+    return torch.where(nan.all(dim=1), float("nan"), largest)
 
 
 # A group scale below TINY_SCALE is lifted by LIFT (a power of two, so exactly) before its
@@ -282,7 +296,8 @@ def quantize_momentum(
     # 1/scale below 2**70); the lift stays on the values, whose products it keeps normal.
     factor = _safe_reciprocal(scale * group_lift) * units
     factor = per_element(factor, group_size, m.numel())
-    t = torch.clamp((m * lift).abs() * factor, max=units)
+    # fmin, as the kernels' minimum: a NaN value takes the top level, not a NaN code
+    t = torch.fmin((m * lift).abs() * factor, torch.tensor(units))
     # low: the largest c with c * (offset + c) <= t, from the root of c**2 + offset c = t
     low = torch.floor((torch.sqrt(t * 4.0 + offset * offset) - offset) * 0.5)
     low = torch.where(_momentum_level(low, offset) > t, low - 1, low)
@@ -301,7 +316,7 @@ def quantize_momentum(
     threshold = torch.where(dithered, noise, DITHER_LEVELS // 2) * half_gap
     up = (t - _momentum_level(low, offset)) * (DITHER_LEVELS // 2) > threshold
     code = low + up.float()
-    code = torch.where(m < 0, -code, code)
+    code = torch.where(torch.signbit(m), -code, code)  # m's sign bit, as the kernels' (NaN's too)
     return code.to(torch.int8), scale.to(torch.bfloat16)
 
 
@@ -351,7 +366,7 @@ def variance_top(v: torch.Tensor, group_size: int) -> torch.Tensor:
     """Per group (int32 float bits), the largest ``v`` rounded up to a multiple of 2**20
     (the coarsest code step), within [2**-126, 1.875 * 2**127]: a multiple of every finer
     step too, so code levels fall on every binade edge."""
-    largest = _bits(group_view(v, group_size).amax(dim=1))
+    largest = _bits(_largest(group_view(v.abs(), group_size)))  # a NaN v: as group_scale
     step = 1 << VARIANCE_CODE_SHIFT
     return torch.clamp((largest + (step - 1)) & -step, _LOWEST_TOP, _HIGHEST_TOP)
 

@@ -142,6 +142,26 @@ def test_fused_step_from_old_power_of_two_scales_matches_the_reference():
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), key
 
 
+def test_kernel_variance_code_of_non_finite_states_matches_the_reference():
+    """A second moment turns ±inf, then NaN, once a param has (coupled decay of an inf
+    weight): the group's top passes NaN over (the largest top for a group of NaN alone,
+    whatever the NaNs' signs), as the kernels' float max does, so the bits stay equal."""
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    groups = torch.rand(5, GROUP, generator=gen) * 10.0 ** torch.randint(-30, 38, (5, 1))
+    groups[0, 3] = float("nan")
+    groups[1, 7], groups[1, 9] = -float("nan"), float("inf")
+    groups[2, :] = float("nan")
+    groups[3, :] = -float("nan")  # x86's default NaN has its sign bit set
+    groups[4, 0] = float("inf")
+    v = groups.reshape(-1)
+    noise = torch.randint(0, 65536, v.shape, generator=gen).float()
+    code, scale = formats.quantize_variance(v, GROUP, noise)
+    k_code, k_scale, _, _ = (x.cpu() for x in kernel_round_trip(v, noise))
+    assert torch.equal(k_scale.view(torch.int16), scale.view(torch.int16))
+    assert torch.equal(k_code, code)
+    assert torch.isfinite(scale.float()).all()
+
+
 # ---------------------------------------------------------------- momentum
 
 
@@ -227,3 +247,40 @@ def test_kernel_momentum_code_matches_the_reference_bit_for_bit(levels, rule):
     assert torch.equal(k_code.cpu(), code)
     assert torch.equal(k_scale.cpu(), scale.view(torch.int16))
     assert torch.equal(k_decoded.cpu().view(torch.int32), decoded.view(torch.int32))
+
+
+@pytest.mark.parametrize("levels", formats.MOMENTUM_LEVEL_SETS)
+@pytest.mark.parametrize("rule", ["decay", "movement", "stochastic"])
+def test_kernel_momentum_code_of_non_finite_states_matches_the_reference(levels, rule):
+    """A momentum turns ±inf or NaN once a param has (an inf weight under coupled decay):
+    the group's scale passes NaN over and a NaN takes the top level with its sign bit, in
+    the reference as in the kernels (a float max and minimum), so their bits stay equal."""
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    groups = torch.randn(6, GROUP, generator=gen) * 10.0 ** torch.randint(-30, 38, (6, 1))
+    specials = [float("nan"), -float("nan"), float("inf"), -float("inf"), 3.4028235e38]
+    for row in range(6):
+        picks = torch.randint(0, GROUP, (row + 1,), generator=gen)
+        groups[row, picks] = torch.tensor(specials)[torch.arange(row + 1) % len(specials)]
+    groups[5] = float("nan")  # a group of NaN alone
+    m = groups.reshape(-1)
+    n = m.numel()
+    noise = torch.randint(0, formats.DITHER_LEVELS, (n,), generator=gen).float()
+    previous = m * 0.9
+    forget = 0.0 if rule == "stochastic" else 0.1
+    code, scale = formats.quantize_momentum(
+        m, GROUP, noise, forget, levels, previous if rule == "movement" else None
+    )
+    k_code = torch.empty(n, dtype=torch.int8, device=DEVICE)
+    k_scale = torch.empty(formats.num_groups(n, GROUP), dtype=torch.int16, device=DEVICE)
+    k_decoded = torch.empty(n, dtype=torch.float32, device=DEVICE)
+    grid = (triton.cdiv(formats.num_groups(n, GROUP), ROWS),)
+    _quantize_kernel[grid](
+        m.to(DEVICE), previous.to(DEVICE), noise.to(DEVICE), k_code, k_scale, k_decoded,
+        forget, n, G=GROUP, ROWS=ROWS, LEVELS=formats.MOMENTUM_LEVEL_SETS.index(levels),
+        ROUNDING=formats.MOMENTUM_ROUNDINGS.index(rule), enable_fp_fusion=False,
+    )  # fmt: skip
+    assert torch.equal(k_scale.cpu(), scale.view(torch.int16))
+    assert torch.equal(k_code.cpu(), code)
+    assert torch.isfinite(scale.float()).all()
+    top = formats.MOMENTUM_LEVELS
+    assert (code[torch.isnan(m)].abs() == top).all()  # NaN: the top level

@@ -174,6 +174,24 @@ def test_float64_tensor_hyperparameters(cls, kw):
     _run(cls, torch.bfloat16, **kw)
 
 
+@pytest.mark.parametrize("cls", [slimoptim.Adam, slimoptim.SGD])
+def test_non_finite_fp16_params_step_as_the_reference(cls):
+    """fp16 params holding ±inf and NaN of either sign, with weight decay coupled into the
+    gradient (their momenta and second moments turn non-finite too): the kernels store a
+    NaN param as the canonical 0x7FFF, as the GPU's convert and the reference do."""
+    ps = _params(torch.float16)
+    for p in ps:
+        flat = p.data.view(-1)
+        flat[0] = float("nan")
+        if flat.numel() > 40:
+            flat[5], flat[33], flat[34] = -float("nan"), float("inf"), -float("inf")
+    qs = _clone(ps)
+    kw = dict(lr=1e-2, weight_decay=0.1) | ({"momentum": 0.9} if cls is slimoptim.SGD else {})
+    fused, ref = cls(ps, fused=True, **kw), cls(qs, fused=False, **kw)
+    _step_both(fused, ref, ps, qs, torch.Generator().manual_seed(5), steps=3)
+    assert (_bits(ps[0])[0] & 0xFFFF) == 0x7FFF
+
+
 def test_grad_scaler_unscale_and_found_inf():
     ps = _params(torch.float16)
     qs = _clone(ps)

@@ -154,7 +154,11 @@ def store_master(
     if PARAM_KIND == 1:
         tl.store(pp + offs, kf.bf16_bits(b), mask)
     elif PARAM_KIND == 2:
-        tl.store(pp + offs, b.to(tl.float16), mask)
+        b16 = b.to(tl.float16)
+        if not HW_ROUND:  # the GPU's convert makes every NaN 0x7FFF; the interpreter keeps its sign
+            nan16 = tl.full(b.shape, kf.FP16_NAN, tl.int16).to(tl.float16, bitcast=True)
+            b16 = tl.where(b != b, nan16, b16)
+        tl.store(pp + offs, b16, mask)
     else:
         tl.store(pp + offs, b, mask)
 

@@ -56,6 +56,7 @@ LIFT = tl.constexpr(ref.LIFT)
 ROOT_LOW = tl.constexpr(1.0 - 2.0**-16)
 SIGN_BIT = tl.constexpr(-(2**31))
 BF16_NAN = tl.constexpr(ref.BF16_NAN_BITS)
+FP16_NAN = tl.constexpr(ref.FP16_NAN_BITS)
 
 # Parameter storage kinds (a tl.constexpr of the kernels).
 FP32, BF16, FP16 = 0, 1, 2
@@ -318,7 +319,7 @@ def variance_top_and_shift(v, mask):
     """formats.variance_top and formats.variance_shift per row, as int32: one max and one
     unsigned min reduction of the row's bits (zeros wrap to the largest unsigned value)."""
     v = tl.where(mask, v, 0.0)
-    largest = as_bits(tl.max(v, axis=1))
+    largest = as_bits(tl.max(tl.abs(v), axis=1))  # |v|: an all-NaN row's max has no sign
     top = (largest + (VARIANCE_TOP_STEP - 1)) & -VARIANCE_TOP_STEP
     top = tl.minimum(tl.maximum(top, VARIANCE_LOWEST_TOP), VARIANCE_HIGHEST_TOP)
     low = tl.min((as_bits(v) - 1).to(tl.uint32, bitcast=True), axis=1).to(tl.int32, bitcast=True)
