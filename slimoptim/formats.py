@@ -202,17 +202,18 @@ def round_up_to_bf16(x: torch.Tensor) -> torch.Tensor:
 
 def group_scale(magnitude: torch.Tensor, group_size: int) -> torch.Tensor:
     """Per-group bf16 scale (as float32) >= the group's largest ``magnitude``. NaN is
-    passed over unless the whole group is NaN (then the scale is the largest bf16), as
-    the kernels' float max (IEEE maxNum) does; a state turns NaN only after a param did."""
+    passed over unless the whole group is NaN, as the kernels' float max (IEEE maxNum)
+    does; a state turns NaN only after a param did."""
     return round_up_to_bf16(_largest(group_view(magnitude, group_size)))
 
 
 def _largest(rows: torch.Tensor) -> torch.Tensor:
     """Per row of values >= 0 (or NaN), the IEEE maxNum reduction the kernels' float max
-    does: NaN passed over unless the whole row is NaN (torch's amax would give NaN)."""
+    does: NaN passed over unless the whole row is NaN, which keeps its own NaN (the bits
+    the backend's arithmetic made, as in the kernels); torch's amax would give NaN."""
     nan = torch.isnan(rows)
     largest = torch.where(nan, 0.0, rows).amax(dim=1)
-    return torch.where(nan.all(dim=1), float("nan"), largest)
+    return torch.where(nan.all(dim=1), rows.amax(dim=1), largest)
 
 
 # A group scale below TINY_SCALE is lifted by LIFT (a power of two, so exactly) before its

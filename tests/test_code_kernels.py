@@ -144,8 +144,8 @@ def test_fused_step_from_old_power_of_two_scales_matches_the_reference():
 
 def test_kernel_variance_code_of_non_finite_states_matches_the_reference():
     """A second moment turns ±inf, then NaN, once a param has (coupled decay of an inf
-    weight): the group's top passes NaN over (the largest top for a group of NaN alone,
-    whatever the NaNs' signs), as the kernels' float max does, so the bits stay equal."""
+    weight): the group's top passes NaN over (a group of NaN alone keeps its NaN, whatever
+    the NaNs' signs), as the kernels' float max does, so the bits stay equal."""
     gen = torch.Generator().manual_seed(random.randrange(2**31))
     groups = torch.rand(5, GROUP, generator=gen) * 10.0 ** torch.randint(-30, 38, (5, 1))
     groups[0, 3] = float("nan")
