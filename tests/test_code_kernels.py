@@ -182,6 +182,21 @@ def _quantize_kernel(
     tl.store(decoded_ptr + offs, kf.dequantize_momentum(code, scale, LEVELS), mask)
 
 
+def kernel_momentum_code(m, previous, noise, forget, levels: str, rounding: int):
+    """(int8 codes, bf16 scale bits, decoded values) of ``m`` from the Triton helpers."""
+    n = m.numel()
+    code = torch.empty(n, dtype=torch.int8, device=DEVICE)
+    scale = torch.empty(formats.num_groups(n, GROUP), dtype=torch.int16, device=DEVICE)
+    decoded = torch.empty(n, dtype=torch.float32, device=DEVICE)
+    grid = (triton.cdiv(formats.num_groups(n, GROUP), ROWS),)
+    _quantize_kernel[grid](
+        m.to(DEVICE), previous.to(DEVICE), noise.to(DEVICE), code, scale, decoded,
+        forget, n, G=GROUP, ROWS=ROWS, LEVELS=formats.MOMENTUM_LEVEL_SETS.index(levels),
+        ROUNDING=rounding, enable_fp_fusion=False,
+    )  # fmt: skip
+    return code, scale, decoded
+
+
 def boundary_groups(levels: str, gen: torch.Generator) -> torch.Tensor:
     """Groups whose scale is a random power of two and whose other values sit on every
     level's boundary, one and two float32 steps either side, with either sign."""
@@ -235,15 +250,7 @@ def test_kernel_momentum_code_matches_the_reference_bit_for_bit(levels, rule):
     )
     decoded = formats.dequantize_momentum(code, scale, GROUP, levels)
 
-    k_code = torch.empty(n, dtype=torch.int8, device=DEVICE)
-    k_scale = torch.empty(formats.num_groups(n, GROUP), dtype=torch.int16, device=DEVICE)
-    k_decoded = torch.empty(n, dtype=torch.float32, device=DEVICE)
-    grid = (triton.cdiv(formats.num_groups(n, GROUP), ROWS),)
-    _quantize_kernel[grid](
-        m.to(DEVICE), previous.to(DEVICE), noise.to(DEVICE), k_code, k_scale, k_decoded,
-        forget, n, G=GROUP, ROWS=ROWS, LEVELS=formats.MOMENTUM_LEVEL_SETS.index(levels),
-        ROUNDING=rounding, enable_fp_fusion=False,
-    )  # fmt: skip
+    k_code, k_scale, k_decoded = kernel_momentum_code(m, previous, noise, forget, levels, rounding)
     assert torch.equal(k_code.cpu(), code)
     assert torch.equal(k_scale.cpu(), scale.view(torch.int16))
     assert torch.equal(k_decoded.cpu().view(torch.int32), decoded.view(torch.int32))
@@ -270,15 +277,8 @@ def test_kernel_momentum_code_of_non_finite_states_matches_the_reference(levels,
     code, scale = formats.quantize_momentum(
         m, GROUP, noise, forget, levels, previous if rule == "movement" else None
     )
-    k_code = torch.empty(n, dtype=torch.int8, device=DEVICE)
-    k_scale = torch.empty(formats.num_groups(n, GROUP), dtype=torch.int16, device=DEVICE)
-    k_decoded = torch.empty(n, dtype=torch.float32, device=DEVICE)
-    grid = (triton.cdiv(formats.num_groups(n, GROUP), ROWS),)
-    _quantize_kernel[grid](
-        m.to(DEVICE), previous.to(DEVICE), noise.to(DEVICE), k_code, k_scale, k_decoded,
-        forget, n, G=GROUP, ROWS=ROWS, LEVELS=formats.MOMENTUM_LEVEL_SETS.index(levels),
-        ROUNDING=formats.MOMENTUM_ROUNDINGS.index(rule), enable_fp_fusion=False,
-    )  # fmt: skip
+    rounding = formats.MOMENTUM_ROUNDINGS.index(rule)
+    k_code, k_scale, _ = kernel_momentum_code(m, previous, noise, forget, levels, rounding)
     assert torch.equal(k_scale.cpu(), scale.view(torch.int16))
     assert torch.equal(k_code.cpu(), code)
     assert torch.isfinite(scale.float()).all()
