@@ -142,6 +142,8 @@ def test_fused_step_from_old_power_of_two_scales_matches_the_reference():
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), key
 
 
+# the interpreter (numpy) warns of the NaN arithmetic these tests are about
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_kernel_variance_code_of_non_finite_states_matches_the_reference():
     """A second moment turns ±inf, then NaN, once a param has (coupled decay of an inf
     weight): the group's top passes NaN over (a group of NaN alone keeps its NaN, whatever
@@ -256,6 +258,8 @@ def test_kernel_momentum_code_matches_the_reference_bit_for_bit(levels, rule):
     assert torch.equal(k_decoded.cpu().view(torch.int32), decoded.view(torch.int32))
 
 
+# the interpreter (numpy) warns of the NaN arithmetic these tests are about
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("levels", formats.MOMENTUM_LEVEL_SETS)
 @pytest.mark.parametrize("rule", ["decay", "movement", "stochastic"])
 def test_kernel_momentum_code_of_non_finite_states_matches_the_reference(levels, rule):
