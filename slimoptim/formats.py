@@ -43,6 +43,9 @@ DENOM_FLOOR = 1.0 / MOMENTUM_LEVELS**2
 # fp16's (mantissa bits, smallest exponent the correction's unit follows): below its
 # smallest normal the unit stays put, so subnormal masters keep a correction too.
 _FP16_UNITS = (10, -14)
+# bf16's, for the codes of state_dict format 3 and older (a unit of ulp(b) / 2**n, b's
+# exponent clamped at 2**-100), which state_io converts on loading.
+VERSION3_BF16_UNITS = (7, -100)
 CORRECTED_DTYPES = (torch.bfloat16, torch.float16)
 BF16_NAN_BITS = 0x7FFF  # the canonical bf16 NaN (CUDA's, and its round-to-nearest convert's)
 FP16_NAN_BITS = 0x7FFF  # the canonical fp16 NaN, likewise
@@ -104,10 +107,11 @@ def correction_bits(param: torch.Tensor, master_weight_bits: int | None) -> int 
     return master_weight_bits - 16
 
 
-def _code_units(b: torch.Tensor, code_bits: int):
-    """(unit, 1/unit) of an fp16 correction code for values ``b``: the unit is
-    ulp(b) / 2**code_bits, a power of two built from b's exponent bits."""
-    mantissa, min_exp = _FP16_UNITS
+def code_units(b: torch.Tensor, code_bits: int, units: tuple = _FP16_UNITS):
+    """(unit, 1/unit) of an fp16 correction code for values ``b`` (or a format-3 bf16 one,
+    ``units`` VERSION3_BF16_UNITS): the unit is ulp(b) / 2**code_bits, a power of two
+    built from b's exponent bits."""
+    mantissa, min_exp = units
     exponent = torch.clamp(_bits(b) & 0x7F800000, min=(min_exp + 127) << 23)
     unit = exponent - ((mantissa + code_bits) << 23)
     # ((shift + 254) << 23) - exponent, summed so that no term leaves int32
@@ -150,7 +154,7 @@ def split_master(
         code = torch.clamp(distance >> shift, -limit, limit)  # >>: floor, as the kernels'
         code = torch.where(torch.isnan(w), 0, code)  # not the distance to the canonical NaN
         return b, code.to(CODE_DTYPES[code_bits])
-    scaled = (w - b) * _code_units(b, code_bits)[1]
+    scaled = (w - b) * code_units(b, code_bits)[1]
     if noise is None or code_bits != 8:
         offset = 0.5
     else:  # exact but near zero, where the unit is clamped and the sum rounds: the same
@@ -170,7 +174,7 @@ def join_master(b: torch.Tensor, code: torch.Tensor, dtype: torch.dtype, code_bi
     if dtype == torch.bfloat16:
         rebuilt = _float(_bits(b) + (code.to(torch.int32) << (16 - code_bits)))
         return torch.where(torch.isnan(rebuilt), b, rebuilt)
-    return b + code.float() * _code_units(b, code_bits)[0]
+    return b + code.float() * code_units(b, code_bits)[0]
 
 
 # ---------------------------------------------------------------- group scales

@@ -228,9 +228,7 @@ def _check_state(opt, p, group, saved_id, saved_state) -> None:
 def _version3_master(b: torch.Tensor, code: torch.Tensor, code_bits: int) -> torch.Tensor:
     """The float32 master a format-3 (or older) bf16 correction held: ``b`` plus ``code``
     units of ulp(b) / 2**code_bits, b's exponent clamped at 2**-100 (tiny b had code 0)."""
-    # exponent fields: -100 + 127 = 27; bf16 keeps 7 mantissa bits
-    exponent = torch.clamp(b.view(torch.int32) & 0x7F800000, min=27 << 23)
-    unit = (exponent - ((7 + code_bits) << 23)).view(torch.float32)
+    unit = formats.code_units(b, code_bits, formats.VERSION3_BF16_UNITS)[0]
     return b + code.float() * unit
 
 

@@ -129,7 +129,7 @@ FP16_MIN_FIELD = tl.constexpr(ref._FP16_UNITS[1] + 127)
 
 @triton.jit
 def fp16_code_units(b, CODE_BITS: tl.constexpr):
-    """formats._code_units: (unit, 1/unit) of an fp16 correction code, from b's exponent."""
+    """formats.code_units: (unit, 1/unit) of an fp16 correction code, from b's exponent."""
     SHIFT: tl.constexpr = FP16_MANTISSA + CODE_BITS
     exponent = tl.maximum(as_bits(b) & 0x7F800000, FP16_MIN_FIELD << 23)
     # 1/unit's bits are ((SHIFT + 254) << 23) - exponent, summed so no term leaves int32
