@@ -50,6 +50,8 @@ CORRECTED_DTYPES = (torch.bfloat16, torch.float16)
 BF16_NAN_BITS = 0x7FFF  # the canonical bf16 NaN (CUDA's, and its round-to-nearest convert's)
 FP16_NAN_BITS = 0x7FFF  # the canonical fp16 NaN, likewise
 CODE_DTYPES = {8: torch.int8, 16: torch.int16}
+BF16_MAX_BITS = 0x7F7F0000  # float32 bits of the largest finite bf16
+INF_BITS = 0x7F800000  # float32 bits of +inf; every positive NaN's are above them
 
 
 def _bits(x: torch.Tensor) -> torch.Tensor:
@@ -198,10 +200,11 @@ def per_element(group_values: torch.Tensor, group_size: int, numel: int) -> torc
 
 
 def round_up_to_bf16(x: torch.Tensor) -> torch.Tensor:
-    """Smallest bf16 value >= x for finite x >= 0, capped at the largest finite bf16."""
-    u = _bits(x)
-    rounded = torch.clamp((u + 0xFFFF) & -65536, max=0x7F7F0000)
-    return _float(rounded)
+    """Smallest bf16 value >= x for x >= 0, capped at the largest finite bf16 (as is a
+    positive NaN, whatever its payload: the GPU's arithmetic and the CPU's make different
+    NaN bits, so no bit of a NaN beyond its sign may reach a code)."""
+    capped = torch.clamp(_bits(x), max=BF16_MAX_BITS)
+    return _float((capped + 0xFFFF) & -65536)
 
 
 def group_scale(magnitude: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -213,8 +216,9 @@ def group_scale(magnitude: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def _largest(rows: torch.Tensor) -> torch.Tensor:
     """Per row of values >= 0 (or NaN), the IEEE maxNum reduction the kernels' float max
-    does: NaN passed over unless the whole row is NaN, which keeps its own NaN (the bits
-    the backend's arithmetic made, as in the kernels); torch's amax would give NaN."""
+    does: NaN passed over unless the whole row is NaN, which gives NaN (torch's amax would
+    give NaN for one NaN). Which NaN differs between backends (the GPU's max makes
+    0x7FFFFFFF), so callers cap the bits before they use them."""
     nan = torch.isnan(rows)
     largest = torch.where(nan, 0.0, rows).amax(dim=1)
     return torch.where(nan.all(dim=1), rows.amax(dim=1), largest)
@@ -372,6 +376,7 @@ def variance_top(v: torch.Tensor, group_size: int) -> torch.Tensor:
     (the coarsest code step), within [2**-126, 1.875 * 2**127]: a multiple of every finer
     step too, so code levels fall on every binade edge."""
     largest = _bits(_largest(group_view(v.abs(), group_size)))  # a NaN v: as group_scale
+    largest = torch.clamp(largest, max=INF_BITS)  # a NaN's payload must not matter
     step = 1 << VARIANCE_CODE_SHIFT
     return torch.clamp((largest + (step - 1)) & -step, _LOWEST_TOP, _HIGHEST_TOP)
 

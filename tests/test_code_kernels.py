@@ -149,12 +149,14 @@ def test_kernel_variance_code_of_non_finite_states_matches_the_reference():
     weight): the group's top passes NaN over (a group of NaN alone keeps its NaN, whatever
     the NaNs' signs), as the kernels' float max does, so the bits stay equal."""
     gen = torch.Generator().manual_seed(random.randrange(2**31))
-    groups = torch.rand(5, GROUP, generator=gen) * 10.0 ** torch.randint(-30, 38, (5, 1))
+    groups = torch.rand(7, GROUP, generator=gen) * 10.0 ** torch.randint(-30, 38, (7, 1))
     groups[0, 3] = float("nan")
     groups[1, 7], groups[1, 9] = -float("nan"), float("inf")
     groups[2, :] = float("nan")
     groups[3, :] = -float("nan")  # x86's default NaN has its sign bit set
     groups[4, 0] = float("inf")
+    groups[5, :] = _nan_payloads(GROUP, gen)
+    groups[6, :] = torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32)  # the GPU's
     v = groups.reshape(-1)
     noise = torch.randint(0, 65536, v.shape, generator=gen).float()
     code, scale = formats.quantize_variance(v, GROUP, noise)
@@ -162,6 +164,17 @@ def test_kernel_variance_code_of_non_finite_states_matches_the_reference():
     assert torch.equal(k_scale.view(torch.int16), scale.view(torch.int16))
     assert torch.equal(k_code, code)
     assert torch.isfinite(scale.float()).all()
+    top, _ = formats.variance_scale_parts(scale)
+    assert (top[1:] == formats._HIGHEST_TOP).all()  # inf or NaN: the highest top
+
+
+def _nan_payloads(n, gen):
+    """n NaNs of either sign with random payloads, among them the GPU's canonical NaN
+    (0x7FFFFFFF, what its float max of NaNs gives), which must decide nothing either."""
+    bits = torch.randint(0x7F800001, 0x80000000, (n,), generator=gen, dtype=torch.int64)
+    bits[0] = 0x7FFFFFFF
+    bits[1::2] |= 1 << 31  # negative NaNs
+    return ((bits + 2**31) % 2**32 - 2**31).to(torch.int32).view(torch.float32)
 
 
 # ---------------------------------------------------------------- momentum
@@ -272,7 +285,7 @@ def test_kernel_momentum_code_of_non_finite_states_matches_the_reference(levels,
     for row in range(6):
         picks = torch.randint(0, GROUP, (row + 1,), generator=gen)
         groups[row, picks] = torch.tensor(specials)[torch.arange(row + 1) % len(specials)]
-    groups[5] = float("nan")  # a group of NaN alone
+    groups[5] = _nan_payloads(GROUP, gen)  # a group of NaN alone
     m = groups.reshape(-1)
     n = m.numel()
     noise = torch.randint(0, formats.DITHER_LEVELS, (n,), generator=gen).float()
@@ -288,3 +301,4 @@ def test_kernel_momentum_code_of_non_finite_states_matches_the_reference(levels,
     assert torch.isfinite(scale.float()).all()
     top = formats.MOMENTUM_LEVELS
     assert (code[torch.isnan(m)].abs() == top).all()  # NaN: the top level
+    assert scale[5].view(torch.int16) == formats.BF16_MAX_BITS >> 16  # NaN alone: the largest

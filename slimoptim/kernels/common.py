@@ -38,7 +38,6 @@ STATE0 = tl.constexpr(3)  # a state; its group scales (8-bit states) are the nex
 STATE1 = tl.constexpr(5)
 N_FIELDS = tl.constexpr(7)  # a tensor's addresses are one row of the table
 MAX_SCALARS = tl.constexpr(9)  # per-tensor scalar row; column 0 is the step counter
-INF_BITS = tl.constexpr(0x7F800000)  # float32 +inf's bit pattern
 
 
 @triton.jit
@@ -119,9 +118,9 @@ def decode_grad(
     # One integer max per row of |g|'s bits finds them: inf's bits are above every finite
     # value's, NaN's above inf's (a float max would drop NaN). found_inf: nothing is < 0.
     largest = tl.max(tl.where(mask, kf.as_bits(tl.abs(g)), 0), axis=1)
-    limit = INF_BITS
+    limit = kf.INF_BITS
     if HAS_FOUND_INF:
-        limit = tl.where(tl.load(found_inf) == 0, INF_BITS, 0)
+        limit = tl.where(tl.load(found_inf) == 0, kf.INF_BITS, 0)
     group_ok = largest < limit
     ok = group_ok[:, None] & mask
     return tl.where(ok, g, 0.0), ok, group_ok & group_mask

@@ -57,6 +57,8 @@ ROOT_LOW = tl.constexpr(1.0 - 2.0**-16)
 SIGN_BIT = tl.constexpr(-(2**31))
 BF16_NAN = tl.constexpr(ref.BF16_NAN_BITS)
 FP16_NAN = tl.constexpr(ref.FP16_NAN_BITS)
+BF16_MAX_BITS = tl.constexpr(ref.BF16_MAX_BITS)
+INF_BITS = tl.constexpr(ref.INF_BITS)
 
 # Parameter storage kinds (a tl.constexpr of the kernels).
 FP32, BF16, FP16 = 0, 1, 2
@@ -183,9 +185,8 @@ def split_master(
 
 @triton.jit
 def round_up_to_bf16(x):
-    """formats.round_up_to_bf16 for finite x >= 0, capped at the largest bf16."""
-    rounded = (as_bits(x) + 0xFFFF) & -65536
-    return as_float(tl.minimum(rounded, 0x7F7F0000))
+    """formats.round_up_to_bf16: x >= 0 or a positive NaN, capped at the largest bf16."""
+    return as_float((tl.minimum(as_bits(x), BF16_MAX_BITS) + 0xFFFF) & -65536)
 
 
 @triton.jit
@@ -319,7 +320,8 @@ def variance_top_and_shift(v, mask):
     """formats.variance_top and formats.variance_shift per row, as int32: one max and one
     unsigned min reduction of the row's bits (zeros wrap to the largest unsigned value)."""
     v = tl.where(mask, v, 0.0)
-    largest = as_bits(tl.max(tl.abs(v), axis=1))  # |v|: an all-NaN row's max has no sign
+    # |v|: an all-NaN row's max has no sign; capped at inf: its payload must not matter
+    largest = tl.minimum(as_bits(tl.max(tl.abs(v), axis=1)), INF_BITS)
     top = (largest + (VARIANCE_TOP_STEP - 1)) & -VARIANCE_TOP_STEP
     top = tl.minimum(tl.maximum(top, VARIANCE_LOWEST_TOP), VARIANCE_HIGHEST_TOP)
     low = tl.min((as_bits(v) - 1).to(tl.uint32, bitcast=True), axis=1).to(tl.int32, bitcast=True)

@@ -22,12 +22,14 @@ from ..formats import MOMENTUM_LEVEL_SETS, MOMENTUM_ROUNDINGS
 from . import common as cm
 
 # Elements per tile (rounded to whole quantization groups), tiles per program, warps per
-# program, register cap. 8 elements per thread (4 threads per 32-element group) halve
-# the per-group work per element; capped at 80 registers, 25 one-warp programs fit an SM
-# (uncapped: 117 registers, 17 programs, slower). Swept on the H200 (benchmarks/NOTES.md
-# v17); the GPU bit check covers the tail-tile case that 8 elements per thread once
-# miscompiled (Triton 3.6, v4).
-CONFIG = {"block": 256, "tiles": 8, "num_warps": 1, "maxnreg": 80}
+# program, register cap by the rule's number of states (0, 1, 2). 8 elements per thread
+# (4 threads per 32-element group) halve the per-group work per element. Two-state rules
+# (AdamW) capped at 80 registers fit 25 one-warp programs on an SM (uncapped: 117
+# registers, 17 programs, slower; at 64 they spill); rules of one state or none need no
+# more than 64 without spilling, which lets 32 programs share an SM, the hardware's limit.
+# Swept on the H200 (benchmarks/NOTES.md v17, v21); the GPU bit check covers the tail-tile
+# case that 8 elements per thread once miscompiled (Triton 3.6, v4).
+CONFIG = {"block": 256, "tiles": 8, "num_warps": 1, "maxnreg": (64, 64, 80)}
 # The interpreter's cost is per program and per launch, not per element: larger tiles
 # keep tests quick; 4 tiles per chunk still puts whole and tail tiles in one program
 # for a 4097-element tensor.
@@ -166,7 +168,13 @@ def _launch(plan, bucket, scale, found_inf, dummy, has_scale) -> None:
         MASTER_DITHER=plan.rule.master_rounding == "stochastic" and bucket.code_bits == 8,
         ROUNDING=MOMENTUM_ROUNDINGS.index(plan.rule.momentum_rounding),
         SEQUENCED=plan.rule.dither == "sequenced",
-        num_warps=CONFIG["num_warps"],
-        enable_fp_fusion=False,
-        **({"maxnreg": CONFIG["maxnreg"]} if CONFIG.get("maxnreg") else {}),
+        **kernel_options(bucket.n_states),
     )
+
+
+def kernel_options(n_states: int) -> dict:
+    """Triton launch options of the step kernel for a rule of ``n_states`` states."""
+    cap = CONFIG["maxnreg"][n_states]
+    # No fp contraction: an fma is written as tl.fma wherever the reference rounds once.
+    options = {"num_warps": CONFIG["num_warps"], "enable_fp_fusion": False}
+    return {**options, "maxnreg": cap} if cap else options

@@ -34,7 +34,7 @@ import triton.language as tl
 from ..formats import MOMENTUM_LEVEL_SETS, MOMENTUM_ROUNDINGS, correction_bits
 from . import common as cm
 from .dispatch import KINDS, aligned, eligible, split_values, tiling, upload, upload_tensors
-from .launch import CONFIG, interpreting, launch_plan
+from .launch import interpreting, kernel_options, launch_plan
 
 # Columns of the per-tensor float32 scalar rows; 0 is the step.
 ONE_MINUS_MOMENTUM, MOMENTUM = tl.constexpr(1), tl.constexpr(2)
@@ -244,9 +244,7 @@ def _launch(
         MASTER_DITHER=False,  # Muon's master rounds to nearest (SlimOptimizer.master_rounding)
         ROUNDING=MOMENTUM_ROUNDINGS.index("decay"),  # optimizers.state_spec.MOMENTUM_BUFFER
         SEQUENCED=False,
-        num_warps=CONFIG["num_warps"],
-        enable_fp_fusion=False,
-        **({"maxnreg": CONFIG["maxnreg"]} if CONFIG.get("maxnreg") else {}),
+        **kernel_options(n_states),
     )
 
 
