@@ -20,7 +20,7 @@ import os
 import torch
 from torch import nn
 
-from . import formats, state_io
+from . import formats, ieee, state_io
 from .checkpoint_file import (
     CHECKPOINT_FORMAT,
     FORMAT_KEY,
@@ -183,11 +183,11 @@ def load_fp32_state_dict(model: nn.Module, optimizer, state_dict: dict, strict: 
         bits = correction_bits(target, group["master_weight_bits"])
         w = value.detach().to(device=target.device, dtype=torch.float32).reshape(-1)
         if bits is None:
-            b = formats.round_to_dtype(w, target.dtype)
+            b = ieee.round_to_dtype(w, target.dtype)
         else:
             b, code = formats.split_master(w, target.dtype, bits)
             corrections.append((target, group, code))
-        converted[name] = formats.as_low_precision(b, target.dtype).view(target.shape)
+        converted[name] = ieee.as_low_precision(b, target.dtype).view(target.shape)
     model.load_state_dict(converted, strict=strict)
     for p, group, code in corrections:
         optimizer._ensure_state(p, group)["correction"].copy_(code)

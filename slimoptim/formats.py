@@ -30,7 +30,7 @@ import torch
 
 # The dither's names that the formats, their tests and the kernels' mirror read from here.
 from .dither import DITHER_LEVELS, SEQUENCE_KEY, SEQUENCE_WORD, dither  # noqa: F401
-from .ieee import sqrt_rn
+from .ieee import INF_BITS, as_bits, as_float, round_to_dtype, round_up_to_bf16, sqrt_rn, wrap_int32
 
 # Relative level below which a square-level momentum code cannot resolve a value: its
 # smallest non-zero level is (1/127)**2 of the group scale. The denominator sqrt(v) is
@@ -47,53 +47,7 @@ _FP16_UNITS = (10, -14)
 # exponent clamped at 2**-100), which state_io converts on loading.
 VERSION3_BF16_UNITS = (7, -100)
 CORRECTED_DTYPES = (torch.bfloat16, torch.float16)
-BF16_NAN_BITS = 0x7FFF  # the canonical bf16 NaN (CUDA's, and its round-to-nearest convert's)
-FP16_NAN_BITS = 0x7FFF  # the canonical fp16 NaN, likewise
 CODE_DTYPES = {8: torch.int8, 16: torch.int16}
-BF16_MAX_BITS = 0x7F7F0000  # float32 bits of the largest finite bf16
-INF_BITS = 0x7F800000  # float32 bits of +inf; every positive NaN's are above them
-
-
-def _bits(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous().view(torch.int32)
-
-
-def _float(bits: torch.Tensor) -> torch.Tensor:
-    return bits.view(torch.float32)
-
-
-def round_to_bf16(x: torch.Tensor) -> torch.Tensor:
-    """Round float32 to the nearest bf16 (ties to even); result kept in float32.
-
-    Done with integer arithmetic because Triton's CPU interpreter truncates
-    float32 -> bf16 casts; this way every backend gives the same bits.
-    """
-    u = _bits(x)
-    lsb = (u >> 16) & 1
-    rounded = (u + 0x7FFF + lsb) & -65536
-    # Every NaN becomes bf16's canonical NaN, as the GPU's convert makes it.
-    return _float(torch.where(torch.isnan(x), BF16_NAN_BITS << 16, rounded))
-
-
-def as_low_precision(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A ``dtype`` value ``b`` (float32, from round_to_dtype) as a ``dtype`` tensor. bf16
-    goes by its top bits, so a NaN stays the canonical 0x7FFF round_to_bf16 made it
-    (torch's own cast would make it 0x7FC0, or keep its sign, on the CPU)."""
-    if dtype == torch.float16:  # a NaN as the GPU's convert makes it, whatever its sign
-        bits = b.to(torch.float16).view(torch.int16)
-        return torch.where(torch.isnan(b), FP16_NAN_BITS, bits).view(torch.float16)
-    if dtype != torch.bfloat16:
-        return b.to(dtype)
-    return (_bits(b) >> 16).to(torch.int16).view(torch.bfloat16)
-
-
-def round_to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Round float32 ``x`` to nearest ``dtype`` value, returned as float32."""
-    if dtype == torch.bfloat16:
-        return round_to_bf16(x)
-    if dtype == torch.float16:
-        return x.to(torch.float16).float()
-    return x
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -114,11 +68,11 @@ def code_units(b: torch.Tensor, code_bits: int, units: tuple = _FP16_UNITS):
     ``units`` VERSION3_BF16_UNITS): the unit is ulp(b) / 2**code_bits, a power of two
     built from b's exponent bits."""
     mantissa, min_exp = units
-    exponent = torch.clamp(_bits(b) & 0x7F800000, min=(min_exp + 127) << 23)
+    exponent = torch.clamp(as_bits(b) & 0x7F800000, min=(min_exp + 127) << 23)
     unit = exponent - ((mantissa + code_bits) << 23)
     # ((shift + 254) << 23) - exponent, summed so that no term leaves int32
     inverse = (((mantissa + code_bits + 127) << 23) - exponent) + (127 << 23)
-    return _float(unit), _float(inverse)
+    return as_float(unit), as_float(inverse)
 
 
 def split_master(
@@ -148,7 +102,7 @@ def split_master(
     limit = 2 ** (code_bits - 1) - 1
     if dtype == torch.bfloat16:
         shift = 16 - code_bits
-        distance = _bits(w) - _bits(b)
+        distance = as_bits(w) - as_bits(b)
         if noise is not None and code_bits == 8:
             distance = distance + (noise.to(torch.int32) >> 8)  # its top 8 bits: a unit's fraction
         elif shift:
@@ -174,7 +128,7 @@ def join_master(b: torch.Tensor, code: torch.Tensor, dtype: torch.dtype, code_bi
     is then ``b``. split_master never makes such a pair: a stale code does, whose param was
     set to +-0 or +-Inf outside the optimizer (pruning, ``zero_()``, a weights-only load)."""
     if dtype == torch.bfloat16:
-        rebuilt = _float(_bits(b) + (code.to(torch.int32) << (16 - code_bits)))
+        rebuilt = as_float(as_bits(b) + (code.to(torch.int32) << (16 - code_bits)))
         return torch.where(torch.isnan(rebuilt), b, rebuilt)
     return b + code.float() * code_units(b, code_bits)[0]
 
@@ -197,14 +151,6 @@ def group_view(x: torch.Tensor, group_size: int, fill: float = 0.0) -> torch.Ten
 def per_element(group_values: torch.Tensor, group_size: int, numel: int) -> torch.Tensor:
     """Broadcast one value per group back to the ``numel`` elements."""
     return group_values.repeat_interleave(group_size)[:numel]
-
-
-def round_up_to_bf16(x: torch.Tensor) -> torch.Tensor:
-    """Smallest bf16 value >= x for x >= 0, capped at the largest finite bf16 (as is a
-    positive NaN, whatever its payload: the GPU's arithmetic and the CPU's make different
-    NaN bits, so no bit of a NaN beyond its sign may reach a code)."""
-    capped = torch.clamp(_bits(x), max=BF16_MAX_BITS)
-    return _float((capped + 0xFFFF) & -65536)
 
 
 def group_scale(magnitude: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -366,16 +312,11 @@ _HIGHEST_TOP = 0x7F700000  # the largest top below inf (1.875 * 2**127)
 _UINT32 = 0xFFFFFFFF
 
 
-def _wrap_int32(x: torch.Tensor) -> torch.Tensor:
-    """int64 -> int32 with two's-complement wrap-around, as the kernels' int32 arithmetic."""
-    return (((x + 2**31) & _UINT32) - 2**31).to(torch.int32)
-
-
 def variance_top(v: torch.Tensor, group_size: int) -> torch.Tensor:
     """Per group (int32 float bits), the largest ``v`` rounded up to a multiple of 2**20
     (the coarsest code step), within [2**-126, 1.875 * 2**127]: a multiple of every finer
     step too, so code levels fall on every binade edge."""
-    largest = _bits(_largest(group_view(v.abs(), group_size)))  # a NaN v: as group_scale
+    largest = as_bits(_largest(group_view(v.abs(), group_size)))  # a NaN v: as group_scale
     largest = torch.clamp(largest, max=INF_BITS)  # a NaN's payload must not matter
     step = 1 << VARIANCE_CODE_SHIFT
     return torch.clamp((largest + (step - 1)) & -step, _LOWEST_TOP, _HIGHEST_TOP)
@@ -390,9 +331,9 @@ def variance_shift(v: torch.Tensor, top: torch.Tensor, group_size: int) -> torch
     wraps to the largest unsigned value and drops out): integer operations, as in the
     kernels, whose int32 arithmetic ``_wrap_int32`` reproduces.
     """
-    below_one = (_bits(group_view(v, group_size)).to(torch.int64) - 1) & _UINT32
+    below_one = (as_bits(group_view(v, group_size)).to(torch.int64) - 1) & _UINT32
     low = below_one.amin(dim=1)  # 2**32 - 1: every value is 0 (or padding)
-    span = _wrap_int32(top.to(torch.int64) - low - 1)  # top - bits(smallest non-zero v)
+    span = wrap_int32(top.to(torch.int64) - low - 1)  # top - bits(smallest non-zero v)
     shift = torch.full_like(span, FINEST_VARIANCE_SHIFT)
     for finer in range(FINEST_VARIANCE_SHIFT, VARIANCE_CODE_SHIFT):
         shift += (span > ((VARIANCE_LEVELS - 1) << finer)).to(torch.int32)
@@ -401,7 +342,7 @@ def variance_shift(v: torch.Tensor, top: torch.Tensor, group_size: int) -> torch
 
 def variance_scale_parts(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(top as int32 float bits, code shift) of stored bf16 variance scales."""
-    bits = _bits(scale.float())
+    bits = as_bits(scale.float())
     return bits & _TOP_MASK, VARIANCE_CODE_SHIFT - ((bits >> 16) & _SHIFT_FIELD)
 
 
@@ -428,9 +369,9 @@ def quantize_variance(v: torch.Tensor, group_size: int, noise: torch.Tensor | No
     else:  # the 16-bit dither scaled to the step: uniform in [0, 2**shift), shift >= 16
         offset = noise.to(torch.int32) << (shift_e - FINEST_VARIANCE_SHIFT)
     top_e = per_element(top, group_size, v.numel())
-    below = (top_e - _bits(v) + offset) >> shift_e
+    below = (top_e - as_bits(v) + offset) >> shift_e
     code = torch.clamp(VARIANCE_LEVELS - below, 0, VARIANCE_LEVELS)
-    scale = _float(top | (coarsening << 16))
+    scale = as_float(top | (coarsening << 16))
     return code.to(torch.uint8), scale.to(torch.bfloat16)
 
 
@@ -438,11 +379,11 @@ def dequantize_variance(code: torch.Tensor, scale: torch.Tensor, group_size: int
     code = code.to(torch.int32)
     top, shift = (per_element(x, group_size, code.numel()) for x in variance_scale_parts(scale))
     bits = torch.clamp(top - ((VARIANCE_LEVELS - code) << shift), min=0)
-    return torch.where(code > 0, _float(bits.to(torch.int32)), 0.0)
+    return torch.where(code > 0, as_float(bits.to(torch.int32)), 0.0)
 
 
 def variance_floor(scale: torch.Tensor, group_size: int, numel: int) -> torch.Tensor:
     """Per-element floor for sqrt(v) in the update denominator (see DENOM_FLOOR), from the
     group's top (the scale without its shift field)."""
-    top = _float(variance_scale_parts(scale)[0])
+    top = as_float(variance_scale_parts(scale)[0])
     return per_element(sqrt_rn(top) * DENOM_FLOOR, group_size, numel)

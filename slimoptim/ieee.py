@@ -1,14 +1,21 @@
-"""float32 operations rounded once, with the same bits on every backend.
+"""float32 operations with the same bits on every backend.
 
 The reference update rules and formats use them where a plain torch expression would
 round differently from the kernels: a square root (torch's vectorised CPU root is not
-always correctly rounded) and a fused multiply-add (one rounding of ``a * b + c``; the
-GPU does it in one instruction, torch has no float32 fma of its own).
+always correctly rounded), a fused multiply-add (one rounding of ``a * b + c``; the
+GPU does it in one instruction, torch has no float32 fma of its own), and rounding to
+bf16/fp16 through integer bits (Triton's interpreter truncates float32 -> bf16 casts,
+and the backends' casts make different NaNs).
 """
 
 from __future__ import annotations
 
 import torch
+
+BF16_NAN_BITS = 0x7FFF  # the canonical bf16 NaN (CUDA's, and its round-to-nearest convert's)
+FP16_NAN_BITS = 0x7FFF  # the canonical fp16 NaN, likewise
+BF16_MAX_BITS = 0x7F7F0000  # float32 bits of the largest finite bf16
+INF_BITS = 0x7F800000  # float32 bits of +inf; every positive NaN's are above them
 
 
 def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
@@ -68,3 +75,63 @@ def fma_rn(a, b, c) -> torch.Tensor:
     bits = total.view(torch.int64)  # a float's magnitude grows with its bits, either sign
     bits.add_(towards_exact.mul_(1 - (bits & 1)))  # only an even last bit moves: to odd
     return total.float()
+
+
+# ------------------------------------------------ bits and low-precision rounding
+
+
+def as_bits(x: torch.Tensor) -> torch.Tensor:
+    """float32 values as their int32 bit patterns."""
+    return x.contiguous().view(torch.int32)
+
+
+def as_float(bits: torch.Tensor) -> torch.Tensor:
+    """int32 bit patterns as float32 values."""
+    return bits.view(torch.float32)
+
+
+def round_to_bf16(x: torch.Tensor) -> torch.Tensor:
+    """Round float32 to the nearest bf16 (ties to even); result kept in float32.
+
+    Done with integer arithmetic because Triton's CPU interpreter truncates
+    float32 -> bf16 casts; this way every backend gives the same bits.
+    """
+    u = as_bits(x)
+    lsb = (u >> 16) & 1
+    rounded = (u + 0x7FFF + lsb) & -65536
+    # Every NaN becomes bf16's canonical NaN, as the GPU's convert makes it.
+    return as_float(torch.where(torch.isnan(x), BF16_NAN_BITS << 16, rounded))
+
+
+def as_low_precision(b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A ``dtype`` value ``b`` (float32, from round_to_dtype) as a ``dtype`` tensor. bf16
+    goes by its top bits, so a NaN stays the canonical 0x7FFF round_to_bf16 made it
+    (torch's own cast would make it 0x7FC0, or keep its sign, on the CPU)."""
+    if dtype == torch.float16:  # a NaN as the GPU's convert makes it, whatever its sign
+        bits = b.to(torch.float16).view(torch.int16)
+        return torch.where(torch.isnan(b), FP16_NAN_BITS, bits).view(torch.float16)
+    if dtype != torch.bfloat16:
+        return b.to(dtype)
+    return (as_bits(b) >> 16).to(torch.int16).view(torch.bfloat16)
+
+
+def round_to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round float32 ``x`` to nearest ``dtype`` value, returned as float32."""
+    if dtype == torch.bfloat16:
+        return round_to_bf16(x)
+    if dtype == torch.float16:
+        return x.to(torch.float16).float()
+    return x
+
+
+def round_up_to_bf16(x: torch.Tensor) -> torch.Tensor:
+    """Smallest bf16 value >= x for x >= 0, capped at the largest finite bf16 (as is a
+    positive NaN, whatever its payload: the GPU's arithmetic and the CPU's make different
+    NaN bits, so no bit of a NaN beyond its sign may reach a code)."""
+    capped = torch.clamp(as_bits(x), max=BF16_MAX_BITS)
+    return as_float((capped + 0xFFFF) & -65536)
+
+
+def wrap_int32(x: torch.Tensor) -> torch.Tensor:
+    """int64 -> int32 with two's-complement wrap-around, as the kernels' int32 arithmetic."""
+    return (((x + 2**31) & 0xFFFFFFFF) - 2**31).to(torch.int32)

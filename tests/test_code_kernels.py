@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import slimoptim
-from slimoptim import formats
+from slimoptim import formats, ieee
 
 pytest.importorskip("triton")
 import triton  # noqa: E402
@@ -301,4 +301,4 @@ def test_kernel_momentum_code_of_non_finite_states_matches_the_reference(levels,
     assert torch.isfinite(scale.float()).all()
     top = formats.MOMENTUM_LEVELS
     assert (code[torch.isnan(m)].abs() == top).all()  # NaN: the top level
-    assert scale[5].view(torch.int16) == formats.BF16_MAX_BITS >> 16  # NaN alone: the largest
+    assert scale[5].view(torch.int16) == ieee.BF16_MAX_BITS >> 16  # NaN alone: the largest

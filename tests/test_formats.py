@@ -9,7 +9,7 @@ from code_bounds import level_position, momentum_gap
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slimoptim import formats
+from slimoptim import formats, ieee
 
 GROUP = 32
 
@@ -39,7 +39,7 @@ def _ulp(b64: torch.Tensor, mantissa: int, min_exp: int) -> torch.Tensor:
 def test_bf16_rounding_matches_torch_round_to_nearest_even(bits, specials):
     x = torch.cat([_bf16_values(bits), torch.tensor(specials, dtype=torch.float32)])
     expected = x.to(torch.bfloat16).float()  # CPU torch rounds to nearest even
-    got = formats.round_to_bf16(x)
+    got = ieee.round_to_bf16(x)
     assert torch.equal(got.view(torch.int32), expected.view(torch.int32))
 
 
@@ -156,8 +156,8 @@ def test_group_scale_is_the_smallest_bf16_at_or_above_the_group_max(bits):
     scale = formats.group_scale(x, GROUP)
     group_max = formats.group_view(x, GROUP).amax(1)
     assert torch.all(scale >= group_max)
-    assert torch.equal(scale, formats.round_to_bf16(scale))  # representable in bf16
-    below = formats._float(formats._bits(scale) - 65536)  # next bf16 down
+    assert torch.equal(scale, ieee.round_to_bf16(scale))  # representable in bf16
+    below = ieee.as_float(ieee.as_bits(scale) - 65536)  # next bf16 down
     assert torch.all((below < group_max) | (scale == 0))
 
 

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from .. import formats as ref
+from .. import ieee
 
 
 def _f32(x: float) -> float:
@@ -55,10 +56,10 @@ TINY_SCALE = tl.constexpr(ref.TINY_SCALE)
 LIFT = tl.constexpr(ref.LIFT)
 ROOT_LOW = tl.constexpr(1.0 - 2.0**-16)
 SIGN_BIT = tl.constexpr(-(2**31))
-BF16_NAN = tl.constexpr(ref.BF16_NAN_BITS)
-FP16_NAN = tl.constexpr(ref.FP16_NAN_BITS)
-BF16_MAX_BITS = tl.constexpr(ref.BF16_MAX_BITS)
-INF_BITS = tl.constexpr(ref.INF_BITS)
+BF16_NAN = tl.constexpr(ieee.BF16_NAN_BITS)
+FP16_NAN = tl.constexpr(ieee.FP16_NAN_BITS)
+BF16_MAX_BITS = tl.constexpr(ieee.BF16_MAX_BITS)
+INF_BITS = tl.constexpr(ieee.INF_BITS)
 
 # Parameter storage kinds (a tl.constexpr of the kernels).
 FP32, BF16, FP16 = 0, 1, 2
@@ -87,7 +88,7 @@ def bf16_bits_to_float(bits16):
 
 @triton.jit
 def round_to_bf16(x):
-    """formats.round_to_bf16: nearest bf16 (ties to even), kept in float32."""
+    """ieee.round_to_bf16: nearest bf16 (ties to even), kept in float32."""
     u = as_bits(x)
     lsb = (u >> 16) & 1
     rounded = (u + 0x7FFF + lsb) & -65536
@@ -185,7 +186,7 @@ def split_master(
 
 @triton.jit
 def round_up_to_bf16(x):
-    """formats.round_up_to_bf16: x >= 0 or a positive NaN, capped at the largest bf16."""
+    """ieee.round_up_to_bf16: x >= 0 or a positive NaN, capped at the largest bf16."""
     return as_float((tl.minimum(as_bits(x), BF16_MAX_BITS) + 0xFFFF) & -65536)
 
 

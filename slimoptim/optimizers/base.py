@@ -12,7 +12,7 @@ from collections.abc import Iterable
 
 import torch
 
-from .. import formats
+from .. import formats, ieee
 from ..distributed import to_row_form
 from ..formats import correction_bits, local_tensor  # noqa: F401 (re-exported: checkpoint, release, tests)
 from ..state_io import load_into, with_header
@@ -349,12 +349,12 @@ class SlimOptimizer(torch.optim.Optimizer):
         local = local_tensor(p)
         bits = correction_bits(p, group["master_weight_bits"])
         if bits is None:
-            b = formats.round_to_dtype(w, p.dtype)
+            b = ieee.round_to_dtype(w, p.dtype)
         else:
             dither = noise[1] if self._dithers_master(bits) else None
             b, code = formats.split_master(w, p.dtype, bits, dither)
             state["correction"].copy_(code)
-        local.detach().copy_(formats.as_low_precision(b, p.dtype).view(local.shape))
+        local.detach().copy_(ieee.as_low_precision(b, p.dtype).view(local.shape))
 
     # ------------------------------------------------------------ state dict
 
