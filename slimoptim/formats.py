@@ -316,10 +316,16 @@ def variance_top(v: torch.Tensor, group_size: int) -> torch.Tensor:
     """Per group (int32 float bits), the largest ``v`` rounded up to a multiple of 2**20
     (the coarsest code step), within [2**-126, 1.875 * 2**127]: a multiple of every finer
     step too, so code levels fall on every binade edge."""
-    largest = as_bits(_largest(group_view(v.abs(), group_size)))  # a NaN v: as group_scale
-    largest = torch.clamp(largest, max=INF_BITS)  # a NaN's payload must not matter
+    return top_of_largest(as_bits(_largest(group_view(v.abs(), group_size))))
+
+
+def top_of_largest(largest: torch.Tensor) -> torch.Tensor:
+    """variance_top from the bits of the group's largest |v|. A NaN (an all-NaN group) is
+    capped at +Inf first: which NaN a max gives depends on the backend (torch's CPU amax
+    0x7FC00000, the GPU's 0x7FFFFFFF, which would wrap when rounded up)."""
     step = 1 << VARIANCE_CODE_SHIFT
-    return torch.clamp((largest + (step - 1)) & -step, _LOWEST_TOP, _HIGHEST_TOP)
+    capped = torch.clamp(largest, max=INF_BITS)
+    return torch.clamp((capped + (step - 1)) & -step, _LOWEST_TOP, _HIGHEST_TOP)
 
 
 def variance_shift(v: torch.Tensor, top: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -329,7 +335,7 @@ def variance_shift(v: torch.Tensor, top: torch.Tensor, group_size: int) -> torch
 
     The smallest non-zero bits are the unsigned minimum of ``bits - 1``, plus one (0
     wraps to the largest unsigned value and drops out): integer operations, as in the
-    kernels, whose int32 arithmetic ``_wrap_int32`` reproduces.
+    kernels, whose int32 arithmetic ``wrap_int32`` reproduces.
     """
     below_one = (as_bits(group_view(v, group_size)).to(torch.int64) - 1) & _UINT32
     low = below_one.amin(dim=1)  # 2**32 - 1: every value is 0 (or padding)

@@ -125,9 +125,9 @@ def round_to_dtype(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def round_up_to_bf16(x: torch.Tensor) -> torch.Tensor:
-    """Smallest bf16 value >= x for x >= 0, capped at the largest finite bf16 (as is a
-    positive NaN, whatever its payload: the GPU's arithmetic and the CPU's make different
-    NaN bits, so no bit of a NaN beyond its sign may reach a code)."""
+    """Smallest bf16 value >= x for x >= 0, capped at the largest finite bf16, as is a
+    positive NaN of any payload: which NaN a group's max gives depends on the backend
+    (torch's CPU amax 0x7FC00000, the GPU's 0x7FFFFFFF, which would wrap to -0)."""
     capped = torch.clamp(as_bits(x), max=BF16_MAX_BITS)
     return as_float((capped + 0xFFFF) & -65536)
 

@@ -146,8 +146,8 @@ def test_fused_step_from_old_power_of_two_scales_matches_the_reference():
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def test_kernel_variance_code_of_non_finite_states_matches_the_reference():
     """A second moment turns ±inf, then NaN, once a param has (coupled decay of an inf
-    weight): the group's top passes NaN over (a group of NaN alone keeps its NaN, whatever
-    the NaNs' signs), as the kernels' float max does, so the bits stay equal."""
+    weight): the group's top passes NaN over, as the kernels' float max does, and a group
+    of NaN alone gets the highest top whatever NaN its max is, so the bits stay equal."""
     gen = torch.Generator().manual_seed(random.randrange(2**31))
     groups = torch.rand(7, GROUP, generator=gen) * 10.0 ** torch.randint(-30, 38, (7, 1))
     groups[0, 3] = float("nan")
@@ -156,7 +156,7 @@ def test_kernel_variance_code_of_non_finite_states_matches_the_reference():
     groups[3, :] = -float("nan")  # x86's default NaN has its sign bit set
     groups[4, 0] = float("inf")
     groups[5, :] = _nan_payloads(GROUP, gen)
-    groups[6, :] = torch.tensor(0x7FFFFFFF, dtype=torch.int32).view(torch.float32)  # the GPU's
+    groups[6, :] = _GPU_NAN  # the NaN the GPU's float max of NaNs gives
     v = groups.reshape(-1)
     noise = torch.randint(0, 65536, v.shape, generator=gen).float()
     code, scale = formats.quantize_variance(v, GROUP, noise)
@@ -166,6 +166,47 @@ def test_kernel_variance_code_of_non_finite_states_matches_the_reference():
     assert torch.isfinite(scale.float()).all()
     top, _ = formats.variance_scale_parts(scale)
     assert (top[1:] == formats._HIGHEST_TOP).all()  # inf or NaN: the highest top
+
+
+_GPU_NAN = torch.tensor([0x7FFFFFFF], dtype=torch.int32).view(torch.float32)
+
+
+def test_group_rounding_of_any_nan_is_the_largest_value():
+    """Every positive NaN bit pattern (the max of an all-NaN group, whichever NaN the
+    backend's max gives) rounds up to the largest bf16 scale and to the highest variance
+    top, in the reference and in the kernels' mirror; finite values and +inf as before."""
+    nans = torch.arange(0x7F800001, 0x80000000, 4097, dtype=torch.int64)
+    nans = torch.cat([nans, torch.tensor([0x7FC00000, 0x7FFF0001, 0x7FFFFFFF])])
+    finite = torch.randint(0, 0x7F800000, (4096,), dtype=torch.int64)
+    edges = torch.tensor([0, 1, 0x7F7F0000, 0x7F7F0001, 0x7F7FFFFF, 0x7F800000])
+    bits = torch.cat([nans, finite, edges]).to(torch.int32)
+    scale = ieee.as_bits(ieee.round_up_to_bf16(bits.view(torch.float32)))
+    top = formats.top_of_largest(bits)
+    is_nan = bits > 0x7F800000
+    assert (scale[is_nan] == ieee.BF16_MAX_BITS).all()
+    assert (top[is_nan] == formats._HIGHEST_TOP).all()
+    # the rest: the smallest bf16 >= x (capped), and a multiple of the top's step >= x
+    x, up = bits[~is_nan].double(), scale[~is_nan]
+    assert ((up & 0xFFFF) == 0).all() and (up <= ieee.BF16_MAX_BITS).all()
+    assert ((up >= x) | (up == ieee.BF16_MAX_BITS)).all() and ((up - x) < 65536).all()
+    step = 1 << formats.VARIANCE_CODE_SHIFT
+    t = top[~is_nan]
+    assert ((t % step) == 0).all() and ((t >= x) | (t == formats._HIGHEST_TOP)).all()
+    k_scale = _kernel_round_up(bits.view(torch.float32))
+    assert torch.equal(k_scale.cpu(), scale)
+
+
+@triton.jit
+def _round_up_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < n)
+    tl.store(out_ptr + offs, kf.as_bits(kf.round_up_to_bf16(x)), offs < n)
+
+
+def _kernel_round_up(x: torch.Tensor) -> torch.Tensor:
+    out = torch.empty(x.numel(), dtype=torch.int32, device=DEVICE)
+    _round_up_kernel[(triton.cdiv(x.numel(), 1024),)](x.to(DEVICE), out, x.numel(), BLOCK=1024)
+    return out
 
 
 def _nan_payloads(n, gen):
@@ -286,7 +327,7 @@ def test_kernel_momentum_code_of_non_finite_states_matches_the_reference(levels,
         picks = torch.randint(0, GROUP, (row + 1,), generator=gen)
         groups[row, picks] = torch.tensor(specials)[torch.arange(row + 1) % len(specials)]
     groups[5] = _nan_payloads(GROUP, gen)  # a group of NaN alone
-    m = groups.reshape(-1)
+    m = torch.cat([groups.reshape(-1), _GPU_NAN.expand(GROUP)])  # and the GPU's NaN alone
     n = m.numel()
     noise = torch.randint(0, formats.DITHER_LEVELS, (n,), generator=gen).float()
     previous = m * 0.9
@@ -301,4 +342,4 @@ def test_kernel_momentum_code_of_non_finite_states_matches_the_reference(levels,
     assert torch.isfinite(scale.float()).all()
     top = formats.MOMENTUM_LEVELS
     assert (code[torch.isnan(m)].abs() == top).all()  # NaN: the top level
-    assert scale[5].view(torch.int16) == ieee.BF16_MAX_BITS >> 16  # NaN alone: the largest
+    assert (scale[5:].view(torch.int16) == ieee.BF16_MAX_BITS >> 16).all()  # the largest
