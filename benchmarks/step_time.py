@@ -130,6 +130,9 @@ def bench_one(shapes, dtype, factory, steps: int, ceiling: float) -> dict:
     # outside optimizer.state, so for it only the allocator's count is complete.
     ours = isinstance(opt, slimoptim.SlimOptimizer) or type(opt).__module__.startswith("torch.")
     state_bytes = slimoptim.state_nbytes(opt) if ours else allocated_bytes
+    # memory_report's count of the same delta: state, kernel tables, allocator rounding.
+    report = slimoptim.memory_report(opt) if ours else {}
+    reported = report.get("optimizer_bytes_allocated", allocated_bytes)
     ms = median_ms(opt.step, steps)
     # Back to back, as in training (host work overlaps the previous step's kernels).
     pipelined = median_ms(lambda: [opt.step() for _ in range(10)], max(3, steps // 5)) / 10
@@ -154,7 +157,8 @@ def bench_one(shapes, dtype, factory, steps: int, ceiling: float) -> dict:
         "gbs": round(gbs, 1),
         "pct_of_copy": round(100 * gbs / ceiling, 1),
         "state_bytes_per_param": round(state_bytes / n, 3),
-        "allocated_state_bytes_per_param": round(allocated_bytes / n, 3),
+        "allocated_state_bytes_per_param": round(allocated_bytes / n, 4),
+        "reported_allocated_bytes_per_param": round(reported / n, 4),
         "params": n,
     }
 
@@ -219,30 +223,33 @@ def _set_config(dispatch, cfg: str) -> None:
 
 
 def host_time(counts=(200, 1000, 2000), numel=1024, repeats=50) -> dict:
-    """CPU time of one step() call with many small tensors (the GPU is never the limit),
-    with the same gradient tensors every step and with new ones every step (as after
-    ``zero_grad()`` and a backward pass; assigned outside the timed call)."""
+    """CPU time of one step() call with many small tensors (the GPU is never the limit):
+    the same gradient tensors every step; new ones every step (as after ``zero_grad()``
+    and a backward pass; assigned outside the timed call); a new learning rate every step
+    (as under a scheduler). The last two upload new tables each step."""
     out = {}
     factories = {
         "torch AdamW fused bf16": lambda p: torch.optim.AdamW(p, lr=1e-4, fused=True),
         "slimoptim AdamW 24/8": lambda p: slimoptim.AdamW(p, lr=1e-4),
     }
     for name, factory in factories.items():
-        for fresh in (False, True):
-            key = f"{name}, new grads each step" if fresh else name
+        for case in ("", ", new grads each step", ", new lr each step"):
+            key = name + case
             out[key] = {}
             for n in counts:
                 params = [
                     torch.nn.Parameter(torch.randn(numel, device="cuda", dtype=torch.bfloat16))
                     for _ in range(n)
                 ]
-                sets = 4 if fresh else 1
+                sets = 4 if "grads" in case else 1
                 grad_sets = [[torch.randn_like(p) for p in params] for _ in range(sets)]
                 opt = factory(params)
                 times = []
                 for i in range(3 + repeats):
                     for p, g in zip(params, grad_sets[i % len(grad_sets)], strict=True):
                         p.grad = g
+                    if "lr" in case:
+                        opt.param_groups[0]["lr"] = 1e-4 * (1 - i / 1000)
                     torch.cuda.synchronize()
                     t0 = time.perf_counter()
                     opt.step()
@@ -345,6 +352,22 @@ def markdown(meta, results, check) -> str:
                 f"| {r['ms_back_to_back']:.2f} | {r['host_ms']:.2f} |"
             )
         lines.append("")
+    lines += [
+        "Allocator delta over the first step against `memory_report`'s count of it "
+        "(`optimizer_bytes_allocated`), B/param:",
+        "",
+    ]
+    for set_name, rows in results.items():
+        lines += [
+            f"- {set_name}: "
+            + "; ".join(
+                f"{name} {r['allocated_state_bytes_per_param']:.4f} / "
+                f"{r['reported_allocated_bytes_per_param']:.4f}"
+                for name, r in rows.items()
+                if name.startswith("slimoptim")
+            )
+        ]
+    lines.append("")
     bad = {k: v for k, v in check.items() if v["differing_values"]}
     lines.append(
         "GPU bit check, fused vs reference (3 steps, 34 tensors, bf16): "

@@ -62,3 +62,10 @@ def refresh_hyperparameters(opt) -> None:
         from .dispatch import refresh_hyperparameters as refresh  # noqa: PLC0415
 
         refresh(opt)
+
+
+def device_tables(opt) -> list[torch.Tensor]:
+    """Every tensor the fused step keeps beside ``opt.state`` (pointer tables, chunk maps,
+    upload buffers, Muon's scratch), once per plan: views and shared buffers repeat."""
+    plans = (opt.__dict__.get(key, {}) for key in ("_slimoptim_plans", "_slimoptim_muon_plans"))
+    return [t for cache in plans for plan in cache.values() for t in plan.device_tables()]

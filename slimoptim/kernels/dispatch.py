@@ -8,7 +8,7 @@ parameters) is built once and cached on the optimizer; it holds on the device:
 * a pointer table (param, correction, step counter, states and their scales),
 * the element counts and a chunk -> (tensor, first element) map,
 * one buffer that every step refreshes with a single host-to-device copy from
-  pinned memory: the gradient addresses (which change when grads are set to
+  pinned memory (kernels/staging.py): the gradient addresses (which change when grads are set to
   None) and the param groups' hyper-parameters (which schedulers change).
 
 Per step, per bucket: one tiny Triton launch advances the step counters (no
@@ -33,6 +33,7 @@ from .adamw import AdamWRule
 from .launch import CONFIG, INTERPRETER_CONFIG, interpreting, launch_buckets, launch_plan
 from .lion import LionRule
 from .sgd import SGDRule
+from .staging import copy_to_device
 
 RULES = {"adamw": AdamWRule, "sgd": SGDRule, "lion": LionRule}
 
@@ -172,6 +173,10 @@ class Plan:
     def launch_all(self, scale, found_inf) -> None:
         launch_buckets(self, scale, found_inf)
 
+    def device_tables(self) -> list:
+        """The tensors this plan keeps (tables, upload buffer, graph inputs; views too)."""
+        return tensor_attributes(self, *self.buckets)
+
     def grads(self, item_grads: list | None) -> list:
         """The gradients of ``grad_params``, in their order: picked from ``item_grads`` (the
         gradients of the items the plan was built for, just read by step()) or read here."""
@@ -186,6 +191,10 @@ class Plan:
         # checking the first and last param catches it without a per-param lookup per step.
         ends = (self.states[0], self.states[-1]) if self.states else ()
         return all(opt.state.get(p) is s for p, s in ends)
+
+
+def tensor_attributes(*objects) -> list:
+    return [v for o in objects for v in vars(o).values() if isinstance(v, torch.Tensor)]
 
 
 def _positions(items, params: list) -> list | None:
@@ -250,10 +259,7 @@ def _host_values(plan) -> tuple[np.ndarray, list]:
 def upload(plan, host: np.ndarray, dst: torch.Tensor, tensors: list) -> None:
     """``host`` (int64 words) into ``dst`` without a sync, then the tensor values into
     ``plan.hyper``."""
-    staging = torch.from_numpy(host)
-    if dst.is_cuda:
-        staging = staging.pin_memory()  # the caching host allocator keeps it alive until copied
-    dst.copy_(staging, non_blocking=True)
+    copy_to_device(plan.shared, host, dst)
     upload_tensors(plan, tensors)
 
 

@@ -33,7 +33,16 @@ import triton.language as tl
 
 from ..formats import MOMENTUM_LEVEL_SETS, MOMENTUM_ROUNDINGS, correction_bits
 from . import common as cm
-from .dispatch import KINDS, aligned, eligible, split_values, tiling, upload, upload_tensors
+from .dispatch import (
+    KINDS,
+    aligned,
+    eligible,
+    split_values,
+    tensor_attributes,
+    tiling,
+    upload,
+    upload_tensors,
+)
 from .launch import interpreting, kernel_options, launch_plan
 
 # Columns of the per-tensor float32 scalar rows; 0 is the step.
@@ -121,6 +130,11 @@ class MuonPlan:
         self.ok = torch.zeros(n, device=device)
         self.skip = torch.zeros(n, 4, device=device)
         self.shared = opt.__dict__.setdefault("_slimoptim_shared", {})  # graph pools
+
+    def device_tables(self) -> list:
+        """The tensors this plan keeps (tables, upload buffer, scratch shared with others)."""
+        per_launch = [v for kw in self.launch for v in kw.values() if isinstance(v, torch.Tensor)]
+        return tensor_attributes(self) + per_launch
 
     def still_valid(self, opt) -> bool:
         scratch = opt._slimoptim_muon_scratch[self.device][0]  # regrown by add_param_group

@@ -1,0 +1,90 @@
+"""memory_report counts every byte the optimizer adds to the device's allocated memory:
+the state, the fused step's tables and the caching allocator's rounding of their blocks.
+
+On a GPU the sum must equal ``torch.cuda.memory_allocated()``'s growth over the first
+step (the states and tables are made then); on the CPU the pieces are checked apart."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import slimoptim
+from slimoptim.memory import allocator_rounding, block_sizes
+
+CUDA = torch.cuda.is_available()
+MiB = 2**20
+
+
+def test_block_sizes_walks_each_segment():
+    segments = [
+        {
+            "address": 4096,
+            "blocks": [
+                {"size": 512, "state": "active_allocated"},
+                {"size": 1536, "state": "inactive"},
+                {"size": 2048, "state": "active_allocated"},
+            ],
+        },
+        {"address": 10 * MiB, "blocks": [{"size": 2 * MiB, "state": "active_allocated"}]},
+    ]
+    assert block_sizes(segments) == {4096: 512, 4096 + 2048: 2048, 10 * MiB: 2 * MiB}
+
+
+def test_rounding_is_zero_off_cuda():
+    s = torch.empty(3 * MiB + 1, dtype=torch.int8).untyped_storage()
+    assert allocator_rounding({s.data_ptr(): s.nbytes()}) == 0  # in no CUDA block
+
+
+def _params(device, sizes):
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    ps = [torch.nn.Parameter(torch.randn(n, generator=gen).bfloat16().to(device)) for n in sizes]
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=gen).bfloat16().to(device)
+    return ps
+
+
+def test_reference_path_holds_only_its_state():
+    opt = slimoptim.AdamW(_params("cpu", (1000, 37)), lr=1e-3, fused=False)
+    opt.step()
+    report = slimoptim.memory_report(opt)
+    assert report["kernel_tables"] == 0
+    assert report["optimizer_bytes_allocated"] == report["optimizer_bytes"]
+
+
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA device (the caching allocator)")
+@pytest.mark.parametrize("cls", [slimoptim.AdamW, slimoptim.Lion])
+@pytest.mark.parametrize("fused", [None, False])
+def test_report_equals_the_allocator_delta_of_the_first_step(cls, fused):
+    # Odd sizes: 1-byte states above 1 MiB whose blocks the allocator rounds up, small
+    # ones from its 512-byte pool, and a 10 MiB+ one in its own segment.
+    sizes = (3 * MiB + 4097, 11 * MiB + 333, 5000, 77, MiB // 2 + 1)
+    params = _params("cuda", sizes)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    opt = cls(params, lr=1e-4, fused=fused)
+    opt.step()
+    torch.cuda.synchronize()
+    delta = torch.cuda.memory_allocated() - before
+    report = slimoptim.memory_report(opt)
+    assert report["allocator_rounding"] > 0
+    assert (report["kernel_tables"] > 0) == (fused is None)
+    assert report["optimizer_bytes_allocated"] == delta, report
+
+
+def test_interpreted_kernels_count_their_tables_once(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    params = _params("cpu", (1000, 37, 4096))
+    opt = slimoptim.AdamW(params, lr=1e-3, fused=True)
+    opt.step()
+    (plan,) = opt._slimoptim_plans.values()
+    # The upload buffer's two views (gradient addresses, hyper-parameters) are one storage.
+    expected = plan.upload.nbytes + sum(
+        t.nbytes
+        for b in plan.buckets
+        for t in (b.table, b.numels, b.chunk_tensor, b.chunk_start, b.hyper_rows, b.steps)
+    )
+    report = slimoptim.memory_report(opt)
+    assert report["kernel_tables"] == expected
+    assert report["optimizer_bytes_allocated"] == report["optimizer_bytes"] + expected
