@@ -8,7 +8,7 @@ parameters) is built once and cached on the optimizer; it holds on the device:
 * a pointer table (param, correction, step counter, states and their scales),
 * the element counts and a chunk -> (tensor, first element) map,
 * one buffer that every step refreshes with a single host-to-device copy from
-  pinned memory (kernels/staging.py): the gradient addresses (which change when grads are set to
+  pinned memory: the gradient addresses (which change when grads are set to
   None) and the param groups' hyper-parameters (which schedulers change).
 
 Per step, per bucket: one tiny Triton launch advances the step counters (no
@@ -33,7 +33,6 @@ from .adamw import AdamWRule
 from .launch import CONFIG, INTERPRETER_CONFIG, interpreting, launch_buckets, launch_plan
 from .lion import LionRule
 from .sgd import SGDRule
-from .staging import copy_to_device
 
 RULES = {"adamw": AdamWRule, "sgd": SGDRule, "lion": LionRule}
 
@@ -259,7 +258,10 @@ def _host_values(plan) -> tuple[np.ndarray, list]:
 def upload(plan, host: np.ndarray, dst: torch.Tensor, tensors: list) -> None:
     """``host`` (int64 words) into ``dst`` without a sync, then the tensor values into
     ``plan.hyper``."""
-    copy_to_device(plan.shared, host, dst)
+    staging = torch.from_numpy(host)
+    if dst.is_cuda:
+        staging = staging.pin_memory()  # the caching host allocator keeps it alive until copied
+    dst.copy_(staging, non_blocking=True)
     upload_tensors(plan, tensors)
 
 
