@@ -86,4 +86,6 @@ def test_fused_step_counts_its_tables_once():
     )
     report = slimoptim.memory_report(opt)
     assert report["kernel_tables"] == expected
-    assert report["optimizer_bytes_allocated"] == report["optimizer_bytes"] + expected
+    rounding = report["allocator_rounding"]
+    assert rounding > 0 if CUDA else rounding == 0  # on CUDA: blocks of 512 bytes and up
+    assert report["optimizer_bytes_allocated"] == report["optimizer_bytes"] + expected + rounding
