@@ -38,7 +38,8 @@ def memory_report(optimizer: torch.optim.Optimizer) -> dict:
     ``optimizer_bytes_allocated`` adds the fused step's device tables (``kernel_tables``)
     and, on CUDA, the caching allocator's rounding of every block holding them or the
     state (``allocator_rounding``): what the optimizer adds to
-    ``torch.cuda.memory_allocated()`` (CUDA graphs' private pools are not counted).
+    ``torch.cuda.memory_allocated()``. Not counted: CUDA graphs' private pools, and the
+    matmul libraries' workspaces a first Muon step may make (the model's matmuls share them).
     """
     params = {id(p): p for g in optimizer.param_groups for p in g["params"]}.values()
     numel = sum(local_tensor(p).numel() for p in params)
