@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .kernels import device_tables
 from .optimizers.base import local_tensor
 
 _COMPONENT = {"correction": "master_correction", "step": "step"}
@@ -37,9 +38,11 @@ def memory_report(optimizer: torch.optim.Optimizer) -> dict:
     local shard of DTensor parameters. ``optimizer_bytes`` is what the state holds;
     ``optimizer_bytes_allocated`` adds the fused step's device tables (``kernel_tables``)
     and, on CUDA, the caching allocator's rounding of every block holding them or the
-    state (``allocator_rounding``): what the optimizer adds to
-    ``torch.cuda.memory_allocated()``. Not counted: CUDA graphs' private pools, and the
-    matmul libraries' workspaces a first Muon step may make (the model's matmuls share them).
+    state (``allocator_rounding``): with the state on the GPU, what the optimizer adds to
+    ``torch.cuda.memory_allocated()`` (bytes on the CPU, such as the step counters torch's
+    own non-fused AdamW keeps there, are in the count too, unrounded). Not counted: CUDA
+    graphs' private pools, and the matmul libraries' workspaces a first Muon step may make
+    (the model's matmuls share them).
     """
     params = {id(p): p for g in optimizer.param_groups for p in g["params"]}.values()
     numel = sum(local_tensor(p).numel() for p in params)
@@ -59,10 +62,7 @@ def memory_report(optimizer: torch.optim.Optimizer) -> dict:
     total = sum(nbytes.values())
     per_param = {k: v / max(numel, 1) for k, v in nbytes.items()}
     state = [local_tensor(v) for s in optimizer.state.values() for v in s.values()]
-    state = [t for t in state if isinstance(t, torch.Tensor)]
-    tables = _storages(_device_tables(optimizer))
-    for t in (*params, *state):  # a plan's table is never a param's or a state's storage
-        tables.pop(local_tensor(t).untyped_storage().data_ptr(), None)
+    tables = _storages(device_tables(optimizer))
     rounding = allocator_rounding(_storages(state) | tables)
     allocated = optimizer_bytes + sum(tables.values()) + rounding
     return {
@@ -82,27 +82,34 @@ def memory_report(optimizer: torch.optim.Optimizer) -> dict:
     }
 
 
-def _device_tables(optimizer) -> list[torch.Tensor]:
-    if "_slimoptim_plans" in optimizer.__dict__ or "_slimoptim_muon_plans" in optimizer.__dict__:
-        from .kernels import device_tables  # noqa: PLC0415 (plans exist: Triton imported)
-
-        return device_tables(optimizer)
-    return []
-
-
 def _storages(tensors) -> dict[int, int]:
-    """{address: bytes} of the distinct storages under ``tensors`` (views share one)."""
-    storages = (t.untyped_storage() for t in tensors)
-    return {s.data_ptr(): s.nbytes() for s in storages if s.nbytes()}
+    """{address: bytes} of the distinct storages under ``tensors`` (views share one).
+    Only plain dense tensors: sparse and wrapper-subclass tensors have no storage of
+    their own here (their bytes are still counted by ``_nbytes``, never rounded)."""
+    storages = {}
+    for t in tensors:
+        if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.layout != torch.strided:
+            continue
+        s = t.untyped_storage()
+        if s.nbytes():
+            storages[s.data_ptr()] = s.nbytes()
+    return storages
 
 
 def allocator_rounding(storages: dict[int, int]) -> int:
     """Bytes by which the CUDA caching allocator's blocks at the addresses of ``storages``
-    ({address: bytes}) exceed those bytes: its rounding of each request (e.g. a 1-byte
-    state of an odd number of MiB takes a whole 2 MiB-rounded block). 0 off CUDA."""
+    ({address: bytes}) exceed those bytes: its rounding of each request (a request of
+    10 MiB or more takes a block rounded up to 2 MiB unless over 1 MiB would be left).
+    0 off CUDA, and with the cudaMallocAsync backend (it keeps no blocks to read)."""
     if not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return 0
-    blocks = block_sizes(torch.cuda.memory_snapshot())
+    if torch.cuda.get_allocator_backend() != "native":  # cudaMallocAsync keeps no blocks
+        return 0
+    try:
+        segments = torch.cuda.memory_snapshot(include_traces=False)  # fast with history on
+    except TypeError:  # a torch without the argument
+        segments = torch.cuda.memory_snapshot()
+    blocks = block_sizes(segments)
     return sum(blocks[ptr] - n for ptr, n in storages.items() if ptr in blocks)
 
 

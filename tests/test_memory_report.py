@@ -6,6 +6,10 @@ step (the states and tables are made then); on the CPU the pieces are checked ap
 
 from __future__ import annotations
 
+import copy
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -34,6 +38,52 @@ def test_block_sizes_walks_each_segment():
 def test_rounding_is_zero_off_cuda():
     s = torch.empty(3 * MiB + 1, dtype=torch.int8).untyped_storage()
     assert allocator_rounding({s.data_ptr(): s.nbytes()}) == 0  # in no CUDA block
+
+
+def test_rounding_reads_the_block_at_each_state_storage(monkeypatch):
+    """The allocator's snapshot faked around real (CPU) state tensors: each distinct
+    storage is rounded to the active block at its address; free blocks and storages in no
+    block add nothing."""
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    ps = [torch.nn.Parameter(torch.randn(n, generator=gen)) for n in (1000, 77, 5)]
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=gen)
+    opt = torch.optim.SGD(ps, lr=0.1, momentum=0.9)
+    opt.step()
+    bufs = [opt.state[p]["momentum_buffer"] for p in ps]
+    opt.state[ps[0]]["a_view"] = bufs[0][10:]  # shares the first buffer's storage
+    segments = [
+        {"address": bufs[0].data_ptr(), "blocks": [{"size": 4096, "state": "active_allocated"}]},
+        {
+            "address": bufs[1].data_ptr() - 512,
+            "blocks": [
+                {"size": 512, "state": "inactive"},
+                {"size": 512, "state": "active_allocated"},
+            ],
+        },
+        # The third buffer's address starts a free block (a cached, not allocated, one).
+        {"address": bufs[2].data_ptr(), "blocks": [{"size": 512, "state": "inactive"}]},
+        {"address": 2**40, "blocks": [{"size": 2 * MiB, "state": "active_allocated"}]},
+    ]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "native")
+    monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda include_traces=True: segments)
+    report = slimoptim.memory_report(opt)
+    assert report["allocator_rounding"] == (4096 - 4000) + (512 - 77 * 4)
+    assert report["optimizer_bytes_allocated"] == report["optimizer_bytes"] + 96 + 204
+    monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "cudaMallocAsync")
+    assert slimoptim.memory_report(opt)["allocator_rounding"] == 0  # no blocks to read
+
+
+def test_sparse_params_are_counted_without_rounding():
+    p = torch.nn.Parameter(torch.randn(6, 5).to_sparse())
+    p.grad = torch.randn(6, 5).to_sparse()
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    opt.step()
+    report = slimoptim.memory_report(opt)  # a sparse tensor has no storage to look up
+    assert report["allocator_rounding"] == 0 and report["kernel_tables"] == 0
+    assert report["optimizer_bytes_allocated"] == report["optimizer_bytes"] > 0
 
 
 def _params(device, sizes):
@@ -119,3 +169,30 @@ def test_fused_step_counts_its_tables_once():
     rounding = report["allocator_rounding"]
     assert rounding > 0 if CUDA else rounding == 0  # on CUDA: blocks of 512 bytes and up
     assert report["optimizer_bytes_allocated"] == report["optimizer_bytes"] + expected + rounding
+
+
+def test_tables_of_several_plans_add_up_and_a_load_drops_them():
+    pytest.importorskip("triton")
+    params = _params("cuda" if CUDA else "cpu", (1000, 37))
+    opt = slimoptim.AdamW(params, lr=1e-3, fused=True)
+    group = opt.param_groups[0]
+    for p in params:  # one plan per param, as gradient release builds them
+        opt.step_params([(group, p)])
+    plans = list(opt._slimoptim_plans.values())
+    assert len(plans) == 2
+    each = [
+        plan.upload.nbytes + sum(t.nbytes for b in plan.buckets for t in (b.table, b.steps))
+        for plan in plans
+    ]
+    del plans  # they hold the state they were built for
+    tables = slimoptim.memory_report(opt)["kernel_tables"]
+    assert tables > sum(each)  # and the smaller tables of each plan's buckets
+    old_state = weakref.ref(opt.state[params[0]]["exp_avg"])
+    saved = copy.deepcopy(opt.state_dict())
+    opt.load_state_dict(saved)
+    del saved
+    gc.collect()
+    assert old_state() is None  # no plan keeps the replaced state alive
+    assert slimoptim.memory_report(opt)["kernel_tables"] == 0
+    opt.step()  # new plans, on the loaded state
+    assert slimoptim.memory_report(opt)["kernel_tables"] > 0

@@ -64,8 +64,19 @@ def refresh_hyperparameters(opt) -> None:
         refresh(opt)
 
 
+# Where the kernels cache their plans on an optimizer (dispatch.py, muon.py).
+PLAN_CACHES = ("_slimoptim_plans", "_slimoptim_muon_plans")
+
+
+def forget_plans(opt) -> None:
+    """Drop the cached plans: a plan holds the state it was built for, so after a load it
+    would keep the replaced state alive until its params stepped again."""
+    for key in PLAN_CACHES:
+        opt.__dict__.pop(key, None)
+
+
 def device_tables(opt) -> list[torch.Tensor]:
     """Every tensor the fused step keeps beside ``opt.state`` (pointer tables, chunk maps,
     upload buffers, Muon's scratch), once per plan: views and shared buffers repeat."""
-    plans = (opt.__dict__.get(key, {}) for key in ("_slimoptim_plans", "_slimoptim_muon_plans"))
+    plans = (opt.__dict__.get(key, {}) for key in PLAN_CACHES)
     return [t for cache in plans for plan in cache.values() for t in plan.device_tables()]
