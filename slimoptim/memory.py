@@ -41,8 +41,10 @@ def memory_report(optimizer: torch.optim.Optimizer) -> dict:
     state (``allocator_rounding``): with the state on the GPU, what the optimizer adds to
     ``torch.cuda.memory_allocated()`` (bytes on the CPU, such as the step counters torch's
     own non-fused AdamW keeps there, are in the count too, unrounded). Not counted: CUDA
-    graphs' private pools, and the matmul libraries' workspaces a first Muon step may make
-    (the model's matmuls share them).
+    graphs' private pools, the matmul libraries' workspaces a first Muon step may make
+    (the model's matmuls share them), and, between a ``load_state_dict`` and the next step
+    of the same params, the replaced state the kernels' cached plans still hold (the step
+    rebuilds them and frees it).
     """
     params = {id(p): p for g in optimizer.param_groups for p in g["params"]}.values()
     numel = sum(local_tensor(p).numel() for p in params)

@@ -27,7 +27,6 @@ from . import formats
 from .distributed import localize, requantize
 from .errors import CheckpointError
 from .formats import local_tensor
-from .kernels import forget_plans
 
 # The state_dict format. 2: the second moment's bf16 scales carry a per-group code step
 # (formats.py), which version-1 readers would decode wrongly, so they must refuse it;
@@ -319,7 +318,6 @@ def apply(plan: LoadPlan, weights_loaded: bool = False) -> None:
         group.update(values)
     opt.state.clear()
     opt.state.update(plan.state)
-    forget_plans(opt)  # they point at the replaced state (and would keep it allocated)
 
 
 def load_into(opt, state_dict: dict) -> None:

@@ -6,10 +6,6 @@ step (the states and tables are made then); on the CPU the pieces are checked ap
 
 from __future__ import annotations
 
-import copy
-import gc
-import weakref
-
 import pytest
 import torch
 
@@ -171,7 +167,7 @@ def test_fused_step_counts_its_tables_once():
     assert report["optimizer_bytes_allocated"] == report["optimizer_bytes"] + expected + rounding
 
 
-def test_tables_of_several_plans_add_up_and_a_load_drops_them():
+def test_tables_of_several_plans_add_up():
     pytest.importorskip("triton")
     params = _params("cuda" if CUDA else "cpu", (1000, 37))
     opt = slimoptim.AdamW(params, lr=1e-3, fused=True)
@@ -181,18 +177,12 @@ def test_tables_of_several_plans_add_up_and_a_load_drops_them():
     plans = list(opt._slimoptim_plans.values())
     assert len(plans) == 2
     each = [
-        plan.upload.nbytes + sum(t.nbytes for b in plan.buckets for t in (b.table, b.steps))
+        plan.upload.nbytes
+        + sum(
+            t.nbytes
+            for b in plan.buckets
+            for t in (b.table, b.numels, b.chunk_tensor, b.chunk_start, b.hyper_rows, b.steps)
+        )
         for plan in plans
     ]
-    del plans  # they hold the state they were built for
-    tables = slimoptim.memory_report(opt)["kernel_tables"]
-    assert tables > sum(each)  # and the smaller tables of each plan's buckets
-    old_state = weakref.ref(opt.state[params[0]]["exp_avg"])
-    saved = copy.deepcopy(opt.state_dict())
-    opt.load_state_dict(saved)
-    del saved
-    gc.collect()
-    assert old_state() is None  # no plan keeps the replaced state alive
-    assert slimoptim.memory_report(opt)["kernel_tables"] == 0
-    opt.step()  # new plans, on the loaded state
-    assert slimoptim.memory_report(opt)["kernel_tables"] > 0
+    assert slimoptim.memory_report(opt)["kernel_tables"] == sum(each)

@@ -68,13 +68,6 @@ def refresh_hyperparameters(opt) -> None:
 PLAN_CACHES = ("_slimoptim_plans", "_slimoptim_muon_plans")
 
 
-def forget_plans(opt) -> None:
-    """Drop the cached plans: a plan holds the state it was built for, so after a load it
-    would keep the replaced state alive until its params stepped again."""
-    for key in PLAN_CACHES:
-        opt.__dict__.pop(key, None)
-
-
 def device_tables(opt) -> list[torch.Tensor]:
     """Every tensor the fused step keeps beside ``opt.state`` (pointer tables, chunk maps,
     upload buffers, Muon's scratch), once per plan: views and shared buffers repeat."""
