@@ -63,10 +63,15 @@ def memory_report(optimizer: torch.optim.Optimizer) -> dict:
     optimizer_bytes = sum(v for k, v in nbytes.items() if k not in ("params", "grads"))
     total = sum(nbytes.values())
     per_param = {k: v / max(numel, 1) for k, v in nbytes.items()}
+    # Allocated memory goes by storage (a view adds nothing); other tensors (sparse,
+    # subclasses) at their logical size, which is all they tell.
     state = [local_tensor(v) for s in optimizer.state.values() for v in s.values()]
+    tensors = [t for t in state if isinstance(t, torch.Tensor)]
     tables = _storages(device_tables(optimizer))
-    rounding = allocator_rounding(_storages(state) | tables)
-    allocated = optimizer_bytes + sum(tables.values()) + rounding
+    held = _storages(tensors) | tables
+    unplain = sum(_nbytes(t) for t in tensors if not _plain(t))
+    rounding = allocator_rounding(held)
+    allocated = sum(held.values()) + unplain + rounding
     return {
         "num_params": numel,
         "bytes": nbytes,
@@ -84,14 +89,17 @@ def memory_report(optimizer: torch.optim.Optimizer) -> dict:
     }
 
 
+def _plain(t: torch.Tensor) -> bool:
+    """A dense tensor of torch's own classes: it has a storage to look up (sparse tensors
+    and tensor subclasses, some of which only wrap others, are not looked up)."""
+    return type(t) in (torch.Tensor, torch.nn.Parameter) and t.layout == torch.strided
+
+
 def _storages(tensors) -> dict[int, int]:
-    """{address: bytes} of the distinct storages under ``tensors`` (views share one).
-    Only plain dense tensors: sparse and wrapper-subclass tensors have no storage of
-    their own here (their bytes are still counted by ``_nbytes``, never rounded)."""
+    """{address: bytes} of the distinct storages under the plain ``tensors`` (views share
+    one)."""
     storages = {}
-    for t in tensors:
-        if type(t) not in (torch.Tensor, torch.nn.Parameter) or t.layout != torch.strided:
-            continue
+    for t in filter(_plain, tensors):
         s = t.untyped_storage()
         if s.nbytes():
             storages[s.data_ptr()] = s.nbytes()

@@ -67,9 +67,25 @@ def test_rounding_reads_the_block_at_each_state_storage(monkeypatch):
     monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda include_traces=True: segments)
     report = slimoptim.memory_report(opt)
     assert report["allocator_rounding"] == (4096 - 4000) + (512 - 77 * 4)
-    assert report["optimizer_bytes_allocated"] == report["optimizer_bytes"] + 96 + 204
+    # By storage: the view adds no bytes (though "bytes" counts it, tensor by tensor).
+    assert report["optimizer_bytes_allocated"] == (1000 + 77 + 5) * 4 + 96 + 204
+    # A torch whose memory_snapshot takes no arguments.
+    monkeypatch.setattr(torch.cuda, "memory_snapshot", lambda: segments)
+    assert slimoptim.memory_report(opt)["allocator_rounding"] == 96 + 204
     monkeypatch.setattr(torch.cuda, "get_allocator_backend", lambda: "cudaMallocAsync")
     assert slimoptim.memory_report(opt)["allocator_rounding"] == 0  # no blocks to read
+
+
+def test_a_wrapper_subclass_state_is_counted_at_its_size():
+    from torch.testing._internal.two_tensor import TwoTensor  # noqa: PLC0415
+
+    p = torch.nn.Parameter(torch.randn(8))
+    p.grad = torch.randn(8)
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9)
+    opt.step()
+    opt.state[p]["wrapped"] = TwoTensor(torch.randn(8), torch.randn(8))  # no storage of its own
+    report = slimoptim.memory_report(opt)
+    assert report["optimizer_bytes_allocated"] == 32 + 32  # the buffer, the wrapper's size
 
 
 def test_sparse_params_are_counted_without_rounding():
