@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import device_tables
+from .kernels import device_tables, replaced_state
 from .optimizers.base import local_tensor
 
 _COMPONENT = {"correction": "master_correction", "step": "step"}
@@ -41,10 +41,10 @@ def memory_report(optimizer: torch.optim.Optimizer) -> dict:
     state (``allocator_rounding``): with the state on the GPU, what the optimizer adds to
     ``torch.cuda.memory_allocated()`` (bytes on the CPU, such as the step counters torch's
     own non-fused AdamW keeps there, are in the count too, unrounded). Not counted: CUDA
-    graphs' private pools, the matmul libraries' workspaces a first Muon step may make
-    (the model's matmuls share them), and, between a ``load_state_dict`` and the next step
-    of the same params, the replaced state the kernels' cached plans still hold (the step
-    rebuilds them and frees it).
+    graphs' private pools and the matmul libraries' workspaces a first Muon step may make
+    (the model's matmuls share them). ``replaced_state``: between a ``load_state_dict`` and
+    the next step of the same params, the kernels' cached plans still hold the state the
+    load replaced (the step rebuilds them and frees it); counted in the allocated bytes.
     """
     params = {id(p): p for g in optimizer.param_groups for p in g["params"]}.values()
     numel = sum(local_tensor(p).numel() for p in params)
@@ -68,7 +68,9 @@ def memory_report(optimizer: torch.optim.Optimizer) -> dict:
     state = [local_tensor(v) for s in optimizer.state.values() for v in s.values()]
     tensors = [t for t in state if isinstance(t, torch.Tensor)]
     tables = _storages(device_tables(optimizer))
-    held = _storages(tensors) | tables
+    current = _storages(tensors)
+    replaced = {k: v for k, v in _storages(replaced_state(optimizer)).items() if k not in current}
+    held = current | tables | replaced
     unplain = sum(_nbytes(t) for t in tensors if not _plain(t))
     rounding = allocator_rounding(held)
     allocated = sum(held.values()) + unplain + rounding
@@ -84,6 +86,7 @@ def memory_report(optimizer: torch.optim.Optimizer) -> dict:
         # allocator's blocks holding all these tensors add to their sizes (its rounding).
         "kernel_tables": sum(tables.values()),
         "allocator_rounding": rounding,
+        "replaced_state": sum(replaced.values()),
         "optimizer_bytes_allocated": allocated,
         "optimizer_bytes_allocated_per_param": allocated / max(numel, 1),
     }

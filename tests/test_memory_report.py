@@ -6,6 +6,8 @@ step (the states and tables are made then); on the CPU the pieces are checked ap
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -202,3 +204,25 @@ def test_tables_of_several_plans_add_up():
         for plan in plans
     ]
     assert slimoptim.memory_report(opt)["kernel_tables"] == sum(each)
+
+
+def test_state_replaced_by_a_load_is_counted_until_the_next_step():
+    """After a load the cached plans still hold the old state (freed as the next step
+    rebuilds them): the allocated count includes it until then."""
+    pytest.importorskip("triton")
+    params = _params("cuda" if CUDA else "cpu", (1000, 37))
+    opt = slimoptim.AdamW(params, lr=1e-3, fused=True)
+    opt.step()
+    before = slimoptim.memory_report(opt)
+    assert before["replaced_state"] == 0
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    loaded = slimoptim.memory_report(opt)
+    assert loaded["replaced_state"] == before["optimizer_bytes"]  # every old state tensor
+    allocated = before["optimizer_bytes_allocated"] + before["optimizer_bytes"]
+    assert loaded["optimizer_bytes_allocated"] == allocated + (
+        loaded["allocator_rounding"] - before["allocator_rounding"]
+    )
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()  # rebuilds the plan on the loaded state
+    assert slimoptim.memory_report(opt)["replaced_state"] == 0

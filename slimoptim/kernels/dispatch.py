@@ -176,6 +176,10 @@ class Plan:
         """The tensors this plan keeps (tables, upload buffer, graph inputs; views too)."""
         return tensor_attributes(self, *self.buckets)
 
+    def param_states(self) -> list:
+        """(param, state dict) of each param, as when the plan was built."""
+        return self.states
+
     def grads(self, item_grads: list | None) -> list:
         """The gradients of ``grad_params``, in their order: picked from ``item_grads`` (the
         gradients of the items the plan was built for, just read by step()) or read here."""

@@ -136,6 +136,10 @@ class MuonPlan:
         per_launch = [v for kw in self.launch for v in kw.values() if isinstance(v, torch.Tensor)]
         return tensor_attributes(self) + per_launch
 
+    def param_states(self) -> list:
+        """(param, state dict) of each matrix, as when the plan was built."""
+        return [(p, s) for (_, p), s in zip(self.items, self.states, strict=True)]
+
     def still_valid(self, opt) -> bool:
         scratch = opt._slimoptim_muon_scratch[self.device][0]  # regrown by add_param_group
         if scratch is not self.scratch:
