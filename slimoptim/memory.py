@@ -35,12 +35,13 @@ def memory_report(optimizer: torch.optim.Optimizer) -> dict:
     """Bytes per component (params, grads, correction, states, scales, step) and bytes/param.
 
     Counts each distinct parameter once (tied weights share storage) and the
-    local shard of DTensor parameters. ``optimizer_bytes`` is what the state holds;
-    ``optimizer_bytes_allocated`` adds the fused step's device tables (``kernel_tables``)
-    and, on CUDA, the caching allocator's rounding of every block holding them or the
-    state (``allocator_rounding``): with the state on the GPU, what the optimizer adds to
-    ``torch.cuda.memory_allocated()`` (bytes on the CPU, such as the step counters torch's
-    own non-fused AdamW keeps there, are in the count too, unrounded). Not counted: CUDA
+    local shard of DTensor parameters. ``optimizer_bytes`` is what the state holds, tensor
+    by tensor; ``optimizer_bytes_allocated`` counts by storage the state, the fused step's
+    device tables (``kernel_tables``) and, on CUDA, the caching allocator's rounding of
+    every block holding them (``allocator_rounding``): with the state on the GPU, what the
+    optimizer adds to ``torch.cuda.memory_allocated()`` (bytes on the CPU, such as the step
+    counters torch's own non-fused AdamW keeps there, are in the count too, unrounded).
+    Not counted: CUDA
     graphs' private pools and the matmul libraries' workspaces a first Muon step may make
     (the model's matmuls share them). ``replaced_state``: between a ``load_state_dict`` and
     the next step of the same params, the kernels' cached plans still hold the state the
