@@ -226,3 +226,32 @@ def test_state_replaced_by_a_load_is_counted_until_the_next_step():
         p.grad = torch.randn_like(p)
     opt.step()  # rebuilds the plan on the loaded state
     assert slimoptim.memory_report(opt)["replaced_state"] == 0
+
+
+def test_muon_plans_count_their_shared_scratch_once():
+    """Two Muon plans (one matrix each, as gradient release builds them) share the
+    optimizer's scratch buffers: counted once, beside each plan's own tables."""
+    pytest.importorskip("triton")
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    device = "cuda" if CUDA else "cpu"
+    ps = [
+        torch.nn.Parameter(torch.randn(s, generator=gen).bfloat16().to(device))
+        for s in ((48, 40), (24, 32))
+    ]
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=gen).bfloat16().to(device)
+    opt = slimoptim.Muon(ps, lr=0.02, fused=True)
+    group = opt.param_groups[0]
+    for p in ps:
+        opt.step_params([(group, p)])
+    plans = list(opt._slimoptim_muon_plans.values())
+    assert len(plans) == 2 and plans[0].scratch is plans[1].scratch
+    scratch = 2 * 48 * 40 * 2  # two bf16 buffers as large as the largest matrix
+    own = sum(
+        t.untyped_storage().nbytes()
+        for plan in plans
+        for t in plan.device_tables()
+        if t.untyped_storage().data_ptr()
+        not in (plan.scratch.data_ptr(), plan.ortho.data_ptr(), plan.upload.data_ptr())
+    ) + sum(plan.upload.nbytes for plan in plans)  # the upload's views: one storage each
+    assert slimoptim.memory_report(opt)["kernel_tables"] == scratch + own
