@@ -248,10 +248,19 @@ def test_muon_plans_count_their_shared_scratch_once():
     assert len(plans) == 2 and plans[0].scratch is plans[1].scratch
     scratch = 2 * 48 * 40 * 2  # two bf16 buffers as large as the largest matrix
     own = sum(
-        t.untyped_storage().nbytes()
+        t.nbytes
         for plan in plans
-        for t in plan.device_tables()
-        if t.untyped_storage().data_ptr()
-        not in (plan.scratch.data_ptr(), plan.ortho.data_ptr(), plan.upload.data_ptr())
-    ) + sum(plan.upload.nbytes for plan in plans)  # the upload's views: one storage each
+        for t in (
+            plan.momentum_table,
+            plan.master_table,
+            plan.numels,
+            plan.ortho_ptrs,
+            plan.upload,  # with its two views
+            plan.ok,
+            plan.skip,
+            plan.momentum_scalars,  # the last step's scalars, held until the next step
+            plan.master_scalars,
+            *(kw[name] for kw in plan.launch for name in ("chunk_tensor", "chunk_start")),
+        )
+    )
     assert slimoptim.memory_report(opt)["kernel_tables"] == scratch + own
