@@ -16,6 +16,13 @@ import torch
 
 import slimoptim
 
+# Row label suffix: (new gradient tensors every step, a new learning rate every step).
+CASES = {
+    "": (False, False),
+    ", new grads each step": (True, False),
+    ", new lr each step": (False, True),
+}
+
 
 def host_time(counts=(200, 1000, 2000), numel=1024, repeats=50) -> dict:
     """CPU time of one step() call with many small tensors (the GPU is never the limit):
@@ -28,7 +35,7 @@ def host_time(counts=(200, 1000, 2000), numel=1024, repeats=50) -> dict:
         "slimoptim AdamW 24/8": lambda p: slimoptim.AdamW(p, lr=1e-4),
     }
     for name, factory in factories.items():
-        for case in ("", ", new grads each step", ", new lr each step"):
+        for case, (new_grads, new_lr) in CASES.items():
             key = name + case
             out[key] = {}
             for n in counts:
@@ -36,14 +43,14 @@ def host_time(counts=(200, 1000, 2000), numel=1024, repeats=50) -> dict:
                     torch.nn.Parameter(torch.randn(numel, device="cuda", dtype=torch.bfloat16))
                     for _ in range(n)
                 ]
-                sets = 4 if "grads" in case else 1
+                sets = 4 if new_grads else 1
                 grad_sets = [[torch.randn_like(p) for p in params] for _ in range(sets)]
                 opt = factory(params)
                 times = []
                 for i in range(3 + repeats):
                     for p, g in zip(params, grad_sets[i % len(grad_sets)], strict=True):
                         p.grad = g
-                    if "lr" in case:
+                    if new_lr:
                         opt.param_groups[0]["lr"] = 1e-4 * (1 - i / 1000)
                     torch.cuda.synchronize()
                     t0 = time.perf_counter()

@@ -57,17 +57,17 @@ def memory_report(optimizer: torch.optim.Optimizer) -> dict:
         "state_scales": 0,
         "step": 0,
     }
+    tensors = []  # the state's tensors (local shards)
     for state in optimizer.state.values():
         for name, value in state.items():
             if isinstance(value, torch.Tensor):
                 nbytes[_component(name)] += _nbytes(value)
+                tensors.append(local_tensor(value))
     optimizer_bytes = sum(v for k, v in nbytes.items() if k not in ("params", "grads"))
     total = sum(nbytes.values())
     per_param = {k: v / max(numel, 1) for k, v in nbytes.items()}
     # Allocated memory goes by storage (a view adds nothing); other tensors (sparse,
     # subclasses) at their logical size, which is all they tell.
-    state = [local_tensor(v) for s in optimizer.state.values() for v in s.values()]
-    tensors = [t for t in state if isinstance(t, torch.Tensor)]
     tables = _storages(device_tables(optimizer))
     current = _storages(tensors)
     replaced = {k: v for k, v in _storages(replaced_state(optimizer)).items() if k not in current}

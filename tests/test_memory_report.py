@@ -100,12 +100,32 @@ def test_sparse_params_are_counted_without_rounding():
     assert report["optimizer_bytes_allocated"] == report["optimizer_bytes"] > 0
 
 
-def _params(device, sizes):
+def _params(device, shapes):
+    """bf16 params of ``shapes`` (sizes or tuples) with gradients, fresh random values."""
     gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
-    ps = [torch.nn.Parameter(torch.randn(n, generator=gen).bfloat16().to(device)) for n in sizes]
+    ps = [torch.nn.Parameter(torch.randn(s, generator=gen).bfloat16().to(device)) for s in shapes]
     for p in ps:
         p.grad = torch.randn(p.shape, generator=gen).bfloat16().to(device)
     return ps
+
+
+def _first_step(make_optimizer, params) -> tuple[int, dict]:
+    """(growth of torch.cuda.memory_allocated() over building the optimizer and its first
+    step, memory_report after it)."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    opt = make_optimizer(params)
+    opt.step()
+    torch.cuda.synchronize()
+    return torch.cuda.memory_allocated() - before, slimoptim.memory_report(opt)
+
+
+def _bucket_table_bytes(plan) -> int:
+    """Bytes of an AdamW plan's tables, listed apart from Plan.device_tables: the upload
+    buffer (its two views, gradient addresses and hyper-parameters, are one storage) and
+    each bucket's."""
+    tables = ("table", "numels", "chunk_tensor", "chunk_start", "hyper_rows", "steps")
+    return plan.upload.nbytes + sum(getattr(b, t).nbytes for b in plan.buckets for t in tables)
 
 
 def test_reference_path_holds_only_its_state():
@@ -123,14 +143,7 @@ def test_report_equals_the_allocator_delta_of_the_first_step(cls, fused):
     # Odd sizes: 1-byte states above 1 MiB whose blocks the allocator rounds up, small
     # ones from its 512-byte pool, and a 10 MiB+ one in its own segment.
     sizes = (3 * MiB + 4097, 11 * MiB + 333, 5000, 77, MiB // 2 + 1)
-    params = _params("cuda", sizes)
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    opt = cls(params, lr=1e-4, fused=fused)
-    opt.step()
-    torch.cuda.synchronize()
-    delta = torch.cuda.memory_allocated() - before
-    report = slimoptim.memory_report(opt)
+    delta, report = _first_step(lambda ps: cls(ps, lr=1e-4, fused=fused), _params("cuda", sizes))
     assert report["allocator_rounding"] > 0
     assert (report["kernel_tables"] > 0) == (fused is None)
     assert report["optimizer_bytes_allocated"] == delta, report
@@ -139,29 +152,15 @@ def test_report_equals_the_allocator_delta_of_the_first_step(cls, fused):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device (the caching allocator)")
 @pytest.mark.parametrize("fused", [None, False])
 def test_muon_report_equals_the_allocator_delta_of_the_first_step(fused):
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
-
-    def matrices(*shapes):
-        ps = [torch.nn.Parameter(torch.randn(s, generator=gen).bfloat16().cuda()) for s in shapes]
-        for p in ps:
-            p.grad = torch.randn(p.shape, generator=gen).bfloat16().cuda()
-        return ps
-
     # The matmul libraries' workspaces (made by a stream's first matmuls) are the caching
     # allocator's too but not the optimizer's (the model's matmuls share them): a first
     # optimizer on a small matrix makes them before the measurement.
-    warm = slimoptim.Muon(matrices((64, 96)), lr=1e-3, fused=fused)
+    warm = slimoptim.Muon(_params("cuda", [(64, 96)]), lr=1e-3, fused=fused)
     warm.step()
     del warm
     # Matrices whose 1-byte states round up; the fused path's scratch buffers count too.
-    params = matrices((1031, 1536), (2051, 768))
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    opt = slimoptim.Muon(params, lr=1e-3, fused=fused)
-    opt.step()
-    torch.cuda.synchronize()
-    delta = torch.cuda.memory_allocated() - before
-    report = slimoptim.memory_report(opt)
+    params = _params("cuda", [(1031, 1536), (2051, 768)])
+    delta, report = _first_step(lambda ps: slimoptim.Muon(ps, lr=1e-3, fused=fused), params)
     assert report["allocator_rounding"] > 0
     assert report["optimizer_bytes_allocated"] == delta, report
 
@@ -172,12 +171,7 @@ def test_fused_step_counts_its_tables_once():
     opt = slimoptim.AdamW(params, lr=1e-3, fused=True)
     opt.step()
     (plan,) = opt._slimoptim_plans.values()
-    # The upload buffer's two views (gradient addresses, hyper-parameters) are one storage.
-    expected = plan.upload.nbytes + sum(
-        t.nbytes
-        for b in plan.buckets
-        for t in (b.table, b.numels, b.chunk_tensor, b.chunk_start, b.hyper_rows, b.steps)
-    )
+    expected = _bucket_table_bytes(plan)
     report = slimoptim.memory_report(opt)
     assert report["kernel_tables"] == expected
     rounding = report["allocator_rounding"]
@@ -194,15 +188,7 @@ def test_tables_of_several_plans_add_up():
         opt.step_params([(group, p)])
     plans = list(opt._slimoptim_plans.values())
     assert len(plans) == 2
-    each = [
-        plan.upload.nbytes
-        + sum(
-            t.nbytes
-            for b in plan.buckets
-            for t in (b.table, b.numels, b.chunk_tensor, b.chunk_start, b.hyper_rows, b.steps)
-        )
-        for plan in plans
-    ]
+    each = [_bucket_table_bytes(plan) for plan in plans]
     assert slimoptim.memory_report(opt)["kernel_tables"] == sum(each)
 
 
@@ -232,14 +218,7 @@ def test_muon_plans_count_their_shared_scratch_once():
     """Two Muon plans (one matrix each, as gradient release builds them) share the
     optimizer's scratch buffers: counted once, beside each plan's own tables."""
     pytest.importorskip("triton")
-    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
-    device = "cuda" if CUDA else "cpu"
-    ps = [
-        torch.nn.Parameter(torch.randn(s, generator=gen).bfloat16().to(device))
-        for s in ((48, 40), (24, 32))
-    ]
-    for p in ps:
-        p.grad = torch.randn(p.shape, generator=gen).bfloat16().to(device)
+    ps = _params("cuda" if CUDA else "cpu", [(48, 40), (24, 32)])
     opt = slimoptim.Muon(ps, lr=0.02, fused=True)
     group = opt.param_groups[0]
     for p in ps:

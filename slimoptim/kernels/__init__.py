@@ -68,14 +68,17 @@ def refresh_hyperparameters(opt) -> None:
 PLAN_CACHES = ("_slimoptim_plans", "_slimoptim_muon_plans")
 
 
+def _plans(opt):
+    return (plan for key in PLAN_CACHES for plan in opt.__dict__.get(key, {}).values())
+
+
 def replaced_state(opt) -> list[torch.Tensor]:
     """State tensors a load replaced that cached plans still hold: a plan keeps the state
     dicts it was built for (its tables point into them) until its params step again and
     it is rebuilt."""
-    plans = (plan for key in PLAN_CACHES for plan in opt.__dict__.get(key, {}).values())
     return [
         t
-        for plan in plans
+        for plan in _plans(opt)
         for p, state in plan.param_states()
         if opt.state.get(p) is not state
         for t in state.values()
@@ -86,5 +89,4 @@ def replaced_state(opt) -> list[torch.Tensor]:
 def device_tables(opt) -> list[torch.Tensor]:
     """Every tensor the fused step keeps beside ``opt.state`` (pointer tables, chunk maps,
     upload buffers, Muon's scratch), once per plan: views and shared buffers repeat."""
-    plans = (opt.__dict__.get(key, {}) for key in PLAN_CACHES)
-    return [t for cache in plans for plan in cache.values() for t in plan.device_tables()]
+    return [t for plan in _plans(opt) for t in plan.device_tables()]
