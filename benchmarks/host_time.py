@@ -16,26 +16,41 @@ import torch
 
 import slimoptim
 
-# Row label suffix: (new gradient tensors every step, a new learning rate every step).
+# Row label suffix: (where each step's gradients come from, a new learning rate every step).
+# "same": the same gradient tensors (zero_grad(set_to_none=False), accumulation);
+# "cycled": four sets of gradient tensors in turn, so every step's addresses are new (the
+# worst case: the addresses are uploaded every step);
+# "reallocated": zero_grad() frees the gradients and new ones are allocated, as a backward
+# pass does (the caching allocator picks their addresses: often the last step's).
 CASES = {
-    "": (False, False),
-    ", new grads each step": (True, False),
-    ", new lr each step": (False, True),
+    "": ("same", False),
+    ", new grads each step": ("cycled", False),
+    ", zero_grad() + new grads": ("reallocated", False),
+    ", new lr each step": ("same", True),
 }
+
+
+def _set_grads(opt, params, grad_sets, source: str, i: int) -> None:
+    if source == "reallocated":
+        opt.zero_grad(set_to_none=True)
+        for p, g in zip(params, grad_sets[0], strict=True):
+            p.grad = g.clone()
+    else:
+        for p, g in zip(params, grad_sets[i % len(grad_sets)], strict=True):
+            p.grad = g
 
 
 def host_time(counts=(200, 1000, 2000), numel=1024, repeats=50) -> dict:
     """CPU time of one step() call with many small tensors (the GPU is never the limit):
-    the same gradient tensors every step; new ones every step (as after ``zero_grad()``
-    and a backward pass; assigned outside the timed call); a new learning rate every step
-    (as under a scheduler). The last two upload new tables each step."""
+    the cases of ``CASES`` (gradients set outside the timed call). New addresses or a new
+    learning rate upload new tables that step."""
     out = {}
     factories = {
         "torch AdamW fused bf16": lambda p: torch.optim.AdamW(p, lr=1e-4, fused=True),
         "slimoptim AdamW 24/8": lambda p: slimoptim.AdamW(p, lr=1e-4),
     }
     for name, factory in factories.items():
-        for case, (new_grads, new_lr) in CASES.items():
+        for case, (source, new_lr) in CASES.items():
             key = name + case
             out[key] = {}
             for n in counts:
@@ -43,13 +58,12 @@ def host_time(counts=(200, 1000, 2000), numel=1024, repeats=50) -> dict:
                     torch.nn.Parameter(torch.randn(numel, device="cuda", dtype=torch.bfloat16))
                     for _ in range(n)
                 ]
-                sets = 4 if new_grads else 1
+                sets = 4 if source == "cycled" else 1
                 grad_sets = [[torch.randn_like(p) for p in params] for _ in range(sets)]
                 opt = factory(params)
                 times = []
                 for i in range(3 + repeats):
-                    for p, g in zip(params, grad_sets[i % len(grad_sets)], strict=True):
-                        p.grad = g
+                    _set_grads(opt, params, grad_sets, source, i)
                     if new_lr:
                         opt.param_groups[0]["lr"] = 1e-4 * (1 - i / 1000)
                     torch.cuda.synchronize()

@@ -1,7 +1,7 @@
 """A gradient that stops fitting its bucket after the plan was built is caught before any
 kernel runs, and that step goes to the reference path: bit for bit the reference's.
 
-The checks run every step over every param (dispatch._grad_pointers); these tests pin
+The checks run every step over every param (guards.grad_addresses); these tests pin
 each case down, so that a faster check cannot drop one unnoticed.
 """
 
@@ -14,7 +14,7 @@ from test_kernels import DEVICE, _assert_same  # skips this module too without T
 import slimoptim
 
 pytest.importorskip("triton")
-from slimoptim.kernels import dispatch  # noqa: E402
+from slimoptim.kernels import dispatch, guards  # noqa: E402
 
 SHAPES = ((8, 16), (40,), (33,))
 
@@ -80,8 +80,19 @@ if hasattr(torch.Tensor, "grad_dtype"):
     CHANGES.append(_float32_through_grad_dtype)
 
 
+@pytest.fixture(params=["C guard", "Python checks"])
+def checks(request, monkeypatch):
+    """Each test runs with the one-call layout guard and with the Python checks it
+    replaces where PyTorch has none (kernels/guards.py)."""
+    if request.param == "Python checks":
+        monkeypatch.setattr(dispatch, "layout_guard", lambda tensors: None)
+    else:
+        assert guards.layout_guard([torch.zeros(2)]) is not None, "this torch has no guard"
+    return request.param
+
+
 @pytest.mark.parametrize("change", CHANGES, ids=lambda f: f.__name__.strip("_"))
-def test_a_gradient_that_no_longer_fits_goes_to_the_reference(monkeypatch, change):
+def test_a_gradient_that_no_longer_fits_goes_to_the_reference(monkeypatch, checks, change):
     fused, ref, ps, qs = _pair()
     gen = torch.Generator().manual_seed(1)
     launched = _launches(monkeypatch)
@@ -93,7 +104,7 @@ def test_a_gradient_that_no_longer_fits_goes_to_the_reference(monkeypatch, chang
     assert len(launched) == 2  # fitting gradients again: a plan is built anew
 
 
-def test_params_without_a_gradient_are_left_alone_whichever_they_are(monkeypatch):
+def test_params_without_a_gradient_are_left_alone_whichever_they_are(monkeypatch, checks):
     """The same subset several steps running (step() keeps its items), then another."""
     fused, ref, ps, qs = _pair()
     gen = torch.Generator().manual_seed(2)
@@ -185,3 +196,36 @@ def test_the_grad_setter_refuses_another_dtype_device_or_shape():
     if torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="device"):
             p.grad = torch.randn(4, dtype=torch.bfloat16, device="cuda")
+
+
+def test_a_param_whose_storage_moved_is_not_written_through_its_old_address(monkeypatch, checks):
+    """``p.data = ...`` (Module.to, .half(), cast_model): that step goes to the reference,
+    the old buffer is left alone, and the next step builds a plan on the new one."""
+    fused, ref, ps, qs = _pair()
+    gen = torch.Generator().manual_seed(4)
+    launched = _launches(monkeypatch)
+    _step_both(fused, ref, ps, qs, gen)
+    old = ps[1].data
+    ps[1].data = old.clone()
+    old_bits = old.clone()
+    _step_both(fused, ref, ps, qs, gen)
+    assert len(launched) == 1 and torch.equal(old, old_bits)
+    _step_both(fused, ref, ps, qs, gen)
+    assert len(launched) == 2
+
+
+def test_gradients_that_come_back_at_other_addresses_are_read_where_they_are(monkeypatch, checks):
+    """Two sets of gradient tensors in turn, and one set twice running (its addresses are
+    those found last step): every step launches, bit for bit the reference's."""
+    fused, ref, ps, qs = _pair()
+    gen = torch.Generator().manual_seed(5)
+    launched = _launches(monkeypatch)
+    buffers = [[torch.empty_like(p) for p in ps] for _ in range(2)]
+    for which in (0, 1, 0, 0, 1, 1, 0):
+        for p, q, buffer in zip(ps, qs, buffers[which], strict=True):
+            buffer.copy_(torch.randn(p.shape, generator=gen).to(p.dtype))
+            p.grad, q.grad = buffer, buffer.clone()
+        fused.step()
+        ref.step()
+        _assert_same(fused, ref, ps, qs)
+    assert len(launched) == 7

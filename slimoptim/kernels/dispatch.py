@@ -30,6 +30,7 @@ import torch
 from ..formats import correction_bits, local_tensor
 from . import common as cm
 from .adamw import AdamWRule
+from .guards import grad_addresses, layout_guard
 from .launch import CONFIG, INTERPRETER_CONFIG, interpreting, launch_buckets, launch_plan
 from .lion import LionRule
 from .sgd import SGDRule
@@ -44,9 +45,6 @@ KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # C-level accessors for the per-step passes over every param (no Python frame per tensor).
 _second = operator.itemgetter(1)
 _grad_of = operator.attrgetter("grad")
-_dtype_of = operator.attrgetter("dtype")
-_data_ptr = torch.Tensor.data_ptr
-_contiguous = torch.Tensor.is_contiguous
 
 
 def rule_for(opt):
@@ -159,8 +157,12 @@ class Plan:
         self.positions = _positions(items, self.grad_params)
         # FSDP2 params and grads are DTensors: the kernels step their local shards.
         self.sharded = any(hasattr(p, "to_local") for p in self.grad_params)
-        # Each step compares the params' addresses too (see _grad_pointers).
+        # Each step compares the params' addresses too (see guards.grad_addresses).
         self.param_ptrs = [local_tensor(p).data_ptr() for p in self.grad_params]
+        self.indices = list(range(len(self.grad_params)))
+        grads = list(map(_grad_of, self.grad_params))
+        self.layout_guard = None if self.sharded else layout_guard(grads)
+        self.found = None  # (addresses as ints, as an array) that the last step found
         n_ptrs, n_vals = len(self.grad_params), len(self.groups) * len(rule.group_values)
         self.n_ptrs = n_ptrs
         if self.device is not None:
@@ -328,33 +330,6 @@ def _capturing(items) -> bool:
     return bool(items) and items[0][1].is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _grad_pointers(plan, grads: list) -> np.ndarray | None:
-    """The addresses of ``grads`` (the plan's gradients, in its order), or None when a
-    gradient no longer fits its bucket (None, sparse, other dtype, not contiguous,
-    misaligned) or a parameter's storage moved since the plan was built. A few C-level
-    passes over the params (no Python frame per param): this runs every step."""
-    if plan.sharded:
-        grads = [None if g is None else local_tensor(g) for g in grads]
-    try:
-        ptrs = list(map(_data_ptr, grads))  # None or a sparse grad raises
-    except (TypeError, RuntimeError):
-        return None
-    # Not redundant with the ``p.grad`` setter's dtype check: ``p.grad.data = ...`` and a
-    # param's ``grad_dtype = None`` let a gradient of another dtype through.
-    if list(map(_dtype_of, grads)) != plan.grad_dtypes or not all(map(_contiguous, grads)):
-        return None
-    # Module.to / .half() / cast_model replace p.data: the tables would point at freed
-    # memory. (The grad's dtype, which autograd keeps equal to the param's, covers a
-    # param that changed dtype in place of a freed one.)
-    params = [local_tensor(p) for p in plan.grad_params] if plan.sharded else plan.grad_params
-    if list(map(_data_ptr, params)) != plan.param_ptrs:
-        return None
-    ptrs = np.fromiter(ptrs, dtype=np.int64, count=len(ptrs))
-    if (ptrs & 15).any():  # the kernels load 16 bytes at a time
-        return None
-    return ptrs
-
-
 def step_fused(opt, items, grad_scale, found_inf, grads=None) -> list:
     """Step the fusable items in bucket launches; return the items left to the reference.
     ``grads``: the items' gradients, just read by step() (None: read here)."""
@@ -364,7 +339,7 @@ def step_fused(opt, items, grad_scale, found_inf, grads=None) -> list:
     plan = _plan_for(opt, rule, items)
     if plan.device is None:
         return plan.reference
-    addresses = _grad_pointers(plan, plan.grads(grads))
+    addresses = grad_addresses(plan, plan.grads(grads))
     if addresses is None:  # a grad or param changed storage, dtype or layout: rebuild next step
         opt._slimoptim_plans.clear()
         return items

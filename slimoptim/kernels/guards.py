@@ -1,0 +1,119 @@
+"""The checks the fused step runs every step over every gradient of a plan, each in one
+C call where PyTorch has one.
+
+A gradient or parameter that no longer matches the tables a plan built (another dtype,
+layout or address) must be noticed before a kernel reads through a stale pointer.
+Python passes over the tensors cost ~50-70 ns per tensor and attribute; these do the
+same in C++:
+
+* ``layout_guard``: torch.compile's tensor guard (``TensorGuards``: dtype, device,
+  dispatch keys, requires_grad, exact sizes and strides of each tensor);
+* ``same_addresses``: ``torch._C._tensors_data_ptrs_at_indices_equal`` (CUDA builds).
+
+Both are private PyTorch APIs: each has a Python fallback, and the guard is tried once
+per process on tensors it must accept and reject before it is trusted.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+
+import numpy as np
+import torch
+
+from ..formats import local_tensor
+
+_data_ptr = torch.Tensor.data_ptr
+_dtype_of = operator.attrgetter("dtype")
+_contiguous = torch.Tensor.is_contiguous
+
+
+def grad_addresses(plan, grads: list) -> np.ndarray | None:
+    """The addresses of ``grads`` (the plan's gradients, in its order), or None when a
+    gradient no longer fits its bucket (None, sparse, other dtype, not contiguous,
+    misaligned) or a parameter's storage moved since the plan was built. A few C-level
+    calls over the params (no Python frame per param): this runs every step."""
+    if plan.sharded:
+        grads = [None if g is None else local_tensor(g) for g in grads]
+        params = [local_tensor(p) for p in plan.grad_params]
+    else:
+        params = plan.grad_params
+    if not _layouts_unchanged(plan, grads):
+        return None
+    # Module.to / .half() / cast_model replace p.data: the tables would point at freed
+    # memory. (The grad's dtype, which autograd keeps equal to the param's, covers a
+    # param that changed dtype in place of a freed one.)
+    if not same_addresses(params, plan.param_ptrs, plan.indices):
+        return None
+    # The caching allocator often hands a new gradient the address of the last one.
+    if plan.found is not None and same_addresses(grads, plan.found[0], plan.indices):
+        return plan.found[1]
+    ptrs = list(map(_data_ptr, grads))
+    addresses = np.fromiter(ptrs, dtype=np.int64, count=len(ptrs))
+    if (addresses & 15).any():  # the kernels load 16 bytes at a time
+        return None
+    plan.found = (ptrs, addresses)
+    return addresses
+
+
+def _layouts_unchanged(plan, grads: list) -> bool:
+    """Every gradient a dense tensor of the dtype and contiguous layout the plan was built
+    for. The guard checks that in one C call; where it is missing or says no (it also
+    compares shapes and strides exactly), the Python checks decide."""
+    if plan.layout_guard is not None and plan.layout_guard.check(*grads):
+        return True
+    # Not redundant with the ``p.grad`` setter's dtype check: ``p.grad.data = ...`` and a
+    # param's ``grad_dtype = None`` let a gradient of another dtype through.
+    try:  # None has no dtype; a sparse tensor has no is_contiguous
+        return list(map(_dtype_of, grads)) == plan.grad_dtypes and all(map(_contiguous, grads))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def layout_guard(tensors: list):
+    """A guard whose ``check(*ts)`` is True only if each of ``ts`` has the dtype, device,
+    sizes and strides (and dispatch keys, requires_grad) of the same place in
+    ``tensors``; None where PyTorch has no working one (the caller checks in Python)."""
+    if not _guard_works():
+        return None
+    return _tensor_guards(tensors)
+
+
+def same_addresses(tensors: list, addresses: list, indices: list) -> bool:
+    """``tensors[i].data_ptr() == addresses[i]`` for every i in ``indices`` (0..n-1).
+    ``tensors`` must all be tensors (a layout check runs first)."""
+    in_c = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
+    if in_c is not None:
+        return in_c(tensors, addresses, indices)
+    return list(map(_data_ptr, tensors)) == addresses
+
+
+def _tensor_guards(tensors: list):
+    from torch._C._dynamo.guards import TensorGuards  # noqa: PLC0415 (private, may move)
+
+    # A size or stride given as None would be dynamic (unchecked): every one is given.
+    return TensorGuards(
+        *tensors,
+        dynamic_dims_sizes=[list(t.shape) for t in tensors],
+        dynamic_dims_strides=[list(t.stride()) for t in tensors],
+    )
+
+
+@functools.cache
+def _guard_works() -> bool:
+    """Whether TensorGuards exists here and tells apart what the fused step must."""
+    try:
+        kept = torch.zeros(2, 3, dtype=torch.bfloat16)
+        guard = _tensor_guards([kept])
+        others = (
+            kept.float(),  # another dtype
+            torch.zeros(3, 2, dtype=torch.bfloat16).t(),  # same shape, transposed strides
+            torch.zeros(2, 4, dtype=torch.bfloat16)[:, :3],  # same shape, a row stride of 4
+            torch.zeros(3, 2, dtype=torch.bfloat16),  # another shape, same element count
+            kept.to_sparse(),
+            None,
+        )
+        return guard.check(torch.ones_like(kept)) and not any(guard.check(o) for o in others)
+    except Exception:  # noqa: BLE001 (absent, renamed or changed: fall back to Python)
+        return False
