@@ -8,10 +8,18 @@ first run compiles the kernels) and replays it afterwards: one launch per plan. 
 graph reads everything from the plan's device buffers, which every step refreshes first
 (gradient addresses, hyper-parameters), so a replay is the eager sequence. Inside a
 user's own graph capture the launches stay eager and are captured with it.
+
+Destroying a CUDA graph while this thread captures another invalidates that capture
+(``cudaErrorStreamCaptureInvalidated``), and since PyTorch no longer collects garbage
+before a capture, an optimizer in a reference cycle (an LR scheduler makes one) can be
+collected in the middle of anyone's capture. So a plan's graphs outlive it until the next
+eager step (``_free_dropped_graphs``), and the plans' own captures run with the cyclic
+garbage collector paused, so that nobody else's graph is destroyed during them.
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import weakref
 
@@ -56,8 +64,9 @@ def launch_plan(plan, grad_scale, found_inf, capturing: bool, settings=()) -> No
     if not USE_GRAPHS or plan.device.type != "cuda" or capturing or interpreting():
         launch_all(scale, inf)
         return
+    _free_dropped_graphs()
     key = (scale is not None, inf is not None, settings)
-    graphs = plan.__dict__.setdefault("graphs", {})
+    graphs = _graphs_of(plan)
     if key not in graphs:
         launch_all(scale, inf)  # the first run of this kind is eager: it compiles
         graphs[key] = None  # ... and only once it has run is the plan captured
@@ -84,13 +93,43 @@ def _capture(plan, key, launch_all) -> torch.cuda.CUDAGraph:
         # device was current at the process's first capture.
         stream = plan.shared.setdefault(("capture_stream", plan.device), torch.cuda.Stream())
         pool, pool_graphs = _pool(plan)
-        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
-            launch_all(
-                plan.static_scale if has_scale else None,
-                plan.static_inf if has_inf else None,
-            )
+        collecting = gc.isenabled()
+        gc.disable()  # a collection now could destroy another graph: see the module's doc
+        try:
+            with torch.cuda.graph(
+                graph, pool=pool, stream=stream, capture_error_mode="thread_local"
+            ):
+                launch_all(
+                    plan.static_scale if has_scale else None,
+                    plan.static_inf if has_inf else None,
+                )
+        finally:
+            if collecting:
+                gc.enable()
     pool_graphs.add(graph)
     return graph
+
+
+# The graphs of freed plans, each a {key: CUDAGraph} dict, destroyed by the next eager step.
+_dropped_graphs: list[dict] = []
+
+
+def _graphs_of(plan) -> dict:
+    """The plan's {key: CUDAGraph or None (not captured yet)}. When the plan is freed
+    (rebuilt, or its optimizer collected, maybe during a capture), they are kept in
+    ``_dropped_graphs`` until a moment no capture runs on this thread."""
+    graphs = plan.__dict__.get("graphs")
+    if graphs is None:
+        graphs = plan.graphs = {}
+        weakref.finalize(plan, _dropped_graphs.append, graphs)
+    return graphs
+
+
+def _free_dropped_graphs() -> None:
+    if not _dropped_graphs:
+        return
+    if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        _dropped_graphs.clear()
 
 
 def _pool(plan) -> tuple:

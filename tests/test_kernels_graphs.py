@@ -1,0 +1,153 @@
+"""CUDA graphs after a plan is dropped: a plan rebuilt (after ``load_state_dict``, or when
+its gradients stop fitting) or collected with its optimizer frees the CUDA graphs it
+replayed; later captures, the optimizer's own and a user's ``torch.cuda.graph`` of another
+optimizer's step, must still work and step bit for bit as the reference path. Destroying
+a graph during a capture invalidates the capture (benchmarks/NOTES.md v22, v23): freed
+plans' graphs wait for the next eager step (kernels/launch.py)."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from test_kernels import _assert_same, _clone, _params, gpu_only
+
+import slimoptim
+
+pytest.importorskip("triton")
+from slimoptim.kernels import dispatch, launch  # noqa: E402
+
+
+def _pair(cls, seed, **kw):
+    ps = _params(torch.bfloat16, seed=seed)
+    qs = _clone(ps)
+    for p in ps + qs:
+        p.grad = torch.zeros_like(p)
+    return cls(ps, lr=1e-2, fused=True, **kw), cls(qs, lr=1e-2, fused=False, **kw), ps, qs
+
+
+def _new_grads(ps, qs, gen):
+    for p, q in zip(ps, qs, strict=True):
+        g = torch.randn(p.shape, generator=gen).to(p.dtype).to(p.device)
+        p.grad.copy_(g)
+        q.grad.copy_(g)
+
+
+def _steps(fused, ref, ps, qs, gen, n):
+    for _ in range(n):  # the second step of a plan captures its graph, the third replays
+        _new_grads(ps, qs, gen)
+        fused.step()
+        ref.step()
+    torch.cuda.synchronize()
+    _assert_same(fused, ref, ps, qs)
+
+
+def _user_capture(fused, ref, ps, qs, gen):
+    """Another optimizer's step captured by the user, replayed twice."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        _steps(fused, ref, ps, qs, gen, 3)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fused.step()
+    for _ in range(2):
+        _new_grads(ps, qs, gen)
+        graph.replay()
+        ref.step()
+    torch.cuda.synchronize()
+    _assert_same(fused, ref, ps, qs)
+
+
+def _reload(opt):
+    opt.load_state_dict(opt.state_dict())
+
+
+@gpu_only
+@pytest.mark.parametrize("drop", ["load_state_dict", "clear"], ids=str)
+def test_captures_after_a_plan_and_its_graph_were_dropped(drop):
+    gen = torch.Generator().manual_seed(0)
+    fused, ref, ps, qs = _pair(slimoptim.AdamW, seed=1)
+    _steps(fused, ref, ps, qs, gen, 3)
+    old_plans = list(fused._slimoptim_plans.values())
+    assert any(g is not None for p in old_plans for g in p.__dict__.get("graphs", {}).values())
+    if drop == "load_state_dict":
+        _reload(fused)
+        _reload(ref)
+    else:  # as a step does when a gradient or param stops fitting its plan
+        fused._slimoptim_plans.clear()
+    del old_plans
+    _steps(fused, ref, ps, qs, gen, 3)  # a new plan: eager, captured, replayed
+    other, other_ref, rs, ss = _pair(slimoptim.SGD, seed=2, momentum=0.9)
+    _user_capture(other, other_ref, rs, ss, gen)
+    _steps(fused, ref, ps, qs, gen, 2)  # the first optimizer's graph still replays
+
+
+def test_a_freed_plans_graphs_wait_for_a_moment_without_capture():
+    """The mechanism on any device: freeing the plan parks its graphs; the next call that
+    is not inside a capture destroys them."""
+
+    class Plan:  # stands for dispatch.Plan / muon.MuonPlan
+        pass
+
+    class Graph:  # stands for torch.cuda.CUDAGraph
+        pass
+
+    plan, graph = Plan(), Graph()
+    launch._graphs_of(plan)["key"] = graph
+    assert launch._graphs_of(plan)["key"] is graph  # one dict per plan
+    parked, alive = len(launch._dropped_graphs), weakref.ref(graph)
+    plan.cycle = plan  # as an optimizer with an LR scheduler is: only the collector frees it
+    del plan, graph
+    gc.collect()
+    assert alive() is not None and len(launch._dropped_graphs) == parked + 1
+    launch._free_dropped_graphs()
+    assert alive() is None and not launch._dropped_graphs
+
+
+@gpu_only
+def test_an_optimizer_collected_during_a_user_capture_does_not_break_it():
+    gen = torch.Generator().manual_seed(3)
+    fused, ref, ps, qs = _pair(slimoptim.AdamW, seed=4)
+    _steps(fused, ref, ps, qs, gen, 3)  # its plan holds a captured graph
+    fused.cycle = fused  # as an LR scheduler's patched step makes
+    dead = weakref.ref(fused)
+    del fused
+    other, other_ref, rs, ss = _pair(slimoptim.SGD, seed=5, momentum=0.9)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        _steps(other, other_ref, rs, ss, gen, 3)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        other.step()
+        gc.collect()  # the collector, run by an allocation in the middle of the capture
+    assert dead() is None and launch._dropped_graphs  # freed; its graphs parked
+    for _ in range(2):
+        _new_grads(rs, ss, gen)
+        graph.replay()
+        other_ref.step()
+    torch.cuda.synchronize()
+    _assert_same(other, other_ref, rs, ss)
+    _steps(other, other_ref, rs, ss, gen, 1)  # eager: the parked graphs are destroyed
+    assert not launch._dropped_graphs
+
+
+@gpu_only
+def test_the_plans_own_capture_runs_with_the_collector_paused(monkeypatch):
+    seen, launch_buckets = [], dispatch.launch_buckets
+
+    def recording(plan, scale, inf):
+        seen.append((torch.cuda.is_current_stream_capturing(), gc.isenabled()))
+        launch_buckets(plan, scale, inf)
+
+    monkeypatch.setattr(dispatch, "launch_buckets", recording)
+    gen = torch.Generator().manual_seed(6)
+    fused, ref, ps, qs = _pair(slimoptim.AdamW, seed=7)
+    assert gc.isenabled()
+    _steps(fused, ref, ps, qs, gen, 3)  # eager, captured, replayed (no launch_all call)
+    assert seen == [(False, True), (True, False)] and gc.isenabled()
