@@ -86,9 +86,11 @@ def test_captures_after_a_plan_and_its_graph_were_dropped(drop):
     _steps(fused, ref, ps, qs, gen, 2)  # the first optimizer's graph still replays
 
 
-def test_a_freed_plans_graphs_wait_for_a_moment_without_capture():
-    """The mechanism on any device: freeing the plan parks its graphs; the next call that
-    is not inside a capture destroys them."""
+@pytest.mark.parametrize("capturing", [False, True], ids=["eager", "during a capture"])
+def test_a_freed_plans_graphs_wait_only_while_a_capture_runs(monkeypatch, capturing):
+    """The mechanism on any device: a plan freed outside a capture takes its graphs with
+    it; one freed during a capture parks them, and the next call outside a capture
+    destroys them."""
 
     class Plan:  # stands for dispatch.Plan / muon.MuonPlan
         pass
@@ -99,11 +101,16 @@ def test_a_freed_plans_graphs_wait_for_a_moment_without_capture():
     plan, graph = Plan(), Graph()
     launch._graphs_of(plan)["key"] = graph
     assert launch._graphs_of(plan)["key"] is graph  # one dict per plan
-    parked, alive = len(launch._dropped_graphs), weakref.ref(graph)
+    alive = weakref.ref(graph)
     plan.cycle = plan  # as an optimizer with an LR scheduler is: only the collector frees it
     del plan, graph
+    monkeypatch.setattr(launch, "_capturing_here", lambda: capturing)
     gc.collect()
-    assert alive() is not None and len(launch._dropped_graphs) == parked + 1
+    assert (alive() is not None) == capturing
+    assert len(launch._dropped_graphs) == capturing
+    launch._free_dropped_graphs()
+    assert (alive() is not None) == capturing  # still capturing: still parked
+    monkeypatch.setattr(launch, "_capturing_here", lambda: False)
     launch._free_dropped_graphs()
     assert alive() is None and not launch._dropped_graphs
 

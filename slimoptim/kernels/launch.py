@@ -12,9 +12,10 @@ user's own graph capture the launches stay eager and are captured with it.
 Destroying a CUDA graph while this thread captures another invalidates that capture
 (``cudaErrorStreamCaptureInvalidated``), and since PyTorch no longer collects garbage
 before a capture, an optimizer in a reference cycle (an LR scheduler makes one) can be
-collected in the middle of anyone's capture. So a plan's graphs outlive it until the next
-eager step (``_free_dropped_graphs``), and the plans' own captures run with the cyclic
-garbage collector paused, so that nobody else's graph is destroyed during them.
+collected in the middle of anyone's capture. So the graphs of a plan freed during a
+capture outlive it until the next eager step (``_park_if_capturing``), and the plans' own
+captures run with the cyclic garbage collector paused, so that nobody else's graph is
+destroyed during them.
 """
 
 from __future__ import annotations
@@ -110,26 +111,35 @@ def _capture(plan, key, launch_all) -> torch.cuda.CUDAGraph:
     return graph
 
 
-# The graphs of freed plans, each a {key: CUDAGraph} dict, destroyed by the next eager step.
+# Graphs of plans freed during a capture on this thread: destroyed by the next eager step.
 _dropped_graphs: list[dict] = []
 
 
 def _graphs_of(plan) -> dict:
-    """The plan's {key: CUDAGraph or None (not captured yet)}. When the plan is freed
-    (rebuilt, or its optimizer collected, maybe during a capture), they are kept in
-    ``_dropped_graphs`` until a moment no capture runs on this thread."""
+    """The plan's {key: CUDAGraph or None (not captured yet)}, watched: see
+    ``_park_if_capturing``."""
     graphs = plan.__dict__.get("graphs")
     if graphs is None:
         graphs = plan.graphs = {}
-        weakref.finalize(plan, _dropped_graphs.append, graphs)
+        weakref.finalize(plan, _park_if_capturing, graphs)
     return graphs
 
 
+def _park_if_capturing(graphs: dict) -> None:
+    """Called as a plan is freed (rebuilt, or its optimizer collected): its graphs are
+    destroyed when this returns, unless this thread is capturing a graph; then they are
+    kept until the next eager step."""
+    if _capturing_here():
+        _dropped_graphs.append(graphs)
+
+
 def _free_dropped_graphs() -> None:
-    if not _dropped_graphs:
-        return
-    if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+    if _dropped_graphs and not _capturing_here():
         _dropped_graphs.clear()
+
+
+def _capturing_here() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def _pool(plan) -> tuple:
