@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import formats
+from . import formats, kernels
 from .distributed import localize, requantize
 from .errors import CheckpointError
 from .formats import local_tensor
@@ -318,6 +318,7 @@ def apply(plan: LoadPlan, weights_loaded: bool = False) -> None:
         group.update(values)
     opt.state.clear()
     opt.state.update(plan.state)
+    kernels.drop_plans(opt)  # they hold the old state: free it now
 
 
 def load_into(opt, state_dict: dict) -> None:

@@ -7,6 +7,7 @@ step (the states and tables are made then); on the CPU the pieces are checked ap
 from __future__ import annotations
 
 import copy
+import weakref
 
 import pytest
 import torch
@@ -192,25 +193,46 @@ def test_tables_of_several_plans_add_up():
     assert slimoptim.memory_report(opt)["kernel_tables"] == sum(each)
 
 
-def test_state_replaced_by_a_load_is_counted_until_the_next_step():
-    """After a load the cached plans still hold the old state (freed as the next step
-    rebuilds them): the allocated count includes it until then."""
+def test_a_load_frees_the_state_it_replaced_at_once():
+    """The cached plans hold the state dicts they were built for: load_state_dict drops
+    them, so the replaced state is freed by the load, not by the next step."""
+    pytest.importorskip("triton")
+    params = _params("cuda" if CUDA else "cpu", (1000, 37))
+    opt = slimoptim.AdamW(params, lr=1e-3, fused=True)
+    opt.step()
+    old = [weakref.ref(t) for state in opt.state.values() for t in state.values()]
+    assert slimoptim.memory_report(opt)["kernel_tables"] > 0
+    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert all(r() is None for r in old)
+    loaded = slimoptim.memory_report(opt)
+    assert loaded["replaced_state"] == 0 and loaded["kernel_tables"] == 0
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()  # builds a plan on the loaded state
+    assert slimoptim.memory_report(opt)["kernel_tables"] > 0
+
+
+def test_state_replaced_by_hand_is_counted_until_the_next_step():
+    """State dicts swapped in ``opt.state`` without a load: the cached plans still hold
+    the old ones (freed as the next step rebuilds them); the allocated count includes them
+    until then."""
     pytest.importorskip("triton")
     params = _params("cuda" if CUDA else "cpu", (1000, 37))
     opt = slimoptim.AdamW(params, lr=1e-3, fused=True)
     opt.step()
     before = slimoptim.memory_report(opt)
     assert before["replaced_state"] == 0
-    opt.load_state_dict(copy.deepcopy(opt.state_dict()))
-    loaded = slimoptim.memory_report(opt)
-    assert loaded["replaced_state"] == before["optimizer_bytes"]  # every old state tensor
+    for p in params:
+        opt.state[p] = copy.deepcopy(opt.state[p])
+    replaced = slimoptim.memory_report(opt)
+    assert replaced["replaced_state"] == before["optimizer_bytes"]  # every old state tensor
     allocated = before["optimizer_bytes_allocated"] + before["optimizer_bytes"]
-    assert loaded["optimizer_bytes_allocated"] == allocated + (
-        loaded["allocator_rounding"] - before["allocator_rounding"]
+    assert replaced["optimizer_bytes_allocated"] == allocated + (
+        replaced["allocator_rounding"] - before["allocator_rounding"]
     )
     for p in params:
         p.grad = torch.randn_like(p)
-    opt.step()  # rebuilds the plan on the loaded state
+    opt.step()  # rebuilds the plan on the new state dicts
     assert slimoptim.memory_report(opt)["replaced_state"] == 0
 
 

@@ -72,10 +72,18 @@ def _plans(opt):
     return (plan for key in PLAN_CACHES for plan in opt.__dict__.get(key, {}).values())
 
 
+def drop_plans(opt) -> None:
+    """Forget the cached plans (a load replaced the state they point into): the state they
+    held is freed now rather than when the next step rebuilds them. Their CUDA graphs go
+    with them (kernels/launch.py keeps any freed during a capture until it ends)."""
+    for key in PLAN_CACHES:
+        opt.__dict__.get(key, {}).clear()
+
+
 def replaced_state(opt) -> list[torch.Tensor]:
-    """State tensors a load replaced that cached plans still hold: a plan keeps the state
-    dicts it was built for (its tables point into them) until its params step again and
-    it is rebuilt."""
+    """State tensors replaced in ``opt.state`` that cached plans still hold: a plan keeps
+    the state dicts it was built for (its tables point into them) until its params step
+    again and it is rebuilt. (``load_state_dict`` drops the plans: nothing is held then.)"""
     return [
         t
         for plan in _plans(opt)
