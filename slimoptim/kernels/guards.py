@@ -47,9 +47,10 @@ def grad_addresses(plan, grads: list) -> np.ndarray | None:
     if not same_addresses(params, plan.param_ptrs, plan.indices):
         return None
     # The caching allocator often hands a new gradient the address of the last one.
-    if plan.found is not None and same_addresses(grads, plan.found[0], plan.indices):
+    last = plan.found[0] if plan.found is not None else None
+    ptrs = addresses_unless(grads, last, plan.indices)
+    if ptrs is None:
         return plan.found[1]
-    ptrs = list(map(_data_ptr, grads))
     addresses = np.fromiter(ptrs, dtype=np.int64, count=len(ptrs))
     if (addresses & 15).any():  # the kernels load 16 bytes at a time
         return None
@@ -83,10 +84,17 @@ def layout_guard(tensors: list):
 def same_addresses(tensors: list, addresses: list, indices: list) -> bool:
     """``tensors[i].data_ptr() == addresses[i]`` for every i in ``indices`` (0..n-1).
     ``tensors`` must all be tensors (a layout check runs first)."""
+    return addresses_unless(tensors, addresses, indices) is None
+
+
+def addresses_unless(tensors: list, last: list | None, indices: list) -> list | None:
+    """None if the tensors' addresses are ``last``, else their addresses (one pass over
+    the tensors in Python, where the C++ comparison is missing)."""
     in_c = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)
-    if in_c is not None:
-        return in_c(tensors, addresses, indices)
-    return list(map(_data_ptr, tensors)) == addresses
+    if in_c is not None and last is not None and in_c(tensors, last, indices):
+        return None
+    ptrs = list(map(_data_ptr, tensors))
+    return None if ptrs == last else ptrs
 
 
 def _tensor_guards(tensors: list):
