@@ -44,8 +44,10 @@ def _steps(fused, ref, ps, qs, gen, n):
     _assert_same(fused, ref, ps, qs)
 
 
-def _user_capture(fused, ref, ps, qs, gen):
-    """Another optimizer's step captured by the user, replayed twice."""
+def _user_capture(fused, ref, ps, qs, gen, during=lambda: None):
+    """Another optimizer's step captured by the user, replayed twice (the reference steps
+    eagerly; no fused eager step runs after the capture). ``during()`` runs inside the
+    capture, after the step."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -54,6 +56,7 @@ def _user_capture(fused, ref, ps, qs, gen):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         fused.step()
+        during()
     for _ in range(2):
         _new_grads(ps, qs, gen)
         graph.replay()
@@ -122,24 +125,15 @@ def test_an_optimizer_collected_during_a_user_capture_does_not_break_it():
     _steps(fused, ref, ps, qs, gen, 3)  # its plan holds a captured graph
     fused.cycle = fused  # as an LR scheduler's patched step makes
     dead = weakref.ref(fused)
-    del fused
-    other, other_ref, rs, ss = _pair(slimoptim.SGD, seed=5, momentum=0.9)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        _steps(other, other_ref, rs, ss, gen, 3)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        other.step()
-        gc.collect()  # the collector, run by an allocation in the middle of the capture
-    assert dead() is None and launch._dropped_graphs  # freed; its graphs parked
-    for _ in range(2):
-        _new_grads(rs, ss, gen)
-        graph.replay()
-        other_ref.step()
-    torch.cuda.synchronize()
-    _assert_same(other, other_ref, rs, ss)
+    gc.disable()  # so that the collection inside the capture is the one that frees it
+    try:
+        del fused
+        other, other_ref, rs, ss = _pair(slimoptim.SGD, seed=5, momentum=0.9)
+        # The collector, as an allocation in the middle of the capture would run it.
+        _user_capture(other, other_ref, rs, ss, gen, during=gc.collect)
+    finally:
+        gc.enable()
+    assert dead() is None and launch._dropped_graphs  # freed during it; its graphs parked
     _steps(other, other_ref, rs, ss, gen, 1)  # eager: the parked graphs are destroyed
     assert not launch._dropped_graphs
 
