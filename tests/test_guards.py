@@ -68,3 +68,13 @@ def test_same_addresses_in_c_and_in_python_agree(monkeypatch):
             continue  # CPU builds of torch: the Python path only (run below)
         results.append([guards.same_addresses(t, addresses, indices) for t in (ts, moved, views)])
     assert all(r == [True, False, True] for r in results), results
+
+
+def test_plain_dense_tells_the_tensors_whose_address_is_their_elements():
+    from torch.testing._internal.two_tensor import TwoTensor  # noqa: PLC0415
+
+    t = torch.randn(4)
+    assert guards.plain_dense(t) and guards.plain_dense(torch.nn.Parameter(t))
+    assert not guards.plain_dense(t._neg_view())  # elements stored negated
+    assert not guards.plain_dense(TwoTensor(t, t.clone()))  # a wrapper: data_ptr() is 0
+    assert not guards.plain_dense(t.to_sparse())

@@ -75,7 +75,12 @@ def _float32_through_grad_dtype(p, g):
     p.grad = g.float()
 
 
-CHANGES = [_non_contiguous, _misaligned, _float32_through_data]
+def _negative_view(p, g):
+    p.grad = g.neg()._neg_view()  # the values of g, its bits stored negated
+    assert p.grad.is_neg()
+
+
+CHANGES = [_non_contiguous, _misaligned, _float32_through_data, _negative_view]
 if hasattr(torch.Tensor, "grad_dtype"):
     CHANGES.append(_float32_through_grad_dtype)
 
@@ -98,6 +103,9 @@ def test_a_gradient_that_no_longer_fits_goes_to_the_reference(monkeypatch, check
     launched = _launches(monkeypatch)
     _step_both(fused, ref, ps, qs, gen)
     assert len(launched) == 1  # the plan is built and launched
+    if checks == "C guard":  # fitting gradients: the guard, not the fallback, said yes
+        (plan,) = fused._slimoptim_plans.values()
+        assert plan.layout_guard.check(*[p.grad for p in plan.grad_params])
     _step_both(fused, ref, ps, qs, gen, change)
     assert len(launched) == 1, "a kernel ran on a gradient it cannot read"
     _step_both(fused, ref, ps, qs, gen)
@@ -229,3 +237,56 @@ def test_gradients_that_come_back_at_other_addresses_are_read_where_they_are(mon
         ref.step()
         _assert_same(fused, ref, ps, qs)
     assert len(launched) == 7
+
+
+def test_a_gradient_of_another_size_through_data_is_refused_before_any_kernel(monkeypatch, checks):
+    """``p.grad.data = ...`` takes a tensor of any size: the kernels would read past it."""
+    fused, _, ps, _ = _pair()
+    gen = torch.Generator().manual_seed(6)
+    launched = _launches(monkeypatch)
+    for p in ps:
+        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype).to(DEVICE)
+    fused.step()
+    before = [p.detach().clone() for p in ps]
+    ps[0].grad.data = torch.zeros(3, dtype=ps[0].dtype, device=DEVICE)
+    with pytest.raises(ValueError, match="shape"):
+        fused.step()
+    assert len(launched) == 1
+    assert all(torch.equal(p, b) for p, b in zip(ps, before, strict=True))
+
+
+def test_a_misaligned_gradient_from_the_start_goes_to_the_reference_under_one_plan(
+    monkeypatch,
+):
+    """Not a plan rebuilt every step (as when only the per-step check saw it)."""
+    fused, ref, ps, qs = _pair()
+    gen = torch.Generator().manual_seed(7)
+    launched = _launches(monkeypatch)
+    plans = []
+    for _ in range(3):
+        _step_both(fused, ref, ps, qs, gen, _misaligned_first)
+        plans.append(list(fused._slimoptim_plans.values()))
+    assert all(p == plans[0] for p in plans) and len(plans[0]) == 1
+    assert [len(params) for params in launched] == [2, 2, 2]  # the other two, fused
+
+
+def _misaligned_first(p, g):
+    (_misaligned if p.shape == SHAPES[0] else _plain)(p, g)
+
+
+def _plain(p, g):
+    p.grad = g
+
+
+def test_a_guard_that_stopped_fitting_is_rebuilt_where_the_gradients_fit(monkeypatch):
+    """The guard also compares the thread's dispatch state (autocast, inference mode): a
+    plan stepped in another state than it was built in gets a guard for that state."""
+    fused, ref, ps, qs = _pair()
+    gen = torch.Generator().manual_seed(8)
+    _step_both(fused, ref, ps, qs, gen)
+    (plan,) = fused._slimoptim_plans.values()
+    plan.layout_guard = guards.layout_guard([p.grad.float() for p in plan.grad_params])
+    launched = _launches(monkeypatch)
+    _step_both(fused, ref, ps, qs, gen)
+    assert len(launched) == 1 and plan.guard_rebuilds == 1
+    assert plan.layout_guard.check(*[p.grad for p in plan.grad_params])

@@ -17,6 +17,7 @@ from test_kernels import _assert_same, _clone, _params, gpu_only
 import slimoptim
 
 pytest.importorskip("triton")
+from slimoptim import kernels  # noqa: E402
 from slimoptim.kernels import dispatch, launch  # noqa: E402
 
 
@@ -63,6 +64,7 @@ def _user_capture(fused, ref, ps, qs, gen, during=lambda: None):
         ref.step()
     torch.cuda.synchronize()
     _assert_same(fused, ref, ps, qs)
+    return graph
 
 
 def _reload(opt):
@@ -101,6 +103,7 @@ def test_a_freed_plans_graphs_wait_only_while_a_capture_runs(monkeypatch, captur
     class Graph:  # stands for torch.cuda.CUDAGraph
         pass
 
+    monkeypatch.setattr(launch, "_dropped_graphs", [])  # whatever earlier tests parked
     plan, graph = Plan(), Graph()
     launch._graphs_of(plan)["key"] = graph
     assert launch._graphs_of(plan)["key"] is graph  # one dict per plan
@@ -152,3 +155,48 @@ def test_the_plans_own_capture_runs_with_the_collector_paused(monkeypatch):
     assert gc.isenabled()
     _steps(fused, ref, ps, qs, gen, 3)  # eager, captured, replayed (no launch_all call)
     assert seen == [(False, True), (True, False)] and gc.isenabled()
+
+
+def test_the_collector_stays_paused_until_the_last_of_overlapping_captures_ends():
+    """Two threads' plan captures (gradient release) overlapping: the collector comes back
+    on only when both have ended, and only if it was on before."""
+    for was_on in (True, False):
+        (gc.enable if was_on else gc.disable)()
+        try:
+            first, second = launch._collector_paused(), launch._collector_paused()
+            first.__enter__()
+            second.__enter__()
+            assert not gc.isenabled()
+            first.__exit__(None, None, None)  # the first to start ends first
+            assert not gc.isenabled()
+            second.__exit__(None, None, None)
+            assert gc.isenabled() == was_on
+        finally:
+            gc.enable()
+
+
+def test_a_load_keeps_the_plans_a_users_graph_captured_and_says_so():
+    """A plan used inside the user's capture of step() is kept for the optimizer's life:
+    the graph reads its tables (a load must not free them). The capture faked (it needs
+    a GPU); the test below captures for real."""
+    fused = _pair(slimoptim.AdamW, seed=9)[0]
+    fused.step()
+    (plan,) = fused._slimoptim_plans.values()
+    fused.__dict__[kernels.USER_CAPTURED] = {id(plan): plan}
+    with pytest.warns(UserWarning, match="captured in a CUDA graph"):
+        fused.load_state_dict(fused.state_dict())
+    assert not fused._slimoptim_plans and list(kernels._plans(fused)) == [plan]
+    assert kernels.replaced_state(fused)  # the state it holds is counted
+
+
+@gpu_only
+def test_a_users_graph_of_step_still_replays_after_a_load():
+    gen = torch.Generator().manual_seed(10)
+    fused, ref, ps, qs = _pair(slimoptim.AdamW, seed=11)
+    graph = _user_capture(fused, ref, ps, qs, gen)
+    (plan,) = fused._slimoptim_plans.values()
+    with pytest.warns(UserWarning, match="captured in a CUDA graph"):
+        fused.load_state_dict(fused.state_dict())
+    assert list(kernels._plans(fused)) == [plan]  # kept: the graph reads its tables
+    graph.replay()  # steps the state from before the load, through live memory
+    torch.cuda.synchronize()

@@ -64,20 +64,34 @@ def refresh_hyperparameters(opt) -> None:
         refresh(opt)
 
 
-# Where the kernels cache their plans on an optimizer (dispatch.py, muon.py).
+# Where the kernels cache their plans on an optimizer (dispatch.py, muon.py), and where
+# dispatch.py keeps, for the optimizer's lifetime, the plans a user's CUDA graph captured.
 PLAN_CACHES = ("_slimoptim_plans", "_slimoptim_muon_plans")
+USER_CAPTURED = "_slimoptim_user_captured"
 
 
 def _plans(opt):
-    return (plan for key in PLAN_CACHES for plan in opt.__dict__.get(key, {}).values())
+    """Every plan the optimizer holds, once."""
+    plans = {}
+    for key in (*PLAN_CACHES, USER_CAPTURED):
+        plans.update((id(plan), plan) for plan in opt.__dict__.get(key, {}).values())
+    return plans.values()
 
 
 def drop_plans(opt) -> None:
     """Forget the cached plans (a load replaced the state they point into): the state they
     held is freed now rather than when the next step rebuilds them. Their CUDA graphs go
-    with them (kernels/launch.py keeps any freed during a capture until it ends)."""
+    with them (kernels/launch.py keeps any freed during a capture until it ends). Plans a
+    user's CUDA graph of ``step()`` captured stay alive: that graph reads their tables."""
     for key in PLAN_CACHES:
         opt.__dict__.get(key, {}).clear()
+    if opt.__dict__.get(USER_CAPTURED):
+        warnings.warn(
+            "slimoptim: the optimizer's state was loaded after step() was captured in a CUDA "
+            "graph; that graph still steps the state from before the load (kept alive for "
+            "it). Run one eager step() and capture again.",
+            stacklevel=5,  # drop_plans < state_io.apply < load_into < load_state_dict
+        )
 
 
 def replaced_state(opt) -> list[torch.Tensor]:

@@ -28,9 +28,10 @@ import numpy as np
 import torch
 
 from ..formats import correction_bits, local_tensor
+from . import USER_CAPTURED
 from . import common as cm
 from .adamw import AdamWRule
-from .guards import grad_addresses, layout_guard
+from .guards import grad_addresses, layout_guard, plain_dense
 from .launch import CONFIG, INTERPRETER_CONFIG, interpreting, launch_buckets, launch_plan
 from .lion import LionRule
 from .sgd import SGDRule
@@ -161,7 +162,11 @@ class Plan:
         self.param_ptrs = [local_tensor(p).data_ptr() for p in self.grad_params]
         self.indices = list(range(len(self.grad_params)))
         grads = list(map(_grad_of, self.grad_params))
-        self.layout_guard = None if self.sharded else layout_guard(grads)
+        self.grad_shapes = [g.shape for g in grads]
+        self.grad_types = list(map(type, grads))
+        kernels_run = self.device is not None and not self.sharded
+        self.layout_guard = layout_guard(grads) if kernels_run else None
+        self.guard_rebuilds = 0
         self.found = None  # (addresses as ints, as an array) that the last step found
         n_ptrs, n_vals = len(self.grad_params), len(self.groups) * len(rule.group_values)
         self.n_ptrs = n_ptrs
@@ -220,9 +225,9 @@ def eligible(opt, group, p) -> bool:
         return False
     if p.dtype not in KINDS:  # float64 params are their own master: reference path
         return False
-    if grad.layout != torch.strided or grad.dtype not in KINDS:
+    if not (plain_dense(p) and plain_dense(grad)) or grad.dtype not in KINDS:
         return False
-    if not grad.is_contiguous():
+    if not grad.is_contiguous() or not aligned(grad):  # misaligned: a plan every step
         return False
     size = group["group_size"]
     if size & (size - 1) or size > 4096 or not aligned(p):
@@ -350,6 +355,8 @@ def step_fused(opt, items, grad_scale, found_inf, grads=None) -> list:
                 "slimoptim: gradients moved since the last eager step; a captured step needs "
                 "static gradients (zero_grad(set_to_none=False) and one eager step first)."
             )
+        # The user's graph reads this plan's tables for as long as it lives: never free them.
+        opt.__dict__.setdefault(USER_CAPTURED, {})[id(plan)] = plan
     else:
         values, tensors = _host_values(plan)
         # Skip the copy when nothing changed (the caching allocator often hands back the

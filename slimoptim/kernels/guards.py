@@ -26,6 +26,7 @@ from ..formats import local_tensor
 
 _data_ptr = torch.Tensor.data_ptr
 _dtype_of = operator.attrgetter("dtype")
+_shape_of = operator.attrgetter("shape")
 _contiguous = torch.Tensor.is_contiguous
 
 
@@ -48,7 +49,7 @@ def grad_addresses(plan, grads: list) -> np.ndarray | None:
         return None
     # The caching allocator often hands a new gradient the address of the last one.
     last = plan.found[0] if plan.found is not None else None
-    ptrs = addresses_unless(grads, last, plan.indices)
+    ptrs = changed_addresses(grads, last, plan.indices)
     if ptrs is None:
         return plan.found[1]
     addresses = np.fromiter(ptrs, dtype=np.int64, count=len(ptrs))
@@ -59,17 +60,49 @@ def grad_addresses(plan, grads: list) -> np.ndarray | None:
 
 
 def _layouts_unchanged(plan, grads: list) -> bool:
-    """Every gradient a dense tensor of the dtype and contiguous layout the plan was built
-    for. The guard checks that in one C call; where it is missing or says no (it also
-    compares shapes and strides exactly), the Python checks decide."""
+    """Every gradient a plain dense tensor of the class, dtype, shape and contiguous layout
+    the plan was built for. The guard checks that in one C call; where it is missing or
+    says no (it also compares strides exactly, and the thread's dispatch state: autocast,
+    inference mode), the Python checks decide."""
     if plan.layout_guard is not None and plan.layout_guard.check(*grads):
         return True
-    # Not redundant with the ``p.grad`` setter's dtype check: ``p.grad.data = ...`` and a
-    # param's ``grad_dtype = None`` let a gradient of another dtype through.
+    if not _python_checks(plan, grads):
+        return False
+    if plan.layout_guard is not None and plan.guard_rebuilds < MAX_GUARD_REBUILDS:
+        # The guard said no to gradients that fit: most likely the step now runs in
+        # another dispatch state than the plan was built in. A guard built here fits it.
+        plan.layout_guard = layout_guard(grads)
+        plan.guard_rebuilds += 1
+    return True
+
+
+MAX_GUARD_REBUILDS = 8  # per plan: a step that alternates states keeps the Python checks
+
+
+def _python_checks(plan, grads: list) -> bool:
+    # Not redundant with the ``p.grad`` setter's checks: ``p.grad.data = ...`` and a
+    # param's ``grad_dtype = None`` let a gradient of another dtype or size through.
     try:  # None has no dtype; a sparse tensor has no is_contiguous
-        return list(map(_dtype_of, grads)) == plan.grad_dtypes and all(map(_contiguous, grads))
+        return (
+            list(map(type, grads)) == plan.grad_types
+            and list(map(_dtype_of, grads)) == plan.grad_dtypes
+            and list(map(_shape_of, grads)) == plan.grad_shapes
+            and all(map(_contiguous, grads))
+            and all(map(plain_dense, grads))
+        )
     except (AttributeError, RuntimeError):
         return False
+
+
+def plain_dense(t: torch.Tensor) -> bool:
+    """Strided, with its elements at ``data_ptr()`` as the kernels read them: no tensor
+    subclass that dispatches on its own (a wrapper such as DTensor reports address 0), no
+    lazy negation (``_neg_view``)."""
+    return (
+        t.layout == torch.strided
+        and type(t).__torch_dispatch__ is torch.Tensor.__torch_dispatch__
+        and not t.is_neg()
+    )
 
 
 def layout_guard(tensors: list):
@@ -84,10 +117,10 @@ def layout_guard(tensors: list):
 def same_addresses(tensors: list, addresses: list, indices: list) -> bool:
     """``tensors[i].data_ptr() == addresses[i]`` for every i in ``indices`` (0..n-1).
     ``tensors`` must all be tensors (a layout check runs first)."""
-    return addresses_unless(tensors, addresses, indices) is None
+    return changed_addresses(tensors, addresses, indices) is None
 
 
-def addresses_unless(tensors: list, last: list | None, indices: list) -> list | None:
+def changed_addresses(tensors: list, last: list | None, indices: list) -> list | None:
     """None if the tensors' addresses are ``last``, else their addresses (one pass over
     the tensors in Python, where the C++ comparison is missing)."""
     in_c = getattr(torch._C, "_tensors_data_ptrs_at_indices_equal", None)

@@ -15,13 +15,18 @@ before a capture, an optimizer in a reference cycle (an LR scheduler makes one) 
 collected in the middle of anyone's capture. So the graphs of a plan freed during a
 capture outlive it until the next eager step (``_park_if_capturing``), and the plans' own
 captures run with the cyclic garbage collector paused, so that nobody else's graph is
-destroyed during them.
+destroyed during them. Not covered: a capture in torch's default "global" mode on one
+thread while another thread (a data loader's, say) frees a plan (CUDA then forbids the
+destruction from any thread), and parked graphs wait for the next eager fused step
+(their memory with them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
+import threading
 import weakref
 
 import torch
@@ -94,21 +99,39 @@ def _capture(plan, key, launch_all) -> torch.cuda.CUDAGraph:
         # device was current at the process's first capture.
         stream = plan.shared.setdefault(("capture_stream", plan.device), torch.cuda.Stream())
         pool, pool_graphs = _pool(plan)
-        collecting = gc.isenabled()
-        gc.disable()  # a collection now could destroy another graph: see the module's doc
-        try:
-            with torch.cuda.graph(
-                graph, pool=pool, stream=stream, capture_error_mode="thread_local"
-            ):
-                launch_all(
-                    plan.static_scale if has_scale else None,
-                    plan.static_inf if has_inf else None,
-                )
-        finally:
-            if collecting:
-                gc.enable()
+        # A collection now could destroy another graph: see the module's doc.
+        with (
+            _collector_paused(),
+            torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"),
+        ):
+            launch_all(
+                plan.static_scale if has_scale else None,
+                plan.static_inf if has_inf else None,
+            )
     pool_graphs.add(graph)
     return graph
+
+
+_pause_lock = threading.Lock()
+_pauses = [0, False]  # captures under way (threads: gradient release), collector was on
+
+
+@contextlib.contextmanager
+def _collector_paused():
+    """The cyclic garbage collector off while any thread's plan capture runs, back on
+    (if it was on) when the last one ends."""
+    with _pause_lock:
+        if _pauses[0] == 0:
+            _pauses[1] = gc.isenabled()
+            gc.disable()
+        _pauses[0] += 1
+    try:
+        yield
+    finally:
+        with _pause_lock:
+            _pauses[0] -= 1
+            if _pauses[0] == 0 and _pauses[1]:
+                gc.enable()
 
 
 # Graphs of plans freed during a capture on this thread: destroyed by the next eager step.
@@ -121,7 +144,7 @@ def _graphs_of(plan) -> dict:
     graphs = plan.__dict__.get("graphs")
     if graphs is None:
         graphs = plan.graphs = {}
-        weakref.finalize(plan, _park_if_capturing, graphs)
+        weakref.finalize(plan, _park_if_capturing, graphs).atexit = False
     return graphs
 
 
