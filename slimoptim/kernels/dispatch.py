@@ -161,7 +161,7 @@ class Plan:
         # Each step compares the params' addresses too (see guards.grad_addresses).
         self.param_ptrs = [local_tensor(p).data_ptr() for p in self.grad_params]
         self.indices = list(range(len(self.grad_params)))
-        grads = list(map(_grad_of, self.grad_params))
+        grads = [local_tensor(p.grad) for p in self.grad_params]  # as the steps check them
         self.grad_shapes = [g.shape for g in grads]
         self.grad_types = list(map(type, grads))
         kernels_run = self.device is not None and not self.sharded
