@@ -7,6 +7,7 @@ step (the states and tables are made then); on the CPU the pieces are checked ap
 from __future__ import annotations
 
 import copy
+import gc
 import weakref
 
 import pytest
@@ -113,12 +114,20 @@ def _params(device, shapes):
 def _first_step(make_optimizer, params) -> tuple[int, dict]:
     """(growth of torch.cuda.memory_allocated() over building the optimizer and its first
     step, memory_report after it)."""
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    opt = make_optimizer(params)
-    opt.step()
-    torch.cuda.synchronize()
-    return torch.cuda.memory_allocated() - before, slimoptim.memory_report(opt)
+    # No collection inside the window: an earlier test's cyclic garbage freed there (an
+    # optimizer and its plans' CUDA graphs) would shrink the delta.
+    gc.collect()
+    gc.disable()
+    try:
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        opt = make_optimizer(params)
+        opt.step()
+        torch.cuda.synchronize()
+        delta = torch.cuda.memory_allocated() - before
+    finally:
+        gc.enable()
+    return delta, slimoptim.memory_report(opt)
 
 
 def _bucket_table_bytes(plan) -> int:
