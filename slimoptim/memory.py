@@ -43,9 +43,10 @@ def memory_report(optimizer: torch.optim.Optimizer) -> dict:
     counters torch's own non-fused AdamW keeps there, are in the count too, unrounded).
     Not counted: CUDA
     graphs' private pools and the matmul libraries' workspaces a first Muon step may make
-    (the model's matmuls share them). ``replaced_state``: between a ``load_state_dict`` and
-    the next step of the same params, the kernels' cached plans still hold the state the
-    load replaced (the step rebuilds them and frees it); counted in the allocated bytes.
+    (the model's matmuls share them). ``replaced_state``: state that the kernels' plans
+    still hold though ``opt.state`` no longer names it (swapped by hand: freed as the next
+    step rebuilds them; a plan a user's CUDA graph captured, kept past a load for that
+    graph); counted in the allocated bytes. ``load_state_dict`` itself drops the plans.
     """
     params = {id(p): p for g in optimizer.param_groups for p in g["params"]}.values()
     numel = sum(local_tensor(p).numel() for p in params)
