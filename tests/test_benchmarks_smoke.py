@@ -217,3 +217,24 @@ def test_end_to_end_interleaved_on_cpu(tmp_path):
     assert list(runs) == only.split(",")
     for run in runs.values():
         assert len(run["step_ms_all"]) == 2 and all(ms > 0 for ms in run["step_ms_all"])
+
+
+def test_host_time_runs_every_case_on_the_cpu_with_launches_stubbed(monkeypatch):
+    """benchmarks/host_time.py --cpu, small: every gradient case times slimoptim's host
+    path (the kernels' plan built, not the reference path), and --parts names its pieces."""
+    pytest.importorskip("triton")
+    import host_time  # noqa: PLC0415
+
+    import slimoptim.kernels.dispatch as dispatch  # noqa: PLC0415
+    import slimoptim.optimizers.base as base  # noqa: PLC0415
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    launched = []
+    monkeypatch.setattr(dispatch, "launch_plan", lambda plan, *a, **k: launched.append(plan))
+    monkeypatch.setattr(base, "check_fused_devices", lambda items: None)
+    out = host_time.host_time(counts=(3, 5), numel=64, repeats=2, only="slimoptim", device="cpu")
+    assert set(out) == {"slimoptim AdamW 24/8" + case for case in host_time.CASES}
+    assert all(t > 0 for times in out.values() for t in times.values())
+    assert len(launched) == 2 * len(host_time.CASES) * 5  # every step went to the kernels
+    parts = host_time.check_parts(n=8, numel=64, device="cpu", repeats=2)
+    assert parts["p.grad"] > 0 and parts["layout guard"] > 0
