@@ -154,16 +154,17 @@ class Plan:
             self.buckets.append(Bucket(key, rule, ms, self.device, first))
             first += len(ms)
         self.grad_params = [p for b in self.buckets for p in b.params]
-        self.grad_dtypes = [p.grad.dtype for p in self.grad_params]
         self.positions = _positions(items, self.grad_params)
         # FSDP2 params and grads are DTensors: the kernels step their local shards.
         self.sharded = any(hasattr(p, "to_local") for p in self.grad_params)
         # Each step compares the params' addresses too (see guards.grad_addresses).
         self.param_ptrs = [local_tensor(p).data_ptr() for p in self.grad_params]
         self.indices = list(range(len(self.grad_params)))
-        grads = [local_tensor(p.grad) for p in self.grad_params]  # as the steps check them
-        self.grad_shapes = [g.shape for g in grads]
+        # What each gradient was when the plan was built, as the steps check them.
+        grads = [local_tensor(p.grad) for p in self.grad_params]
         self.grad_types = list(map(type, grads))
+        self.grad_dtypes = [g.dtype for g in grads]
+        self.grad_shapes = [g.shape for g in grads]
         kernels_run = self.device is not None and not self.sharded
         self.layout_guard = layout_guard(grads) if kernels_run else None
         self.guard_rebuilds = 0
@@ -349,7 +350,8 @@ def step_fused(opt, items, grad_scale, found_inf, grads=None) -> list:
         opt._slimoptim_plans.clear()
         return items
     ptrs = addresses.tobytes()  # compared with the last upload's as bytes
-    if _capturing(items):
+    capturing = _capturing(items)
+    if capturing:
         if ptrs != plan.last_grad_ptrs:
             raise RuntimeError(
                 "slimoptim: gradients moved since the last eager step; a captured step needs "
@@ -370,5 +372,5 @@ def step_fused(opt, items, grad_scale, found_inf, grads=None) -> list:
     # Nothing is stepped before every gradient has been checked: the reference leftovers
     # (sparse, complex, ...) raise here, before the kernels run.
     opt.check_grads(plan.reference)
-    launch_plan(plan, grad_scale, found_inf, capturing=_capturing(items))
+    launch_plan(plan, grad_scale, found_inf, capturing=capturing)
     return plan.reference
