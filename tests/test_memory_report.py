@@ -268,8 +268,8 @@ def test_muon_plans_count_their_shared_scratch_once():
             plan.upload,  # with its two views
             plan.ok,
             plan.skip,
-            plan.rows,
-            plan.steps,  # the last step's counters, held until the next step
+            plan.momentum_scalars,  # the last step's scalars, held until the next step
+            plan.master_scalars,
             *(kw[name] for kw in plan.launch for name in ("chunk_tensor", "chunk_start")),
         )
     )

@@ -2,32 +2,14 @@
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-# Columns of the per-tensor float32 scalars (``adamw_scalars``); 0 is the step.
+# Columns of the per-tensor float32 scalar row (see ``AdamWRule.scalars``); 0 is the step.
 DECAY, WEIGHT_DECAY, ONE_MINUS_BETA1, BETA2, ONE_MINUS_BETA2, EPS, STEP_SIZE, INV_BC2_SQRT = (
     tl.constexpr(i) for i in range(1, 9)
 )
-
-
-@triton.jit
-def adamw_scalars(values, step, powers):
-    """The scalars adamw_update reads, from the group's float64 ``values`` (in the order
-    of ``AdamWRule.group_values``), the float64 step and (beta1**step, beta2**step):
-    optimizers.adamw.adam_scalars' float64 operations, then float32."""
-    bias_correction1 = 1.0 - tl.load(powers)
-    bias_correction2 = 1.0 - tl.load(powers + 1)
-    # float64 division and root are IEEE (div.rn.f64, sqrt.rn.f64: PTX has no approximate
-    # ones; div_rn and sqrt_rn take float32 only)
-    step_size = tl.load(values) / bias_correction1  # lr / bias_correction1
-    inv_bc2_sqrt = 1.0 / tl.sqrt(bias_correction2)
-    f32 = tl.float32
-    return (
-        step.to(f32), tl.load(values + 5).to(f32), tl.load(values + 4).to(f32),
-        tl.load(values + 6).to(f32), tl.load(values + 2).to(f32), tl.load(values + 7).to(f32),
-        tl.load(values + 3).to(f32), step_size.to(f32), inv_bc2_sqrt.to(f32),
-    )  # fmt: skip
 
 
 @triton.jit
@@ -60,8 +42,6 @@ class AdamWRule:
     flag_names = ("DECOUPLED", "HAS_WEIGHT_DECAY")
     # Values read from each param group at every step (float, or tensor for a tensor lr).
     group_values = ("lr", "beta1", "beta2", "eps", "weight_decay", "decay", "omb1", "omb2")
-    scalars = adamw_scalars
-    powered = slice(1, 3)  # beta1, beta2: raised to the step on the device before the launch
 
     @staticmethod
     def flags(opt, group) -> dict:
@@ -77,3 +57,16 @@ class AdamWRule:
         # The same Python/torch expressions as adam_update evaluates, so a float
         # hyper-parameter rounds to float32 exactly where the reference's does.
         return [lr, beta1, beta2, group["eps"], wd, 1 - lr * wd, 1 - beta1, 1 - beta2]
+
+    @staticmethod
+    def scalars(hyper: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        """float32 [n, 9] rows from float64 per-tensor values [n, 8] and float32 steps [n]."""
+        lr, beta1, beta2, eps, wd, decay, omb1, omb2 = hyper.unbind(1)
+        step = steps.double()
+        # adam_scalars, vectorised over tensors.
+        bias_correction1 = 1 - torch.pow(beta1, step)
+        bias_correction2 = 1 - torch.pow(beta2, step)
+        step_size = lr / bias_correction1
+        inv_bc2_sqrt = 1 / bias_correction2.sqrt()
+        rows = [step, decay, wd, omb1, beta2, omb2, eps, step_size, inv_bc2_sqrt]
+        return torch.stack(rows, dim=1).float()

@@ -6,11 +6,8 @@ tensor ``chunk_tensor[pid]`` starting at element ``chunk_start[pid]``: up to
 group per row), so a program's setup (pointer and scalar loads) is paid once
 per chunk. Tensor addresses come from an int64 pointer table, one row of
 ``N_FIELDS`` per tensor; gradient addresses, which change every step, come
-from their own array. Each program computes its tensor's float32 scalars with the
-rule's ``SCALARS`` function from the param group's float64 values (row
-``hyper_rows[t]`` of ``hyper``), the tensor's float64 step and, for rules that
-raise values to the step (Adam's bias corrections), ``powers[t]``; column 0 of
-the scalars is the step (it keys the stochastic-rounding dither).
+from their own array. Per-tensor float32 scalars are rows of ``MAX_SCALARS``;
+column 0 is the step counter (it keys the stochastic-rounding dither).
 
 An update rule is a ``@triton.jit`` function passed as the ``RULE`` constexpr:
 ``RULE(w, g, s0, s1, floor, k, FLAG0, FLAG1, FLAG2) -> (w, s0, s1)`` on float32
@@ -40,6 +37,7 @@ STEP = tl.constexpr(2)
 STATE0 = tl.constexpr(3)  # a state; its group scales (8-bit states) are the next row
 STATE1 = tl.constexpr(5)
 N_FIELDS = tl.constexpr(7)  # a tensor's addresses are one row of the table
+MAX_SCALARS = tl.constexpr(9)  # per-tensor scalar row; column 0 is the step counter
 
 
 @triton.jit
@@ -252,9 +250,8 @@ def _step_tile(
 
 @triton.jit
 def step_kernel(
-    table, grad_ptrs, numels, chunk_tensor, chunk_start, hyper, hyper_rows, steps, powers,
-    grad_scale, found_inf, RULE: tl.constexpr, SCALARS: tl.constexpr, N_VALUES: tl.constexpr,
-    N_STATES: tl.constexpr, FORGET: tl.constexpr, LEVELS: tl.constexpr,
+    table, grad_ptrs, numels, chunk_tensor, chunk_start, scalars, grad_scale, found_inf,
+    RULE: tl.constexpr, N_STATES: tl.constexpr, FORGET: tl.constexpr, LEVELS: tl.constexpr,
     FLAG0: tl.constexpr, FLAG1: tl.constexpr, FLAG2: tl.constexpr,
     PARAM_KIND: tl.constexpr, GRAD_KIND: tl.constexpr, CODE_BITS: tl.constexpr,
     STATE_BITS: tl.constexpr, G: tl.constexpr, ROWS: tl.constexpr, TILES: tl.constexpr,
@@ -282,8 +279,11 @@ def step_kernel(
         s1p = field_ptr(table, t, STATE1, tl.float32)
     s0sp = field_ptr(table, t, STATE0 + 1, tl.int16)
     s1sp = field_ptr(table, t, STATE1 + 1, tl.int16)
-    group_values = hyper + tl.load(hyper_rows + t) * N_VALUES
-    k = SCALARS(group_values, tl.load(steps + t), powers + t * 2)
+    row = scalars + t * MAX_SCALARS
+    k = (
+        tl.load(row), tl.load(row + 1), tl.load(row + 2), tl.load(row + 3), tl.load(row + 4),
+        tl.load(row + 5), tl.load(row + 6), tl.load(row + 7), tl.load(row + 8),
+    )  # fmt: skip
 
     TILE: tl.constexpr = ROWS * G
     end = tl.minimum(start + TILES * TILE, numel)
@@ -316,8 +316,7 @@ def step_kernel(
 def bump_steps_kernel(
     table, n_tensors, steps_out, found_inf, HAS_FOUND_INF: tl.constexpr, BLOCK: tl.constexpr
 ):
-    """state['step'] += 1 (or += 0 when GradScaler found an inf), gathered as float64 into
-    ``steps_out``."""
+    """state['step'] += 1 (or += 0 when GradScaler found an inf), gathered into ``steps_out``."""
     t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = t < n_tensors
     ptrs = tl.load(table + t * N_FIELDS + STEP, mask=mask, other=0).to(tl.pointer_type(tl.float32))
@@ -327,4 +326,4 @@ def bump_steps_kernel(
     else:
         step = step + 1.0
     tl.store(ptrs, step, mask)
-    tl.store(steps_out + t, step.to(tl.float64), mask)
+    tl.store(steps_out + t, step, mask)

@@ -12,10 +12,9 @@ parameters) is built once and cached on the optimizer; it holds on the device:
   None) and the param groups' hyper-parameters (which schedulers change).
 
 Per step, per bucket: one tiny Triton launch advances the step counters (no
-host sync: a skipped GradScaler step adds 0), for AdamW two torch ops raise its
-betas to the steps, and one launch of the skeleton kernel (kernels/common.py)
-with the optimizer's rule steps every element, each program computing its
-tensor's scalars from the counters and hyper-parameters first.
+host sync: a skipped GradScaler step adds 0), a few vectorised torch ops turn
+counters and hyper-parameters into per-tensor scalars, and one launch of the
+skeleton kernel (kernels/common.py) with the optimizer's rule steps every element.
 
 An optimizer names its rule (``SlimOptimizer.kernel_rule_name``); this module
 maps the name to the rule, so kernels never import the optimizers.
@@ -110,7 +109,7 @@ class Bucket:
         # The param-group row of each tensor in the plan's hyper-parameter table.
         rows = [row for _, row, _ in members]
         self.hyper_rows = torch.tensor(rows, dtype=torch.int64, device=device)
-        self.steps = torch.zeros(self.n, dtype=torch.float64, device=device)  # gathered counters
+        self.steps = torch.zeros(self.n, dtype=torch.float32, device=device)
 
 
 class Plan:

@@ -1,8 +1,8 @@
 """Launching a plan's kernels: eagerly, or by replaying a CUDA graph of the launches.
 
-Per bucket a step is a step-counter kernel, for AdamW two small torch ops (the powers of
-its betas) and the step kernel: launches whose host cost would dominate small models and
-gradient release, which steps a few tensors at a time. On CUDA each plan
+Per bucket a step is a step-counter kernel, a dozen small torch ops for the per-tensor
+scalars and the step kernel: ~15 launches whose host cost (~0.25 ms) would dominate small
+models and gradient release, which steps a few tensors at a time. On CUDA each plan
 therefore captures its launch sequence in a CUDA graph once it has run eagerly (the
 first run compiles the kernels) and replays it afterwards: one launch per plan. The
 graph reads everything from the plan's device buffers, which every step refreshes first
@@ -197,14 +197,16 @@ def _device_scalar(t, device):
 
 
 def _launch(plan, bucket, scale, found_inf, dummy, has_scale) -> None:
-    """The bucket's launches: step counters, Adam's powers of its betas (torch), then the
-    skeleton kernel with the rule, which computes its per-tensor scalars itself."""
+    """The bucket's two launches: step counters, then the skeleton kernel with the rule."""
     has_inf = found_inf is not None
     found_inf = found_inf if has_inf else dummy
     cm.bump_steps_kernel[(triton.cdiv(bucket.n, 1024),)](
         bucket.table, bucket.n, bucket.steps, found_inf, HAS_FOUND_INF=has_inf, BLOCK=1024
     )
-    powers = rule_powers(plan.rule, plan.hyper.index_select(0, bucket.hyper_rows), bucket.steps)
+    hyper = plan.hyper.index_select(0, bucket.hyper_rows)
+    scalars = plan.rule.scalars(hyper, bucket.steps)
+    width = cm.MAX_SCALARS.value
+    scalars = torch.nn.functional.pad(scalars, (0, width - scalars.shape[1])).contiguous()
     grad_ptrs = plan.grad_ptrs[bucket.first : bucket.first + bucket.n]
     flags = [bucket.flags.get(name, False) for name in plan.rule.flag_names]
     flags += [False] * (3 - len(flags))
@@ -214,15 +216,10 @@ def _launch(plan, bucket, scale, found_inf, dummy, has_scale) -> None:
         bucket.numels,
         bucket.chunk_tensor,
         bucket.chunk_start,
-        plan.hyper,
-        bucket.hyper_rows,
-        bucket.steps,
-        powers,
+        scalars,
         scale,
         found_inf,
         RULE=plan.rule.update,
-        SCALARS=plan.rule.scalars,
-        N_VALUES=len(plan.rule.group_values),
         N_STATES=bucket.n_states,
         FORGET=plan.rule.forget_column,
         LEVELS=MOMENTUM_LEVEL_SETS.index(plan.rule.momentum_levels),
@@ -245,16 +242,6 @@ def _launch(plan, bucket, scale, found_inf, dummy, has_scale) -> None:
         SEQUENCED=plan.rule.dither == "sequenced",
         **kernel_options(bucket.n_states),
     )
-
-
-def rule_powers(rule, values: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """Rows of the values ``rule.powered`` (columns of the group values ``values``, one row
-    per tensor) raised to the tensors' float64 ``steps``: torch's pow, as the reference's
-    scalars take it (the kernels' interpreter has no pow). Rules that raise nothing to the
-    step get ``steps``, unread."""
-    if rule.powered is None:
-        return steps
-    return torch.pow(values[:, rule.powered], steps[:, None]).contiguous()
 
 
 def kernel_options(n_states: int) -> dict:

@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-# Columns of the per-tensor float32 scalars (``lion_scalars``); 0 is the step.
+# Columns of the per-tensor float32 scalar row; 0 is the step.
 LR, DECAY, BETA1, ONE_MINUS_BETA1, BETA2, ONE_MINUS_BETA2 = (tl.constexpr(i) for i in range(1, 7))
-
-
-@triton.jit
-def lion_scalars(values, step, _powers):
-    """The step and the group's float64 values (LionRule.group_values, in order), float32."""
-    f32 = tl.float32
-    return (
-        step.to(f32), tl.load(values).to(f32), tl.load(values + 1).to(f32),
-        tl.load(values + 2).to(f32), tl.load(values + 3).to(f32), tl.load(values + 4).to(f32),
-        tl.load(values + 5).to(f32),
-    )  # fmt: skip
 
 
 @triton.jit
@@ -43,8 +33,6 @@ class LionRule:
     state_names = ("exp_avg",)
     flag_names = ("HAS_WEIGHT_DECAY",)
     group_values = ("lr", "decay", "beta1", "omb1", "beta2", "omb2")
-    scalars = lion_scalars
-    powered = None  # no value is raised to the step
 
     @staticmethod
     def flags(opt, group) -> dict:
@@ -55,3 +43,7 @@ class LionRule:
         lr = group["lr"]
         beta1, beta2 = group["betas"]
         return [lr, 1 - lr * group["weight_decay"], beta1, 1 - beta1, beta2, 1 - beta2]
+
+    @staticmethod
+    def scalars(hyper: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        return torch.cat([steps.double()[:, None], hyper], dim=1).float()

@@ -45,25 +45,10 @@ from .dispatch import (
 )
 from .launch import interpreting, kernel_options, launch_plan
 
-# Columns of the per-tensor float32 scalars of the two passes; 0 is the step.
+# Columns of the per-tensor float32 scalar rows; 0 is the step.
 ONE_MINUS_MOMENTUM, MOMENTUM = tl.constexpr(1), tl.constexpr(2)
 MOMENTUM_LEVELS = "linear_square"  # the update is linear in the momentum (formats.py)
 DECAY, LR_ADJUSTED = tl.constexpr(1), tl.constexpr(2)
-N_VALUES = 4  # per matrix: 1 - momentum, momentum, decay, adjusted lr (float64)
-
-
-@triton.jit
-def momentum_scalars(values, step, _powers):
-    return step.to(tl.float32), tl.load(values).to(tl.float32), tl.load(values + 1).to(tl.float32)
-
-
-@triton.jit
-def master_scalars(values, step, _powers):
-    return (
-        step.to(tl.float32),
-        tl.load(values + 2).to(tl.float32),
-        tl.load(values + 3).to(tl.float32),
-    )
 
 
 @triton.jit
@@ -137,8 +122,7 @@ class MuonPlan:
         # Per step: gradient addresses, then per matrix (1 - momentum, momentum, decay, lr_adj).
         self.upload = torch.zeros(n * 5, dtype=torch.int64, device=device)
         self.grad_ptrs = self.upload[:n]
-        self.hyper = self.upload[n:].view(torch.float64).view(n, N_VALUES)
-        self.rows = torch.arange(n, device=device)  # matrix t reads row t of hyper
+        self.hyper = self.upload[n:].view(torch.float64).view(n, 4)
         self.param_ptrs = [p.data_ptr() for _, p in items]
         self.last_host = None
         # Per step: which matrices step (1.0) or are skipped (0.0), and each launch's
@@ -194,7 +178,10 @@ class MuonPlan:
         self.skip[:, 0] = 1 - self.ok
         counters = [state["step"] for state in self.states]
         torch._foreach_add_(counters, list(self.ok.unbind()))
-        self.steps = torch.stack(counters).double()
+        steps = torch.stack(counters).double()[:, None]
+        width = cm.MAX_SCALARS.value
+        self.momentum_scalars = _rows(torch.cat([steps, self.hyper[:, :2]], 1), width)
+        self.master_scalars = _rows(torch.cat([steps, self.hyper[:, 2:]], 1), width)
         for batch, setting in zip(self.batches, self.settings, strict=True):
             coefficients, ns_steps, eps, nesterov, has_weight_decay = setting
             for i in batch:
@@ -208,8 +195,8 @@ class MuonPlan:
         """Pass A for matrix ``i``: its bf16 matrix to orthogonalise goes to its scratch slot."""
         p = self.items[i][1]
         _launch(
-            self, self.launch[i], self.momentum_table, self.grad_ptrs, momentum_scalars,
-            self.skip[i], grad_scale,
+            self.launch[i], self.momentum_table, self.numels, self.grad_ptrs,
+            self.momentum_scalars, self.skip[i], grad_scale,
             muon_momentum_rule, 1, nesterov, KINDS[p.grad.dtype], 1, 0,
         )  # fmt: skip
 
@@ -229,32 +216,32 @@ class MuonPlan:
         buffer (``batch_buffers``)."""
         info = self.launch[i]
         _launch(
-            self, info, self.master_table, self.ortho_ptrs, master_scalars,
+            info, self.master_table, self.numels, self.ortho_ptrs, self.master_scalars,
             self.skip[i], None, muon_master_rule, 0, has_weight_decay, 1,
             info["PARAM_KIND"], info["CODE_BITS"],
         )  # fmt: skip
 
 
+def _rows(values: torch.Tensor, width: int) -> torch.Tensor:
+    """float32 scalar rows [n, width] (column 0 the step) from float64 values [n, <= width]."""
+    return torch.nn.functional.pad(values.float(), (0, width - values.shape[1])).contiguous()
+
+
 def _launch(
-    plan, info, table, grad_ptrs, scalars, skip, grad_scale, rule, n_states, flag,
+    info, table, numels, grad_ptrs, scalars, skip, grad_scale, rule, n_states, flag,
     grad_kind, param_kind, code_bits,
 ):  # fmt: skip
     has_scale = grad_scale is not None
     cm.step_kernel[(info["n_chunks"],)](
         table,
         grad_ptrs,
-        plan.numels,
+        numels,
         info["chunk_tensor"],
         info["chunk_start"],
-        plan.hyper,
-        plan.rows,
-        plan.steps,
-        plan.steps,  # no powers
+        scalars,
         grad_scale if has_scale else skip,
         skip,
         RULE=rule,
-        SCALARS=scalars,
-        N_VALUES=N_VALUES,
         N_STATES=n_states,
         FORGET=ONE_MINUS_MOMENTUM,
         LEVELS=MOMENTUM_LEVEL_SETS.index(MOMENTUM_LEVELS),

@@ -2,25 +2,14 @@
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
-# Columns of the per-tensor float32 scalars (``sgd_scalars``); 0 is the step.
+# Columns of the per-tensor float32 scalar row; 0 is the step.
 LR, MOMENTUM, ONE_MINUS_DAMPENING, WEIGHT_DECAY, FIRST_STEP, ONE_MINUS_MOMENTUM = (
     tl.constexpr(i) for i in range(1, 7)
 )
-
-
-@triton.jit
-def sgd_scalars(values, step, _powers):
-    """Scalars from the group's float64 values (lr, momentum, 1 - dampening, weight_decay,
-    1 - momentum) and the float64 step; FIRST_STEP is 1 at step 1, else 0."""
-    f32 = tl.float32
-    return (
-        step.to(f32), tl.load(values).to(f32), tl.load(values + 1).to(f32),
-        tl.load(values + 2).to(f32), tl.load(values + 3).to(f32), (step == 1).to(f32),
-        tl.load(values + 4).to(f32),
-    )  # fmt: skip
 
 
 @triton.jit
@@ -48,8 +37,6 @@ class SGDRule:
     state_names = ("momentum_buffer",)
     flag_names = ("HAS_MOMENTUM", "NESTEROV", "HAS_WEIGHT_DECAY")
     group_values = ("lr", "momentum", "omd", "weight_decay", "omm")
-    scalars = sgd_scalars
-    powered = None  # no value is raised to the step
 
     @staticmethod
     def flags(opt, group) -> dict:
@@ -63,3 +50,10 @@ class SGDRule:
     def values(group) -> list:
         momentum = group["momentum"]
         return [group["lr"], momentum, 1 - group["dampening"], group["weight_decay"], 1 - momentum]
+
+    @staticmethod
+    def scalars(hyper: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+        lr, momentum, omd, wd, omm = hyper.unbind(1)
+        first_step = (steps == 1).double()
+        rows = [steps.double(), lr, momentum, omd, wd, first_step, omm]
+        return torch.stack(rows, dim=1).float()
