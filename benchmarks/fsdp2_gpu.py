@@ -280,7 +280,7 @@ def run_checks(gpus: int) -> dict:
     Accelerate + FSDP2 example."""
     env = {**os.environ, **SAFE_ENV, "PYTHONPATH": str(ROOT)}
     test = [sys.executable, "-m", "pytest", "-q", "-rs", "-k", "fsdp2"]
-    test += ["tests/test_release.py", "tests/test_fsdp2_cuda.py"]
+    test += ["tests/test_release_usage.py", "tests/test_fsdp2_cuda.py"]
     print("$", " ".join(test), flush=True)
     codes = {"pytest_release_fsdp2": subprocess.run(test, env=env, cwd=ROOT).returncode}
     example = str(ROOT / "examples" / "accelerate_fsdp2.py")

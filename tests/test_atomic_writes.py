@@ -11,7 +11,7 @@ import signal
 import pytest
 import safetensors.torch
 import torch
-from test_checkpoint import assert_same_tensors, build, new_seed, train
+from checkpoint_common import assert_same_tensors, build, new_seed, train
 
 from slimoptim import _io, checkpoint
 

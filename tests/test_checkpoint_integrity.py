@@ -13,7 +13,7 @@ import zipfile
 import pytest
 import safetensors.torch
 import torch
-from test_checkpoint import assert_same_tensors, build, new_seed, snapshot, train
+from checkpoint_common import assert_same_tensors, build, new_seed, snapshot, train
 from test_state_io import assert_unchanged
 
 from slimoptim import checkpoint

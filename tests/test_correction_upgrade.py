@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from test_checkpoint import make_model
+from checkpoint_common import make_model
 
 import slimoptim
 from slimoptim import checkpoint, state_io

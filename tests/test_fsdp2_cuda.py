@@ -1,7 +1,7 @@
 """FSDP2 on CUDA with NCCL: gradient release on two GPUs, and CPU-held state on one.
 
 Both skip without the GPUs they need (the CPU/gloo variants are in test_distributed.py
-and test_release.py). On a 2-GPU machine:
+and test_release_usage.py). On a 2-GPU machine:
 
     python -m pytest -q tests/test_fsdp2_cuda.py
 """

@@ -5,7 +5,7 @@ import warnings
 
 import pytest
 import torch
-from test_checkpoint import (
+from checkpoint_common import (
     assert_same_tensors,
     assert_unchanged,
     build,
