@@ -105,7 +105,7 @@ def test_a_gradient_that_no_longer_fits_goes_to_the_reference(monkeypatch, check
     assert len(launched) == 1  # the plan is built and launched
     if checks == "C guard":  # fitting gradients: the guard, not the fallback, said yes
         (plan,) = fused._slimoptim_plans.values()
-        assert plan.layout_guard.check(*[p.grad for p in plan.grad_params])
+        assert plan.layout_guard.check(*plan.grad_params, *[p.grad for p in plan.grad_params])
     _step_both(fused, ref, ps, qs, gen, change)
     assert len(launched) == 1, "a kernel ran on a gradient it cannot read"
     _step_both(fused, ref, ps, qs, gen)
@@ -285,8 +285,10 @@ def test_a_guard_that_stopped_fitting_is_rebuilt_where_the_gradients_fit(monkeyp
     gen = torch.Generator().manual_seed(8)
     _step_both(fused, ref, ps, qs, gen)
     (plan,) = fused._slimoptim_plans.values()
-    plan.layout_guard = guards.layout_guard([p.grad.float() for p in plan.grad_params])
+    plan.layout_guard = guards.layout_guard(
+        [*plan.grad_params, *[p.grad.float() for p in plan.grad_params]]
+    )
     launched = _launches(monkeypatch)
     _step_both(fused, ref, ps, qs, gen)
     assert len(launched) == 1 and plan.guard_rebuilds == 1
-    assert plan.layout_guard.check(*[p.grad for p in plan.grad_params])
+    assert plan.layout_guard.check(*plan.grad_params, *[p.grad for p in plan.grad_params])

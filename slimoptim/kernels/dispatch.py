@@ -68,34 +68,51 @@ def aligned(t: torch.Tensor) -> bool:
     return local_tensor(t).data_ptr() % 16 == 0
 
 
+def has_storage(t: torch.Tensor) -> bool:
+    """False for a tensor with elements but no memory (its storage resized to 0: address 0)."""
+    return t.numel() == 0 or t.data_ptr() != 0
+
+
+def state_fits(opt, p, group, state: dict) -> bool:
+    """Every state tensor the kernels will read or write through a raw address has the
+    dtype, size and device the group's settings call for, and is aligned. A state left
+    from other settings (state_bits or master_weight_bits changed, a param resized through
+    ``p.data``) is the reference path's to refuse: the kernels would run past it."""
+    device = local_tensor(p).device
+    for name, (dtype, shape) in opt._expected_state(p, group).items():
+        t = local_tensor(state[name])
+        if t.dtype != dtype or t.shape != shape or t.device != device:
+            return False
+        if not has_storage(t) or (t.dim() > 0 and not (aligned(t) and t.is_contiguous())):
+            return False
+    return True
+
+
 class Bucket:
     """Tensors stepped by one launch, and the device tables that launch reads."""
 
     def __init__(self, key, rule, members, device, first):
         self.flags = dict(key[-1])
         (self.param_kind, self.grad_kind, self.code_bits, self.state_bits, self.g) = key[:5]
-        self.maximize = key[5]
+        self.maximize, self.n_states = key[5:7]
         self.params = [p for p, _, _ in members]
         self.n = len(members)
         self.first = first  # offset of this bucket's gradients in the plan's gradient array
         block, self.tiles = tiling()
         self.rows = max(1, block // self.g)
         per_chunk = self.rows * self.g * self.tiles
-        self.n_states = sum(name in members[0][2] for name in rule.state_names)
 
         table = torch.zeros(self.n, cm.N_FIELDS.value, dtype=torch.int64)
+        names = rule.state_names[: self.n_states]  # the group's states (plan: state_fits)
         for i, (p, _, state) in enumerate(members):
             table[i, cm.PARAM.value] = local_tensor(p).data_ptr()
             table[i, cm.STEP.value] = local_tensor(state["step"]).data_ptr()
             if "correction" in state:
                 table[i, cm.CORRECTION.value] = local_tensor(state["correction"]).data_ptr()
-            for field, name in zip(
-                (cm.STATE0.value, cm.STATE1.value), rule.state_names, strict=False
-            ):
-                if name in state:
-                    table[i, field] = local_tensor(state[name]).data_ptr()
-                    if f"{name}_scale" in state:
-                        table[i, field + 1] = local_tensor(state[f"{name}_scale"]).data_ptr()
+            for field, name in zip((cm.STATE0.value, cm.STATE1.value), names, strict=False):
+                table[i, field] = local_tensor(state[name]).data_ptr()
+                if f"{name}_scale" in state:
+                    table[i, field + 1] = local_tensor(state[f"{name}_scale"]).data_ptr()
         numels = torch.tensor([local_tensor(p).numel() for p in self.params], dtype=torch.int32)
         chunks = (numels.long() + per_chunk - 1) // per_chunk
         chunk_tensor = torch.repeat_interleave(torch.arange(self.n), chunks)
@@ -128,8 +145,8 @@ class Plan:
                 self.reference.append((group, p))
                 continue
             state = opt._ensure_state(p, group)
-            if not all(aligned(v) for v in state.values() if v.dim() > 0):
-                self.reference.append((group, p))
+            if not state_fits(opt, p, group, state):
+                self.reference.append((group, p))  # which refuses it with a clear error
                 continue
             if id(group) not in group_row:
                 group_row[id(group)] = len(self.groups)
@@ -141,6 +158,7 @@ class Plan:
                 group["state_bits"],
                 group["group_size"],
                 bool(group.get("maximize", False)),
+                len(opt._specs_for(group)),
                 tuple(sorted(rule.flags(opt, group).items())),
             )
             if members and p.device != next(iter(members))[0]:
@@ -160,13 +178,16 @@ class Plan:
         # Each step compares the params' addresses too (see guards.grad_addresses).
         self.param_ptrs = [local_tensor(p).data_ptr() for p in self.grad_params]
         self.indices = list(range(len(self.grad_params)))
-        # What each gradient was when the plan was built, as the steps check them.
-        grads = [local_tensor(p.grad) for p in self.grad_params]
-        self.grad_types = list(map(type, grads))
-        self.grad_dtypes = [g.dtype for g in grads]
-        self.grad_shapes = [g.shape for g in grads]
+        # What each param and gradient was when the plan was built, as the steps check them
+        # (guards.grad_addresses): the tables hold their addresses and sizes.
+        checked = [local_tensor(p) for p in self.grad_params]
+        checked += [local_tensor(p.grad) for p in self.grad_params]
+        self.types, self.dtypes = list(map(type, checked)), [t.dtype for t in checked]
+        self.shapes, self.devices = [t.shape for t in checked], [t.device for t in checked]
+        # Gradients with elements: an address of 0 (storage freed) must never reach a kernel.
+        self.nonempty = np.array([g.numel() > 0 for g in checked[len(self.grad_params) :]])
         kernels_run = self.device is not None and not self.sharded
-        self.layout_guard = layout_guard(grads) if kernels_run else None
+        self.layout_guard = layout_guard(checked) if kernels_run else None
         self.guard_rebuilds = 0
         self.found = None  # (addresses as ints, as an array) that the last step found
         n_ptrs, n_vals = len(self.grad_params), len(self.groups) * len(rule.group_values)
@@ -229,6 +250,8 @@ def eligible(opt, group, p) -> bool:
     if not (plain_dense(p) and plain_dense(grad)) or grad.dtype not in KINDS:
         return False
     if not grad.is_contiguous() or not aligned(grad):  # misaligned: a plan every step
+        return False
+    if grad.device != p.device or not (has_storage(p) and has_storage(grad)):
         return False
     size = group["group_size"]
     if size & (size - 1) or size > 4096 or not aligned(p):
@@ -316,17 +339,20 @@ def _plan_for(opt, rule, items):
         )
     if len(plans) >= MAX_PLANS:
         plans.clear()
-    plans[key] = plan = Plan(opt, rule, items)
+    with torch.inference_mode(False):  # its tables are written by later steps, in any mode
+        plans[key] = plan = Plan(opt, rule, items)
     return plan
 
 
 def _param_ids(opt, items) -> tuple:
-    """The ids of the items' params. step() hands over the same tuple while the same params
-    have gradients (a tuple cannot change), so its ids are kept with it: no pass per step."""
+    """The ids of the items' groups and params: a param moved to another group needs
+    another plan (its hyper-parameter row, flags and bucket). step() hands over the same
+    tuple while the same params have gradients (a tuple cannot change), so its ids are
+    kept with it: no pass per step."""
     kept = opt.__dict__.get("_slimoptim_item_ids")
     if kept is not None and kept[0] is items:
         return kept[1]
-    ids = tuple(map(id, map(_second, items)))
+    ids = tuple(id(x) for item in items for x in item)
     if type(items) is tuple:
         opt.__dict__["_slimoptim_item_ids"] = (items, ids)
     return ids

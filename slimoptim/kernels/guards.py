@@ -27,6 +27,7 @@ from ..formats import local_tensor
 _data_ptr = torch.Tensor.data_ptr
 _dtype_of = operator.attrgetter("dtype")
 _shape_of = operator.attrgetter("shape")
+_device_of = operator.attrgetter("device")
 _contiguous = torch.Tensor.is_contiguous
 
 
@@ -40,7 +41,7 @@ def grad_addresses(plan, grads: list) -> np.ndarray | None:
         params = [local_tensor(p) for p in plan.grad_params]
     else:
         params = plan.grad_params
-    if not _layouts_unchanged(plan, grads):
+    if not _layouts_unchanged(plan, params, grads):
         return None
     # Module.to / .half() / cast_model replace p.data: the tables would point at freed
     # memory. (The grad's dtype, which autograd keeps equal to the param's, covers a
@@ -53,25 +54,30 @@ def grad_addresses(plan, grads: list) -> np.ndarray | None:
     if ptrs is None:
         return plan.found[1]
     addresses = np.fromiter(ptrs, dtype=np.int64, count=len(ptrs))
-    if (addresses & 15).any():  # the kernels load 16 bytes at a time
+    # The kernels load 16 bytes at a time; 0 is a gradient whose storage was freed.
+    if (addresses & 15).any() or not addresses[plan.nonempty].all():
         return None
     plan.found = (ptrs, addresses)
     return addresses
 
 
-def _layouts_unchanged(plan, grads: list) -> bool:
-    """Every gradient a plain dense tensor of the class, dtype, shape and contiguous layout
-    the plan was built for. The guard checks that in one C call; where it is missing or
-    says no (it also compares strides exactly, and the thread's dispatch state: autocast,
-    inference mode), the Python checks decide."""
-    if plan.layout_guard is not None and plan.layout_guard.check(*grads):
+def _layouts_unchanged(plan, params: list, grads: list) -> bool:
+    """Every param and gradient a plain dense tensor of the class, dtype, shape, device and
+    contiguous layout the plan was built for (a param transposed in place, or given
+    another shape or dtype through ``p.data``, would be stepped against the wrong
+    elements). The guard checks that in one C call; where it is missing or says no (it
+    also compares strides exactly, and the thread's dispatch state: autocast, inference
+    mode), the Python checks decide."""
+    guard = plan.layout_guard
+    if guard is not None and guard.check(*params, *grads):
         return True
-    if not _python_checks(plan, grads):
+    tensors = [*params, *grads]
+    if not _python_checks(plan, tensors):
         return False
-    if plan.layout_guard is not None and plan.guard_rebuilds < MAX_GUARD_REBUILDS:
-        # The guard said no to gradients that fit: most likely the step now runs in
-        # another dispatch state than the plan was built in. A guard built here fits it.
-        plan.layout_guard = layout_guard(grads)
+    if guard is not None and plan.guard_rebuilds < MAX_GUARD_REBUILDS:
+        # The guard said no to tensors that fit: most likely the step now runs in another
+        # dispatch state than the plan was built in. A guard built here fits it.
+        plan.layout_guard = layout_guard(tensors)
         plan.guard_rebuilds += 1
     return True
 
@@ -79,16 +85,17 @@ def _layouts_unchanged(plan, grads: list) -> bool:
 MAX_GUARD_REBUILDS = 8  # per plan: a step that alternates states keeps the Python checks
 
 
-def _python_checks(plan, grads: list) -> bool:
+def _python_checks(plan, tensors: list) -> bool:
     # Not redundant with the ``p.grad`` setter's checks: ``p.grad.data = ...`` and a
     # param's ``grad_dtype = None`` let a gradient of another dtype or size through.
     try:  # None has no dtype; a sparse tensor has no is_contiguous
         return (
-            list(map(type, grads)) == plan.grad_types
-            and list(map(_dtype_of, grads)) == plan.grad_dtypes
-            and list(map(_shape_of, grads)) == plan.grad_shapes
-            and all(map(_contiguous, grads))
-            and all(map(plain_dense, grads))
+            list(map(type, tensors)) == plan.types
+            and list(map(_dtype_of, tensors)) == plan.dtypes
+            and list(map(_shape_of, tensors)) == plan.shapes
+            and list(map(_device_of, tensors)) == plan.devices
+            and all(map(_contiguous, tensors))
+            and all(map(plain_dense, tensors))
         )
     except (AttributeError, RuntimeError):
         return False

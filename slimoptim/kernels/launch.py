@@ -88,7 +88,7 @@ def launch_plan(plan, grad_scale, found_inf, capturing: bool, settings=()) -> No
 
 def _capture(plan, key, launch_all) -> torch.cuda.CUDAGraph:
     has_scale, has_inf, _ = key
-    with torch.cuda.device(plan.device):
+    with torch.cuda.device(plan.device), torch.inference_mode(False):
         if not hasattr(plan, "static_scale"):
             plan.static_scale = torch.ones(1, device=plan.device)
             plan.static_inf = torch.zeros(1, device=plan.device)

@@ -35,9 +35,9 @@ from ..formats import MOMENTUM_LEVEL_SETS, MOMENTUM_ROUNDINGS, correction_bits
 from . import common as cm
 from .dispatch import (
     KINDS,
-    aligned,
     eligible,
     split_values,
+    state_fits,
     tensor_attributes,
     tiling,
     upload,
@@ -301,9 +301,7 @@ def split_fusable(opt, items) -> tuple[list, list]:
     """(items the Muon kernels step, items left to the reference path)."""
     fused, reference = [], []
     for group, p in items:
-        ok = eligible(opt, group, p) and all(
-            aligned(v) for v in opt._ensure_state(p, group).values() if v.dim() > 0
-        )
+        ok = eligible(opt, group, p) and state_fits(opt, p, group, opt._ensure_state(p, group))
         (fused if ok else reference).append((group, p))
     device = fused[0][1].device if fused else None
     reference += [(g, p) for g, p in fused if p.device != device]
@@ -315,10 +313,13 @@ def plan_for(opt, items) -> MuonPlan:
     modes = tuple(
         (g["master_weight_bits"], g["state_bits"], g["group_size"]) for g in opt.param_groups
     )
-    key = (tuple(id(p) for _, p in items), tuple(p.grad.dtype for _, p in items), modes)
+    # Each matrix's group, dtype and shape too: its tables and launch settings depend on them.
+    matrices = tuple((id(g), id(p), p.dtype, p.shape, p.grad.dtype) for g, p in items)
+    key = (matrices, modes)
     plan = plans.get(key)
     if plan is None or not plan.still_valid(opt):
         if len(plans) >= 4096:
             plans.clear()
-        plans[key] = plan = MuonPlan(opt, items)
+        with torch.inference_mode(False):  # its tables are written by later steps
+            plans[key] = plan = MuonPlan(opt, items)
     return plan
