@@ -148,6 +148,11 @@ def test_a_plan_built_in_inference_mode_serves_later_steps():
     _assert_same(fused, ref, ps, qs)
 
 
+@pytest.mark.skipif(
+    DEVICE == "cuda",
+    reason="on CUDA torch's own kernels (the reference path's) read a storage resized to 0 "
+    "at address 0: an illegal memory access that ends the process's CUDA context",
+)
 @pytest.mark.parametrize("stepped_before", [False, True], ids=["new plan", "cached plan"])
 def test_a_gradient_without_storage_is_never_handed_to_a_kernel(monkeypatch, stepped_before):
     fused, ref, ps, qs = _pair([(64, 16), (40,)])

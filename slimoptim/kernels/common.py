@@ -123,7 +123,9 @@ def decode_grad(
         limit = tl.where(tl.load(found_inf) == 0, kf.INF_BITS, 0)
     group_ok = largest < limit
     ok = group_ok[:, None] & mask
-    return tl.where(ok, g, 0.0), ok, group_ok & group_mask
+    # A group that is not ok stores nothing from its gradient (its master stays w0, its
+    # states and scales are not written, every reduction is per group): g stays as read.
+    return g, ok, group_ok & group_mask
 
 
 @triton.jit
@@ -197,7 +199,8 @@ def store_state(
 
 @triton.jit
 def _step_tile(
-    pp, cp, gp, s0p, s0sp, s1p, s1sp, k, offs, mask, groups, group_mask, grad_scale, found_inf,
+    pp, cp, gp, s0p, s0sp, s1p, s1sp, k, first, local, mask, groups, group_mask, grad_scale,
+    found_inf,
     RULE: tl.constexpr, N_STATES: tl.constexpr, FORGET: tl.constexpr, LEVELS: tl.constexpr,
     FLAG0: tl.constexpr, FLAG1: tl.constexpr, FLAG2: tl.constexpr,
     PARAM_KIND: tl.constexpr, GRAD_KIND: tl.constexpr, CODE_BITS: tl.constexpr,
@@ -205,6 +208,7 @@ def _step_tile(
     HAS_FOUND_INF: tl.constexpr, HW_ROUND: tl.constexpr, MASTER_DITHER: tl.constexpr,
     ROUNDING: tl.constexpr, SEQUENCED: tl.constexpr,
 ):  # fmt: skip
+    offs = first + local
     g, b, code, s0, s0_scale, s1, s1_scale = load_tile(
         pp, cp, gp, s0p, s0sp, s1p, s1sp, offs, mask, groups, group_mask,
         N_STATES, CODE_BITS, STATE_BITS,
@@ -233,7 +237,7 @@ def _step_tile(
     noise0 = 0.0
     noise1 = 0
     if (N_STATES >= 1 and STATE_BITS == 8) or MASTER_DITHER:
-        noise0, noise1 = kf.dither(offs, k[0], SEQUENCED)
+        noise0, noise1 = kf.dither(first, local, k[0], SEQUENCED)
     store_master(pp, cp, offs, mask, w, noise1, PARAM_KIND, CODE_BITS, HW_ROUND, MASTER_DITHER)
     if N_STATES >= 1:
         forget = k[FORGET]
@@ -289,23 +293,24 @@ def step_kernel(
     end = tl.minimum(start + TILES * TILE, numel)
     whole_end = start + (end - start) // TILE * TILE  # the tiles wholly inside the tensor
     rows = tl.arange(0, ROWS)
-    columns = tl.arange(0, G)[None, :]
+    local = rows[:, None] * G + tl.arange(0, G)[None, :]  # a tile's offsets from its first
     for tile_start in range(start, whole_end, TILE):
         groups = tile_start // G + rows
-        offs = groups[:, None] * G + columns
+        first = tile_start // G * G
         _step_tile(
             pp, cp, gp, s0p, s0sp, s1p, s1sp, k,
-            offs, everywhere(offs), groups, everywhere(groups), grad_scale, found_inf,
+            first, local, everywhere(local), groups, everywhere(groups), grad_scale, found_inf,
             RULE, N_STATES, FORGET, LEVELS, FLAG0, FLAG1, FLAG2, PARAM_KIND, GRAD_KIND,
             CODE_BITS, STATE_BITS, MAXIMIZE, HAS_GRAD_SCALE, HAS_FOUND_INF, HW_ROUND,
             MASTER_DITHER, ROUNDING, SEQUENCED,
         )  # fmt: skip
     if whole_end < end:  # the tensor's last, partial tile: masked
         groups = whole_end // G + rows
-        offs = groups[:, None] * G + columns
+        first = whole_end // G * G
         _step_tile(
             pp, cp, gp, s0p, s0sp, s1p, s1sp, k,
-            offs, offs < numel, groups, groups * G < numel, grad_scale, found_inf,
+            first, local, first + local < numel, groups, groups * G < numel,
+            grad_scale, found_inf,
             RULE, N_STATES, FORGET, LEVELS, FLAG0, FLAG1, FLAG2, PARAM_KIND, GRAD_KIND,
             CODE_BITS, STATE_BITS, MAXIMIZE, HAS_GRAD_SCALE, HAS_FOUND_INF, HW_ROUND,
             MASTER_DITHER, ROUNDING, SEQUENCED,

@@ -39,6 +39,8 @@ MOMENTUM_LEVELS = tl.constexpr(float(ref.MOMENTUM_LEVELS))
 SQUARE_UNITS = tl.constexpr(ref._LEVEL_UNITS["square"])
 INV_SQUARE_UNITS = tl.constexpr(_f32(1.0 / ref._LEVEL_UNITS["square"]))
 HALF_DITHER = tl.constexpr(float(ref.DITHER_LEVELS // 2))
+INV_HALF_DITHER = tl.constexpr(1.0 / (ref.DITHER_LEVELS // 2))
+CODE_MAGIC = tl.constexpr(1.5 * 2.0**23)
 MOVEMENT_SLACK = tl.constexpr(ref.MOVEMENT_SLACK)
 INV_DITHER_LEVELS = tl.constexpr(1.0 / ref.DITHER_LEVELS)
 SEQUENCE_KEY = tl.constexpr(ref.SEQUENCE_KEY)
@@ -218,22 +220,27 @@ def mix32(x):
 
 
 @triton.jit
-def mix_element(x):
-    """dither._mix_element on uint32."""
-    x = x * 0x7FEB352D
+def mix_element_tail(x):
+    """dither._mix_element on uint32 after its first product (``x`` = index * 0x7FEB352D)."""
     x = x ^ (x >> 16)
     return x * 0x046CA68B
 
 
 @triton.jit
-def dither(index, step, SEQUENCED: tl.constexpr):
-    """formats.dither: the (momentum, variance or master) integer dithers in [0, 65536),
-    the first as float32, the second as int32 (uint32 sums and products wrap mod 2**32)."""
+def dither(first, local, step, SEQUENCED: tl.constexpr):
+    """formats.dither at the indices ``first + local`` (a scalar and a loop-invariant tile):
+    the (momentum, variance or master) integer dithers in [0, 65536), the first as
+    float32, the second as int32 (uint32 sums and products wrap mod 2**32). The hash's
+    first product distributes over the sum mod 2**32, so its per-element part,
+    ``local * 0x7FEB352D``, is the same for every tile of a program."""
     s = step.to(tl.int32).to(tl.uint32)
+    local = local.to(tl.uint32) * 0x7FEB352D
     if SEQUENCED:
-        h = mix_element(index.to(tl.uint32) + SEQUENCE_KEY) + s * SEQUENCE_WORD
+        x = (first.to(tl.uint32) + SEQUENCE_KEY) * 0x7FEB352D + local
+        h = mix_element_tail(x) + s * SEQUENCE_WORD
     else:
-        h = mix_element(index.to(tl.uint32) + mix32(s * 0x9E3779B1))
+        x = (first.to(tl.uint32) + mix32(s * 0x9E3779B1)) * 0x7FEB352D + local
+        h = mix_element_tail(x)
     # The variance code adds its dither as an integer: no float round trip.
     return (h >> 16).to(tl.float32), (h & 0xFFFF).to(tl.int32)
 
@@ -291,26 +298,32 @@ def quantize_momentum(
         low = tl.floor(tl.fma(tl.sqrt(t + offset * offset * 0.25), ROOT_LOW, -offset * 0.5))
     high = low + 1.0
     low = tl.where(momentum_level(high, LEVELS) <= t, high, low)
-    half_gap = low + (offset + 1.0) * 0.5
+    # The reference's half_gap and threshold scaled by 2**-15 (1 / HALF_DITHER): every
+    # product stays exact (below 2**24 units of 2**-16) and t * forget rounds alike unless
+    # it is below 2**-111, far under any half gap, so every comparison is the reference's
+    # and t - level needs no product by HALF_DITHER.
+    half_gap = tl.fma(low, INV_HALF_DITHER, (offset + 1.0) * 0.5 * INV_HALF_DITHER)
     if ROUNDING == 2:
         threshold = noise * half_gap
     else:
         if ROUNDING == 1:
             change = (tl.abs(m - previous) * lift) * factor
-            dithered = change < half_gap * MOVEMENT_SLACK
+            dithered = change < half_gap * (MOVEMENT_SLACK * HALF_DITHER)
         else:
-            dithered = t * forget < half_gap
+            dithered = t * (forget * INV_HALF_DITHER) < half_gap
         threshold = tl.where(dithered, noise, HALF_DITHER) * half_gap
     # t - level(low), the level an exact product: one fma, the reference's bits
     if LEVELS == 0:
         below = tl.fma(-low, low, t)  # no + 0.0: it is not free (-0.0 + 0.0 is +0.0)
     else:
         below = tl.fma(-low, low + offset, t)
-    up = below * HALF_DITHER > threshold
+    up = below > threshold
     code = low + up.to(tl.float32)
     # m's sign bit on the code (one bitwise op; -0.0 converts to 0 like +0.0)
     code = as_float(as_bits(code) | (as_bits(m) & SIGN_BIT))
-    return code.to(tl.int8), scale
+    # The integer code as the low byte of code + 1.5 * 2**23 (exact: |code| <= 127): no
+    # float-to-int convert and no 16-bit zero extension before the bytes are packed.
+    return as_bits(code + CODE_MAGIC).to(tl.int8), scale
 
 
 # --------------------------------------------------------- variance (non-neg.)
