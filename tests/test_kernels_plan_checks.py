@@ -33,6 +33,15 @@ def _grads(ps, qs, gen, skip=()) -> None:
             p.grad, q.grad = g.clone(), g.clone()
 
 
+def _stepped_once(shapes, seed: int, **kw):
+    """``_pair`` after one step of both on the same gradients, and the generator."""
+    fused, ref, ps, qs = _pair(shapes, **kw)
+    gen = torch.Generator().manual_seed(seed)
+    _grads(ps, qs, gen)
+    fused.step(), ref.step()
+    return fused, ref, ps, qs, gen
+
+
 def _outcome(opt) -> str:
     """'ok' or the error's type and first words: what a step did."""
     try:
@@ -58,10 +67,7 @@ def test_a_param_moved_to_another_group_steps_with_that_groups_settings():
 
 
 def test_a_param_transposed_in_place_is_not_stepped_against_its_old_layout():
-    fused, ref, ps, qs = _pair([(16, 16), (40,)])
-    gen = torch.Generator().manual_seed(2)
-    _grads(ps, qs, gen)
-    fused.step(), ref.step()
+    fused, ref, ps, qs, gen = _stepped_once([(16, 16), (40,)], seed=2)
     with torch.no_grad():
         ps[0].t_(), qs[0].t_()  # same storage, transposed strides; the gradients stay
     for p, q in zip(ps, qs, strict=True):  # accumulated in place, as with set_to_none=False
@@ -77,10 +83,7 @@ def test_a_param_transposed_in_place_is_not_stepped_against_its_old_layout():
     ids=["another shape", "another dtype"],
 )
 def test_a_param_reshaped_or_retyped_through_data_is_treated_as_the_reference_does(change):
-    fused, ref, ps, qs = _pair([(64,), (40,)])
-    gen = torch.Generator().manual_seed(3)
-    _grads(ps, qs, gen)
-    fused.step(), ref.step()
+    fused, ref, ps, qs, gen = _stepped_once([(64,), (40,)], seed=3)
     for p in (ps[0], qs[0]):
         p.data = change(p)  # same address; the old gradient is kept
     assert _outcome(fused) == _outcome(ref)
@@ -88,10 +91,7 @@ def test_a_param_reshaped_or_retyped_through_data_is_treated_as_the_reference_do
 
 
 def test_a_param_grown_through_data_is_refused_not_stepped_past_its_states():
-    fused, ref, ps, qs = _pair([(64, 16), (40,)])
-    gen = torch.Generator().manual_seed(4)
-    _grads(ps, qs, gen)
-    fused.step(), ref.step()
+    fused, ref, ps, qs, gen = _stepped_once([(64, 16), (40,)], seed=4)
     for p in (ps[0], qs[0]):
         p.data = torch.cat([p.data, p.data])  # twice the elements; its states keep 1024
     _grads(ps, qs, gen, skip=(1,))  # another set of params with gradients: a new plan
@@ -107,10 +107,7 @@ def test_a_param_grown_through_data_is_refused_not_stepped_past_its_states():
 
 @pytest.mark.parametrize("key,value", [("state_bits", 32), ("master_weight_bits", 32)])
 def test_states_left_from_other_settings_are_not_read_as_the_new_ones(key, value):
-    fused, ref, ps, qs = _pair([(64, 16), (40,)])
-    gen = torch.Generator().manual_seed(5)
-    _grads(ps, qs, gen)
-    fused.step(), ref.step()
+    fused, ref, ps, qs, gen = _stepped_once([(64, 16), (40,)], seed=5)
     for opt in (fused, ref):
         opt.param_groups[0][key] = value  # a new plan over the 8-bit (24-bit) buffers
     for _ in range(2):
@@ -134,10 +131,7 @@ def test_sgd_momentum_turned_off_and_on_steps_as_the_reference():
 
 
 def test_a_plan_built_in_inference_mode_serves_later_steps():
-    fused, ref, ps, qs = _pair([(64,), (40,)])
-    gen = torch.Generator().manual_seed(7)
-    _grads(ps, qs, gen)
-    fused.step(), ref.step()
+    fused, ref, ps, qs, gen = _stepped_once([(64,), (40,)], seed=7)
     _grads(ps, qs, gen, skip=(1,))  # another subset: its plan is built inside the mode
     ps[1].grad = qs[1].grad = None
     with torch.inference_mode():
