@@ -312,6 +312,47 @@ def test_kernel_momentum_code_matches_the_reference_bit_for_bit(levels, rule):
     assert torch.equal(k_decoded.cpu().view(torch.int32), decoded.view(torch.int32))
 
 
+def decay_boundary_groups(levels: str, forget: float) -> torch.Tensor:
+    """Groups of scale 1 whose values put ``t * forget`` exactly on, and 1-3 float32 steps
+    either side of, half the gap above their level: where the decay rule switches between
+    nearest and dithered rounding (the kernel compares scaled copies of both sides)."""
+    units = formats._LEVEL_UNITS[levels]
+    offset = formats._LEVEL_OFFSET[levels]
+    values = []
+    for c in range(formats.MOMENTUM_LEVELS):
+        t = torch.tensor((c + (offset + 1) / 2) / forget, dtype=torch.float32)
+        if not c * (offset + c) <= t.item() < (c + 1) * (offset + c + 1):
+            continue  # that t lies at another level
+        for step in range(-3, 4):
+            target = (t.view(torch.int32) + step).view(torch.float32)
+            m = (target / units).view(torch.int32)
+            for nudge in range(-4, 5):  # a value whose t is exactly the target
+                candidate = (m + nudge).view(torch.float32)
+                if (candidate * units).float() == target and 0 < candidate < 1:
+                    values.append(candidate.item())
+                    break
+    x = torch.tensor(values)
+    per_group = GROUP - 1
+    x = torch.cat([x, torch.full((-len(x) % per_group,), 0.25)]).view(-1, per_group)
+    return torch.cat([torch.ones(len(x), 1), x], dim=1).reshape(-1)  # each group's max 1
+
+
+@pytest.mark.parametrize("levels", formats.MOMENTUM_LEVEL_SETS)
+@pytest.mark.parametrize("forget", [0.01, 0.02, 0.05, 0.1, 2.0**-3, 0.3, 0.9])
+def test_kernel_momentum_code_matches_where_one_decay_step_is_half_a_gap(levels, forget):
+    m = decay_boundary_groups(levels, forget)
+    assert ((m != 1) & (m != 0.25)).sum() >= 7  # at least one level has such values
+    gen = torch.Generator().manual_seed(random.randrange(2**31))
+    m = torch.where(torch.rand(m.shape, generator=gen) < 0.5, -m, m)
+    noise = torch.randint(0, formats.DITHER_LEVELS, m.shape, generator=gen).float()
+    noise[::3], noise[1::7] = formats.DITHER_LEVELS // 2, 0.0
+    rounding = formats.MOMENTUM_ROUNDINGS.index("decay")
+    code, scale = formats.quantize_momentum(m, GROUP, noise, forget, levels, None)
+    k_code, k_scale, _ = kernel_momentum_code(m, m, noise, forget, levels, rounding)
+    assert torch.equal(k_code.cpu(), code)
+    assert torch.equal(k_scale.cpu(), scale.view(torch.int16))
+
+
 # the interpreter (numpy) warns of the NaN arithmetic these tests are about
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @pytest.mark.parametrize("levels", formats.MOMENTUM_LEVEL_SETS)
