@@ -322,7 +322,8 @@ def quantize_momentum(
     # m's sign bit on the code (one bitwise op; -0.0 converts to 0 like +0.0)
     code = as_float(as_bits(code) | (as_bits(m) & SIGN_BIT))
     # The integer code as the low byte of code + 1.5 * 2**23 (exact: |code| <= 127): no
-    # float-to-int convert and no 16-bit zero extension before the bytes are packed.
+    # float-to-int convert and no 16-bit zero extension before the bytes are packed. The
+    # code is never NaN: t's minimum above drops a NaN (as torch.fmin in the reference).
     return as_bits(code + CODE_MAGIC).to(tl.int8), scale
 
 
