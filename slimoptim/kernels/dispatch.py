@@ -44,7 +44,6 @@ KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 # C-level accessors for the per-step passes over every param (no Python frame per tensor).
-_second = operator.itemgetter(1)
 _grad_of = operator.attrgetter("grad")
 
 
