@@ -9,18 +9,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_kernels import DEVICE, _assert_same  # skips this module too without Triton
+from test_kernels import DEVICE, _assert_same, _clone  # skips this module too without Triton
+from test_kernels_grad_changes import _launches
 
 import slimoptim
 
 pytest.importorskip("triton")
-from slimoptim.kernels import dispatch, guards  # noqa: E402
+from slimoptim.kernels import guards  # noqa: E402
 
 
 def _pair(shapes, cls=slimoptim.AdamW, groups=None, **kw):
     gen = torch.Generator().manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(s, generator=gen).bfloat16().to(DEVICE)) for s in shapes]
-    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    qs = _clone(ps)
     make = groups or (lambda params: params)
     kw.setdefault("lr", 1e-2)
     return cls(make(ps), fused=True, **kw), cls(make(qs), fused=False, **kw), ps, qs
@@ -151,13 +152,7 @@ def test_a_plan_built_in_inference_mode_serves_later_steps():
 def test_a_gradient_without_storage_is_never_handed_to_a_kernel(monkeypatch, stepped_before):
     fused, ref, ps, qs = _pair([(64, 16), (40,)])
     gen = torch.Generator().manual_seed(8)
-    launched, launch_plan = [], dispatch.launch_plan
-
-    def recording(plan, *args, **kwargs):
-        launched.append(list(plan.grad_params))
-        launch_plan(plan, *args, **kwargs)
-
-    monkeypatch.setattr(dispatch, "launch_plan", recording)
+    launched = _launches(monkeypatch)
     if stepped_before:
         _grads(ps, qs, gen)
         fused.step(), ref.step()

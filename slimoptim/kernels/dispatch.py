@@ -140,12 +140,9 @@ class Plan:
         members = {}
         self.states = []  # (param, state dict) pairs: identity checked every step
         for group, p in items:
-            if not eligible(opt, group, p):
+            state = fusable_state(opt, group, p)
+            if state is None:
                 self.reference.append((group, p))
-                continue
-            state = opt._ensure_state(p, group)
-            if not state_fits(opt, p, group, state):
-                self.reference.append((group, p))  # which refuses it with a clear error
                 continue
             if id(group) not in group_row:
                 group_row[id(group)] = len(self.groups)
@@ -266,6 +263,16 @@ def eligible(opt, group, p) -> bool:
             "pick the kernel on CUDA and the reference path elsewhere."
         )
     return False
+
+
+def fusable_state(opt, group, p) -> dict | None:
+    """The state of ``p`` (created where missing) when the kernels can step ``p``, else
+    None: the reference path takes it (and refuses, with its own error, a state left from
+    other settings)."""
+    if not eligible(opt, group, p):
+        return None
+    state = opt._ensure_state(p, group)
+    return state if state_fits(opt, p, group, state) else None
 
 
 def split_values(rows, width: int) -> tuple[np.ndarray, list]:

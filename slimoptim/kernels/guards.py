@@ -44,8 +44,7 @@ def grad_addresses(plan, grads: list) -> np.ndarray | None:
     if not _layouts_unchanged(plan, params, grads):
         return None
     # Module.to / .half() / cast_model replace p.data: the tables would point at freed
-    # memory. (The grad's dtype, which autograd keeps equal to the param's, covers a
-    # param that changed dtype in place of a freed one.)
+    # memory (a new layout or dtype in the same place: the layout check above).
     if not same_addresses(params, plan.param_ptrs, plan.indices):
         return None
     # The caching allocator often hands a new gradient the address of the last one.

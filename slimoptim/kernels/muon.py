@@ -35,9 +35,8 @@ from ..formats import MOMENTUM_LEVEL_SETS, MOMENTUM_ROUNDINGS, correction_bits
 from . import common as cm
 from .dispatch import (
     KINDS,
-    eligible,
+    fusable_state,
     split_values,
-    state_fits,
     tensor_attributes,
     tiling,
     upload,
@@ -301,8 +300,8 @@ def split_fusable(opt, items) -> tuple[list, list]:
     """(items the Muon kernels step, items left to the reference path)."""
     fused, reference = [], []
     for group, p in items:
-        ok = eligible(opt, group, p) and state_fits(opt, p, group, opt._ensure_state(p, group))
-        (fused if ok else reference).append((group, p))
+        fits = fusable_state(opt, group, p) is not None
+        (fused if fits else reference).append((group, p))
     device = fused[0][1].device if fused else None
     reference += [(g, p) for g, p in fused if p.device != device]
     return [(g, p) for g, p in fused if p.device == device], reference
