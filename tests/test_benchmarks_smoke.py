@@ -238,3 +238,26 @@ def test_host_time_runs_every_case_on_the_cpu_with_launches_stubbed(monkeypatch)
     assert len(launched) == 2 * len(host_time.CASES) * 5  # every step went to the kernels
     parts = host_time.check_parts(n=8, numel=64, device="cpu", repeats=2)
     assert parts["p.grad"] > 0 and parts["layout guard"] > 0
+
+
+@pytest.mark.parametrize("pattern", ["SGD-m / Lion 24/8", "AdamW 32/8", "AdamW none/8"])
+def test_stream_bound_twin_moves_every_stream(monkeypatch, pattern):
+    """benchmarks/stream_bound.py's twin kernel (interpreter, CPU): every stream it claims
+    to move is read and written as its docstring says, tile for tile, scales per group."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    import stream_bound  # noqa: PLC0415
+
+    code_bytes, n_states = stream_bound.PATTERNS[pattern]
+    n = 4 * 128  # 2 programs of 2 tiles of 128
+    bufs = stream_bound.twin_buffers(n, code_bytes, n_states, "cpu")
+    before = {k: v.clone() for k, v in bufs.items()}
+    stream_bound.launch_twin(bufs, code_bytes, n_states, block=128, warps=1, tiles=2)
+    g = before["g"]
+    assert torch.equal(bufs["p"], before["p"] + g) and torch.equal(bufs["g"], g)
+    if code_bytes:
+        assert torch.equal(bufs["c"], (before["c"] ^ g.to(bufs["c"].dtype)) + 1)
+    for i in range(n_states):
+        for name in (f"s{i}", f"s{i}_scale"):
+            assert torch.equal(bufs[name], before[name] + 1), name
+    assert stream_bound.bytes_moved(n, 1, 2) == n * 12 + n // 32 * 8  # AdamW 24/8: 12.25 B
