@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 from pathlib import Path
@@ -141,7 +142,8 @@ def main() -> None:
     for name, (code_bytes, n_states) in PATTERNS.items():
         bufs = twin_buffers(n, code_bytes, n_states, "cuda")
         for block, warps, tiles in configs:
-            ms = gpu_ms(lambda: launch_twin(bufs, code_bytes, n_states, block, warps, tiles))
+            step = functools.partial(launch_twin, bufs, code_bytes, n_states, block, warps, tiles)
+            ms = gpu_ms(step)
             gbs = bytes_moved(n, code_bytes, n_states) / ms / 1e6
             rows.append(
                 {
@@ -154,7 +156,7 @@ def main() -> None:
             )
             print(f"| {name} | {rows[-1]['config']} | {ms:.3f} | {gbs:.0f} | "
                   f"{rows[-1]['pct_of_copy']}% |", flush=True)  # fmt: skip
-        del bufs
+        bufs.clear()  # free this pattern's buffers before the next one's
         torch.cuda.empty_cache()
     meta = {
         "gpu": torch.cuda.get_device_name(),
