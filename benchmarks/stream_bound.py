@@ -9,9 +9,9 @@ all but the gradient written back. The "twin" kernel here moves exactly those st
 with next to no arithmetic (each stored value is a cheap function of the loaded ones, so
 no load can be dropped), over flat buffers of ``n`` elements in whole tiles: the best
 case of that access pattern on this GPU. Its time against the copy ceiling (torch's
-device-to-device copy, measured in the same run) bounds what the optimizer's kernels can
-reach; the step kernels' own times come from ``step_time.py``. Prints a table and writes
-JSON and markdown to --out.
+device-to-device copy, measured in the same run as step_time.py measures it) bounds what
+the optimizer's kernels can reach; the step kernels' own times come from
+``step_time.py``. Prints a table and writes JSON and markdown to --out.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
+from step_time import copy_ceiling_gbs
 
 GROUP = 32  # elements per state scale, as slimoptim's default group_size
 
@@ -113,12 +114,6 @@ def gpu_ms(fn, reps: int = 7, inner: int = 10) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end) / inner)
     return sorted(times)[len(times) // 2]
-
-
-def copy_ceiling_gbs(nbytes: int = 2 << 30) -> float:
-    src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * nbytes / gpu_ms(lambda: dst.copy_(src)) / 1e6
 
 
 def parse_config(text: str) -> tuple[int, int, int]:
