@@ -20,6 +20,7 @@ import os
 import re
 import secrets
 import shutil
+import warnings
 from collections.abc import Iterator
 
 # errno values that mean "the data did not fit": no space, file-size limit, quota.
@@ -41,15 +42,33 @@ def _fsync_file(path: str) -> None:
         os.close(fd)
 
 
+# A folder that cannot be synced at all (some FUSE and network filesystems): nothing to do.
+_FOLDER_SYNC_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF}
+
+
 def _fsync_folder(folder: str) -> None:
-    """Make a rename in ``folder`` durable. Not possible (nor needed) on Windows."""
+    """Make a rename in ``folder`` durable. Not possible (nor needed) on Windows.
+
+    It runs after the new file has replaced the old one, so a failure here must not report
+    the save as failed: the file is there. A filesystem that cannot sync folders is
+    skipped; any other error (EIO, EACCES) becomes a warning that the rename may not
+    survive a power loss."""
     if os.name == "nt":
         return
-    fd = os.open(folder or ".", os.O_RDONLY)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(folder or ".", os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as error:
+        if error.errno in _FOLDER_SYNC_UNSUPPORTED:
+            return
+        warnings.warn(
+            f"the file in {folder or '.'!r} was written and is in place, but the folder could "
+            f"not be synced ({error}): the new file may not survive a power loss.",
+            stacklevel=4,
+        )
 
 
 def _out_of_space_errno(error: BaseException) -> int | None:

@@ -3,10 +3,13 @@ file at the path loads as before, and no temporary file is left behind by an exc
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import signal
+import stat
+import warnings
 
 import pytest
 import safetensors.torch
@@ -228,3 +231,29 @@ def test_a_full_disk_names_the_path_and_the_bytes_needed_and_keeps_the_old_file(
         ["reference", *(p.name for p in saved)]
     )
     assert_loads_as(ckpt, model, opt, sched, {"version": 1})
+
+
+@pytest.mark.parametrize("code, warns", [(errno.EINVAL, False), (errno.EIO, True)])
+def test_a_failed_folder_sync_after_the_rename_does_not_fail_the_save(
+    tmp_path, monkeypatch, code, warns
+):
+    """The new file is in place once renamed: a folder fsync that fails afterwards must not
+    report the save as failed (EINVAL from some FUSE/network filesystems is skipped; any
+    other error is a warning), and the file holds the new checkpoint."""
+    model, opt, sched = trained(new_seed())
+    path = tmp_path / "ckpt.pt"
+    checkpoint.save_checkpoint(path, model, opt, sched, extra={"v": 1})
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):  # EINVAL: cannot sync folders; EIO: failed
+            raise OSError(code, os.strerror(code))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        checkpoint.save_checkpoint(path, model, opt, sched, extra={"v": 2})
+    assert any("may not survive a power loss" in str(w.message) for w in caught) == warns
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert_loads_as(path, model, opt, sched, {"v": 2})
