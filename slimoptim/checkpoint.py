@@ -19,6 +19,7 @@ import os
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _EXTRA_STATE_KEY_SUFFIX as EXTRA_STATE
 
 from . import formats, ieee, state_io
 from .checkpoint_file import (
@@ -46,6 +47,11 @@ def _managed(optimizer) -> dict[int, torch.Tensor]:
 # -------------------------------------------------------- model state checks
 
 
+def _is_extra_state(name: str) -> bool:
+    """A module's ``get_extra_state()`` entry (any object, not a parameter or buffer)."""
+    return name.rsplit(".", 1)[-1] == EXTRA_STATE
+
+
 def _check_model_state(model: nn.Module, sd: dict, *, strict: bool, same_dtype: bool) -> None:
     """Raise CheckpointError naming every key, shape or dtype that does not match."""
     if not isinstance(sd, dict):
@@ -61,8 +67,8 @@ def _check_model_state(model: nn.Module, sd: dict, *, strict: bool, same_dtype: 
             problems.append(f"unexpected keys {unexpected}")
     for name, value in sd.items():
         target = live.get(name)
-        if target is None:
-            continue
+        if target is None or _is_extra_state(name):
+            continue  # a module's extra state is whatever its set_extra_state accepts
         if not isinstance(value, torch.Tensor):
             problems.append(f"'{name}' is a {type(value).__name__}, not a tensor")
         elif value.shape != target.shape:
@@ -87,18 +93,25 @@ def save_checkpoint(path, model: nn.Module, optimizer, scheduler=None, extra=Non
 
     The file is written atomically (a failed save leaves the previous file at
     ``path`` as it was) and carries a checksum of every tensor and of the rest.
-    ``extra`` (and the scheduler state) must be readable by
-    ``torch.load(weights_only=True)``; otherwise TypeError names the object and
-    nothing is written.
+    Every part must be readable by ``torch.load(weights_only=True)`` (``extra``, the
+    scheduler state, a numpy value in a param group, a module's extra state); otherwise
+    TypeError names the object and nothing is written.
     """
     scheduler_state = None if scheduler is None else scheduler.state_dict()
+    model_state = model.state_dict()
+    if any(hasattr(v, "to_local") for v in model_state.values()):
+        raise NotImplementedError(
+            "save_checkpoint writes whole (unsharded) tensors from one process; this model "
+            "holds DTensors (FSDP2): save it with torch.distributed.checkpoint "
+            "(docs/checkpoints.md). Nothing was written."
+        )
     payload = {
-        "model": model.state_dict(),
+        "model": model_state,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler_state,
         "extra": extra,
     }
-    write_checkpoint(path, payload, {"extra": extra, "scheduler": scheduler_state})
+    write_checkpoint(path, payload)
 
 
 def load_checkpoint(
@@ -152,8 +165,8 @@ def fp32_state_dict(model: nn.Module, optimizer) -> dict[str, torch.Tensor]:
             if id(value) not in masters:
                 masters[id(value)] = optimizer.master_weight(value).detach()
             out[name] = masters[id(value)]
-        else:
-            out[name] = value.detach()
+        else:  # a buffer, an unmanaged param, or a module's extra state (any object)
+            out[name] = value.detach() if isinstance(value, torch.Tensor) else value
     return out
 
 
@@ -215,6 +228,13 @@ def save_model(model: nn.Module, path, optimizer=None, *, fp32: bool = False) ->
     if fp32 and optimizer is None:
         raise ValueError("fp32=True needs the optimizer: the master weights live in it.")
     sd = fp32_state_dict(model, optimizer) if fp32 else model.state_dict()
+    others = [name for name, value in sd.items() if not isinstance(value, torch.Tensor)]
+    if others:
+        raise ValueError(
+            f"save_model: safetensors files hold tensors only, and {others} "
+            f"{'is' if len(others) == 1 else 'are'} not (a module's extra state). Save the "
+            "model with save_checkpoint, or keep that state elsewhere. Nothing was written."
+        )
     tensors, aliases = _dedupe_shared({k: v.cpu() for k, v in sd.items()})
     metadata = {
         "format": "pt",

@@ -1,7 +1,7 @@
 """The files behind save_checkpoint/save_model: atomic, checksummed, loadable by design.
 
-* :func:`write_checkpoint` first checks that the parts a user controls
-  (``extra``, the scheduler state) survive ``torch.load(weights_only=True)``,
+* :func:`write_checkpoint` first checks that every part (model, optimizer,
+  scheduler, ``extra``) survives ``torch.load(weights_only=True)``,
   then adds a checksum record (:mod:`slimoptim.integrity`) and writes the
   file atomically (:mod:`slimoptim._io`).
 * :func:`read_checkpoint` loads it and verifies every checksum before the
@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import collections
 import io
 import json
 import os
@@ -39,8 +40,11 @@ def _without_tensor_data(obj):
     any plain tensor, so the check need not copy their data (an EMA model in extra)."""
     if type(obj) in (torch.Tensor, torch.nn.Parameter):
         return torch.empty(0, dtype=obj.dtype)
-    if type(obj) is dict:
-        return {key: _without_tensor_data(value) for key, value in obj.items()}
+    if type(obj) in (dict, collections.OrderedDict):  # a module's state_dict is ordered
+        copy = type(obj)((key, _without_tensor_data(value)) for key, value in obj.items())
+        if hasattr(obj, "__dict__"):  # a state_dict's _metadata (versions)
+            copy.__dict__.update(obj.__dict__)
+        return copy
     if type(obj) in (list, tuple):
         return type(obj)(_without_tensor_data(value) for value in obj)
     return obj
@@ -106,7 +110,9 @@ def _storage_nbytes(obj) -> int:
     storages, stack = {}, [obj]
     while stack:
         item = stack.pop()
-        if isinstance(item, torch.Tensor):
+        if isinstance(item, torch.Tensor) and item.layout != torch.strided:
+            storages[id(item)] = item.numel() * item.element_size()  # sparse: at most dense
+        elif isinstance(item, torch.Tensor):
             storage = item.untyped_storage()
             storages[(item.device, storage.data_ptr())] = storage.nbytes()
         else:
@@ -114,9 +120,13 @@ def _storage_nbytes(obj) -> int:
     return sum(storages.values()) + 64 * 1024  # + pickle and zip records
 
 
-def write_checkpoint(path, payload: dict, user_parts: dict) -> None:
-    """Check ``user_parts`` round-trip, add checksums to ``payload``, write it atomically."""
-    for name, part in user_parts.items():
+def write_checkpoint(path, payload: dict) -> None:
+    """Check that every part of ``payload`` round-trips, add checksums, write it atomically.
+
+    Every part, not only the user's ``extra``: a numpy float in a param group (an LR
+    schedule computed with numpy) or a module's extra state can be what weights_only
+    loading refuses, and the file would replace a loadable one."""
+    for name, part in payload.items():
         check_loadable(part, name)
     payload = {FORMAT_KEY: CHECKPOINT_FORMAT, **payload}
     payload[INTEGRITY_KEY] = integrity.checksums(payload)

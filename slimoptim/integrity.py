@@ -28,7 +28,7 @@ ALGORITHM = "xxh3_128"
 
 def tensor_digest(t: torch.Tensor) -> str:
     """xxh3-128 of the tensor's elements in row-major order (a GPU tensor is copied to CPU)."""
-    t = t.detach()
+    t = t.detach().resolve_conj().resolve_neg()  # lazy views: their values, not their bits
     if t.layout != torch.strided:
         t = t.to_dense()
     flat = t.cpu().contiguous().reshape(-1).view(torch.uint8)
@@ -44,7 +44,8 @@ def _child_path(path: str, key) -> str:
 def _walk(obj, path: str, tokens: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (path, tensor) for every tensor; append a token describing every other node."""
     if isinstance(obj, torch.Tensor):
-        tokens.append(f"T({obj.dtype},{tuple(obj.shape)},{obj.stride()})")
+        strides = obj.stride() if obj.layout == torch.strided else obj.layout
+        tokens.append(f"T({obj.dtype},{tuple(obj.shape)},{strides})")
         yield path, obj
     elif isinstance(obj, dict):
         tokens.append(f"{type(obj).__qualname__}{{{len(obj)}")
@@ -72,6 +73,9 @@ def checksums(obj) -> dict:
     tensors: dict[str, str] = {}
     seen: dict[tuple, str] = {}  # tied tensors (same view of the same memory) hashed once
     for path, t in _walk(obj, "", tokens):
+        if t.layout != torch.strided or t.is_conj() or t.is_neg():
+            tensors[path] = tensor_digest(t)  # no address (sparse) or not its bits (lazy views)
+            continue
         view = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
         if view not in seen or t.numel() == 0:
             seen[view] = tensor_digest(t)
