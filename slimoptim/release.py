@@ -88,6 +88,7 @@ class GradientRelease:
         # of a failed backward, which runs wherever the engine frees it.
         self._lock = threading.RLock()
         self._warned: set[str] = set()
+        self._init_grads = False  # a DCP state initialisation left gradients to free
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad_ready) for p in params]
         self._saved_methods = {name: optimizer.__dict__.get(name) for name in ("step", "zero_grad")}
         optimizer.step = _make_noop_step(self)
@@ -246,6 +247,29 @@ class GradientRelease:
             for p in group["params"]:
                 p.grad = None
 
+    def _initialises_state(self) -> bool:
+        """Whether this ``step()`` is torch.distributed.checkpoint building a missing state
+        (``_init_optim_state``: every param given a zero gradient, every lr set to 0, one
+        step, then ``zero_grad()``): an optimizer without state, no backward under way."""
+        opt = self.optimizer
+        if opt.state or self._backward_open or self._microbatch:
+            return False
+        params = [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
+        return (
+            bool(params)
+            and all(p.grad is not None for p in params)
+            and all(float(group.get("lr", 1)) == 0 for group in opt.param_groups)
+        )
+
+    def _own(self, name: str):
+        """The optimizer's own ``step``/``zero_grad``, as before release replaced them."""
+        saved = self._saved_methods[name]
+        return (
+            saved
+            if saved is not None
+            else getattr(type(self.optimizer), name).__get__(self.optimizer)
+        )
+
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -269,6 +293,12 @@ def _make_noop_step(handle: GradientRelease):
         # GradScaler.step sets these right before calling step(): too late, say so.
         handle._check_no_grad_scaler()
         handle._recover_from_failed_backward()
+        if handle._initialises_state():
+            # DCP's get/set_optimizer_state_dict need the state's tensors to load into:
+            # its lr-0 step with zero gradients changes no weight. The zero_grad() that
+            # follows frees those gradients (release would otherwise keep them).
+            handle._init_grads = True
+            return handle._own("step")(closure)
         optimizer._opt_called = True  # LR schedulers check that step() ran before theirs
         handle._warn_once(
             "step",
@@ -290,6 +320,9 @@ def _make_noop_step(handle: GradientRelease):
 def _make_noop_zero_grad(handle: GradientRelease):
     def zero_grad(set_to_none: bool = True):
         handle._recover_from_failed_backward()
+        if handle._init_grads:  # the zero gradients of a state initialisation (step above)
+            handle._init_grads = False
+            return handle._own("zero_grad")(set_to_none)
         handle._warn_once(
             "zero_grad",
             "optimizer.zero_grad() does nothing while gradient release is active: gradients are "

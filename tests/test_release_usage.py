@@ -309,3 +309,42 @@ def test_params_added_after_enable_are_stepped_at_the_end_of_backward():
         model(tokens, targets).backward()
         assert model.sometimes.weight.grad is None  # no hook, but the end-of-backward sweep
         assert_same(ref_model, ref_opt, model, opt, f"seed {seed}, step {step}")
+
+
+def test_dcp_resume_into_an_optimizer_under_release_is_bit_identical(tmp_path):
+    """DCP's get/set_optimizer_state_dict build a missing state with one lr-0 step on zero
+    gradients, then zero_grad(): under release that step creates the state (it used to do
+    nothing, and the load kept no state at all) and the zero gradients are freed."""
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    from torch.distributed.checkpoint import state_dict as dsd  # noqa: PLC0415
+
+    seed, ref_model, ref_opt, _, _ = adamw_pair(weight_decay=0.1)
+    data = torch.Generator().manual_seed(seed)
+    batches = [batch(data) for _ in range(6)]
+
+    def plain_step(tokens, targets):
+        ref_model(tokens, targets).backward()
+        ref_opt.step()
+        ref_opt.zero_grad()
+
+    for b in batches[:3]:
+        plain_step(*b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no process group: running without one"
+        saved = {"model": ref_model.state_dict(), "optim": dsd.get_optimizer_state_dict(
+            ref_model, ref_opt)}  # fmt: skip
+        dcp.save(saved, checkpoint_id=tmp_path)
+        model, _ = make_models(torch.bfloat16, seed + 1)
+        opt = slimoptim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        slimoptim.enable_gradient_release(model, opt)
+        template = {"model": model.state_dict(), "optim": dsd.get_optimizer_state_dict(model, opt)}
+        dcp.load(template, checkpoint_id=tmp_path)
+        model.load_state_dict(template["model"])
+        dsd.set_optimizer_state_dict(model, opt, template["optim"])
+    assert all(p.grad is None for p in model.parameters())
+    assert len(opt.state) == len(ref_opt.state) > 0
+    assert [g["lr"] for g in opt.param_groups] == [g["lr"] for g in ref_opt.param_groups]
+    for b in batches[3:]:
+        plain_step(*b)
+        model(*b).backward()  # release steps each param during backward
+    assert_same(ref_model, ref_opt, model, opt, "after the DCP resume under release")
