@@ -255,20 +255,13 @@ class GradientRelease:
         if opt.state or self._backward_open or self._microbatch:
             return False
         params = [p for group in opt.param_groups for p in group["params"] if p.requires_grad]
-        return (
-            bool(params)
-            and all(p.grad is not None for p in params)
-            and all(float(group.get("lr", 1)) == 0 for group in opt.param_groups)
-        )
+        zero_lr = all(float(group.get("lr", 1)) == 0 for group in opt.param_groups)
+        return bool(params) and zero_lr and all(p.grad is not None for p in params)
 
     def _own(self, name: str):
         """The optimizer's own ``step``/``zero_grad``, as before release replaced them."""
-        saved = self._saved_methods[name]
-        return (
-            saved
-            if saved is not None
-            else getattr(type(self.optimizer), name).__get__(self.optimizer)
-        )
+        saved = self._saved_methods[name]  # None: the class's method
+        return saved or getattr(type(self.optimizer), name).__get__(self.optimizer)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
