@@ -19,7 +19,6 @@ import os
 
 import torch
 from torch import nn
-from torch.nn.modules.module import _EXTRA_STATE_KEY_SUFFIX as EXTRA_STATE
 
 from . import formats, ieee, state_io
 from .checkpoint_file import (
@@ -45,6 +44,10 @@ def _managed(optimizer) -> dict[int, torch.Tensor]:
 
 
 # -------------------------------------------------------- model state checks
+
+
+# The key suffix of a module's get_extra_state() entry (torch's private constant, if any).
+EXTRA_STATE = getattr(nn.modules.module, "_EXTRA_STATE_KEY_SUFFIX", "_extra_state")
 
 
 def _is_extra_state(name: str) -> bool:
