@@ -59,6 +59,12 @@ def median_ms(fn, steps: int, warmup: int = 3) -> float:
     return statistics.median(event_ms(fn) for _ in range(steps))
 
 
+def back_to_back_ms(fn, samples: int, calls: int = 10) -> float:
+    """Median over ``samples`` of the GPU time per call of ``calls`` calls in a row (the
+    host's launches overlap the GPU's work, as in training)."""
+    return median_ms(lambda: [fn() for _ in range(calls)], samples) / calls
+
+
 def copy_ceiling_gbs(nbytes: int = 2 << 30) -> float:
     """Device-to-device copy rate, bytes read + written, GB/s: the faster of one copy per
     pair of events and ten back to back (the two read up to ~3 % apart in one call; the
@@ -66,7 +72,7 @@ def copy_ceiling_gbs(nbytes: int = 2 << 30) -> float:
     src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     single = median_ms(lambda: dst.copy_(src), 30)
-    back_to_back = median_ms(lambda: [dst.copy_(src) for _ in range(10)], 7) / 10
+    back_to_back = back_to_back_ms(lambda: dst.copy_(src), 7)
     return 2 * nbytes / min(single, back_to_back) / 1e6
 
 
@@ -139,7 +145,7 @@ def bench_one(shapes, dtype, factory, steps: int, ceiling: float) -> dict:
     reported = slimoptim.memory_report(opt)["optimizer_bytes_allocated"] if ours else None
     ms = median_ms(opt.step, steps)
     # Back to back, as in training (host work overlaps the previous step's kernels).
-    pipelined = median_ms(lambda: [opt.step() for _ in range(10)], max(3, steps // 5)) / 10
+    pipelined = back_to_back_ms(opt.step, max(3, steps // 5))
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(10):

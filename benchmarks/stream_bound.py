@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
-from step_time import copy_ceiling_gbs
+from step_time import back_to_back_ms, copy_ceiling_gbs
 
 GROUP = 32  # elements per state scale, as slimoptim's default group_size
 
@@ -101,21 +101,6 @@ def bytes_moved(n: int, code_bytes: int, n_states: int) -> int:
     return n * per_element + 2 * 2 * n_states * (n // GROUP)
 
 
-def gpu_ms(fn, reps: int = 7, inner: int = 10) -> float:
-    """Median over ``reps`` of ``inner`` back-to-back calls between two CUDA events."""
-    fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(inner):
-            fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / inner)
-    return sorted(times)[len(times) // 2]
-
-
 def parse_config(text: str) -> tuple[int, int, int]:
     block, warps, tiles = (int(x) for x in text.split("x"))
     return block, warps, tiles
@@ -138,7 +123,7 @@ def main() -> None:
         bufs = twin_buffers(n, code_bytes, n_states, "cuda")
         for block, warps, tiles in configs:
             step = functools.partial(launch_twin, bufs, code_bytes, n_states, block, warps, tiles)
-            ms = gpu_ms(step)
+            ms = back_to_back_ms(step, 7)
             gbs = bytes_moved(n, code_bytes, n_states) / ms / 1e6
             rows.append(
                 {
