@@ -17,7 +17,9 @@ sources (slimoptim.demo_data) with warm-up + cosine and global-norm clipping at 
   a bf16 ulp. The second half's loss is recorded too (at GPT-2 size, 300 steps overfit the
   ~0.5 MB half and it rises for every optimizer alike).
 * State codes: during the first AdamW reference run, its float32 states are coded with
-  slimoptim's, a linear and the flashoptim 8-bit format every N steps (quality_codes.py).
+  slimoptim's, a linear and the flashoptim 8-bit format every N steps, and each format
+  also carries its own states on the run's gradients, with the run's betas and with
+  beta2 0.999 (quality_codes.py; ``--no-carried`` skips the carried states).
 
     python benchmarks/quality.py --device cuda --size small --only adamw --seeds 0,1,2
     python benchmarks/quality.py --size cpu --only adamw,lion,sgd --seeds 0,1,2   # CPU
@@ -31,6 +33,7 @@ it by quality_report.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -56,6 +59,9 @@ from slimoptim.demo_model import ByteGPT  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 EVAL_POINTS = 12
+# The state-code probe carries each format's states on the run's gradients with the run's
+# own betas and with torch's default ones (beta2 0.999: v moves 0.1% per step).
+CARRIED_BETAS = (None, (0.9, 0.999))
 
 
 def build_optimizer(run: Q.Run, model: torch.nn.Module, hyper: dict, fused: bool | None = None):
@@ -99,6 +105,21 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+class SideClock:
+    """Seconds spent on measurements inside the training loop (left out of its timing)."""
+
+    def __init__(self, device):
+        self.device, self.seconds = device, 0.0
+
+    @contextlib.contextmanager
+    def __call__(self):
+        _sync(self.device)
+        start = time.perf_counter()
+        yield
+        _sync(self.device)
+        self.seconds += time.perf_counter() - start
+
+
 class Study:
     """Settings and data shared by every run of one invocation."""
 
@@ -139,7 +160,8 @@ class Study:
         curve = [(0, evaluate(model, windows, size.batch, run.autocast))]
         if run.finetune:
             heldout = [evaluate(model, self.ft_heldout_windows, size.batch, run.autocast)]
-        losses, codes, side_seconds = [], [], 0.0
+        losses, codes, side = [], [], SideClock(device)
+        carried = [quality_codes.CarriedStates(b) for b in CARRIED_BETAS] if probe else []
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         _sync(device)
@@ -150,22 +172,25 @@ class Study:
                 loss = model.loss(tokens)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), Q.GRAD_CLIP)
+            if carried and args.carried:
+                with side():
+                    for states in carried:
+                        states.observe(optimizer, step)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if schedule is not None:
                 schedule.step()
             losses.append(loss.detach())
-            if step in eval_at or (probe and step % code_every == 0):
-                _sync(device)
-                side_start = time.perf_counter()
-                if probe and step % code_every == 0:
+            if probe and step % code_every == 0:
+                with side():
                     codes.append(quality_codes.measure_adamw_states(optimizer, step))
-                if step in eval_at:
+                    if args.carried:
+                        codes[-1]["carried"] = [c.measure(optimizer, step) for c in carried]
+            if step in eval_at:
+                with side():
                     curve.append((step, evaluate(model, windows, size.batch, run.autocast)))
-                _sync(device)
-                side_seconds += time.perf_counter() - side_start
         _sync(device)
-        train_seconds = time.perf_counter() - start - side_seconds
+        train_seconds = time.perf_counter() - start - side.seconds
         if run.name == "adamw_fp32" and self.pretrained is None:
             state = model.state_dict()
             self.pretrained = {k: v.detach().float().cpu().clone() for k, v in state.items()}
@@ -266,6 +291,12 @@ def parse_args(argv=None):
     parser.add_argument("--code-every", type=int, help="state-code measurement period (steps)")
     parser.add_argument(
         "--no-codes", action="store_true", help="skip the state-code probe of the first AdamW run"
+    )
+    parser.add_argument(
+        "--no-carried",
+        dest="carried",
+        action="store_false",
+        help="state-code probe: skip the codes carried step by step on the run's gradients",
     )
     parser.add_argument("--budget-s", type=float, help="skip runs that would end past this")
     parser.add_argument("--threads", type=int, help="torch CPU threads")

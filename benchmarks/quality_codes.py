@@ -14,6 +14,15 @@ format encodes and decodes them, and we measure
   value is the yardstick) and how many elements' decoded v is 0 while their
   decoded momentum is not (the update is then ``m / eps``).
 
+Two ways to put a format on the same states:
+
+* a snapshot: the float32 states are encoded and decoded once (the error of one code),
+* carried: each format keeps its own states from the first step, updated with the
+  run's own gradients exactly as torch's AdamW updates its float32 states and re-coded
+  after every step, as an optimizer holding that format does (``CarriedStates``). Here
+  a rounding that loses small increments, or freezes a decaying value, adds up; a
+  stochastic rounding's errors average out instead.
+
 Formats, all with groups of 32:
 
 * ``slimoptim``: the library's codes (``slimoptim.formats``): signed square-root
@@ -59,7 +68,9 @@ def _divide_or_zero(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 BETA1 = 0.9  # the study's AdamW: its momentum forgets 1 - beta1 per step
 
 
-def slimoptim_codes(m: torch.Tensor, v: torch.Tensor, step: int, nearest: bool = False):
+def slimoptim_codes(
+    m: torch.Tensor, v: torch.Tensor, step: int, beta1: float = BETA1, nearest: bool = False
+):
     """Decoded (m, v, floor on sqrt(v)) through slimoptim's own formats and dithers.
 
     ``nearest`` rounds to the nearest level instead (not what the optimizer does): it
@@ -68,14 +79,14 @@ def slimoptim_codes(m: torch.Tensor, v: torch.Tensor, step: int, nearest: bool =
     noise_m, noise_v = formats.dither(m.numel(), torch.tensor(float(step)), m.device)
     if nearest:
         noise_m, noise_v = torch.full_like(noise_m, formats.DITHER_LEVELS / 2), None
-    code, scale = formats.quantize_momentum(m, GROUP, noise_m, 1 - BETA1)
+    code, scale = formats.quantize_momentum(m, GROUP, noise_m, 1 - beta1)
     m_hat = formats.dequantize_momentum(code, scale, GROUP)
     code, scale = formats.quantize_variance(v, GROUP, noise_v)
     v_hat = formats.dequantize_variance(code, scale, GROUP)
     return m_hat, v_hat, formats.variance_floor(scale, GROUP, v.numel())
 
 
-def linear_codes(m: torch.Tensor, v: torch.Tensor, step: int):
+def linear_codes(m: torch.Tensor, v: torch.Tensor, step: int, beta1: float = BETA1):
     n = m.numel()
     m_scale = _broadcast(_groupwise(m.abs()).amax(1), n)
     m_hat = torch.round(_divide_or_zero(m, m_scale) * 127) / 127 * m_scale
@@ -89,7 +100,7 @@ def _fp16_scale(group_max: torch.Tensor, numel: int) -> torch.Tensor:
     return _broadcast(group_max.to(torch.float16).float(), numel)
 
 
-def flashoptim_codes(m: torch.Tensor, v: torch.Tensor, step: int):
+def flashoptim_codes(m: torch.Tensor, v: torch.Tensor, step: int, beta1: float = BETA1):
     n = m.numel()
     m_scale = _fp16_scale(_groupwise(m.abs()).amax(1), n)
     x = torch.clamp(_divide_or_zero(m, m_scale), -1, 1)
@@ -105,7 +116,9 @@ def flashoptim_codes(m: torch.Tensor, v: torch.Tensor, step: int):
 
 CODECS = {
     "slimoptim": slimoptim_codes,
-    "slimoptim_nearest": lambda m, v, step: slimoptim_codes(m, v, step, nearest=True),
+    "slimoptim_nearest": lambda m, v, step, beta1=BETA1: slimoptim_codes(
+        m, v, step, beta1, nearest=True
+    ),
     "linear": linear_codes,
     "flashoptim": flashoptim_codes,
 }
@@ -164,42 +177,105 @@ class Accumulator:
         return self.sums.get(num, 0.0) / den_value if den_value > 0 else 0.0
 
 
+class CarriedStates:
+    """Every format's AdamW states carried step by step on a run's own gradients, with a
+    float32 shadow carried the same way: the exact states for these betas.
+
+    ``betas`` None takes each param group's (the shadow is then torch's own states);
+    other betas ask what the codes would hold in a run with them (torch's default beta2
+    0.999 moves v by 0.1% per step). Call ``observe(optimizer, step)`` after the
+    gradients are final (clipped) and before ``optimizer.step()``: each state takes the
+    float32 update torch's AdamW applies (``lerp``, ``mul`` + ``addcmul``), and each
+    format's is coded again."""
+
+    def __init__(self, betas: tuple[float, float] | None = None):
+        self.betas = betas
+        self.states: dict[tuple[str, int], tuple] = {}  # (format, id(param)) -> (m, v, floor)
+
+    def label(self) -> str:
+        return "group betas" if self.betas is None else f"betas {self.betas}"
+
+    def betas_of(self, group: dict) -> tuple[float, float]:
+        return self.betas or group["betas"]
+
+    @torch.no_grad()
+    def observe(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        for group in optimizer.param_groups:
+            beta1, beta2 = self.betas_of(group)
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad.detach().float().reshape(-1)
+                for name in ("fp32", *CODECS):
+                    m, v, _ = self.states.get((name, id(p)), (torch.zeros_like(g),) * 3)
+                    m = m.lerp(g, 1 - beta1)
+                    v = v.mul(beta2).addcmul_(g, g, value=1 - beta2)
+                    codec = CODECS.get(name, lambda m, v, step, beta1: (m, v, None))
+                    self.states[name, id(p)] = codec(m, v, step, beta1)
+
+    def measure(self, optimizer: torch.optim.Optimizer, step: int) -> dict:
+        """Errors of every format's carried states against the shadow."""
+
+        def tensors():
+            for group in optimizer.param_groups:
+                beta1, beta2 = self.betas_of(group)
+                hyper = dict(step=step, beta1=beta1, beta2=beta2, eps=group["eps"])
+                for p in group["params"]:
+                    if ("fp32", id(p)) in self.states:
+                        m, v, _ = self.states["fp32", id(p)]
+                        decoded = {n: self.states[n, id(p)] for n in CODECS}
+                        yield m, v, hyper, decoded
+
+        return measure_states(tensors(), step) | {"betas": self.label()}
+
+
 @torch.no_grad()
 def measure_adamw_states(optimizer: torch.optim.Optimizer, step: int) -> dict:
-    """Errors of every format on the float32 AdamW states ``optimizer`` holds now."""
-    acc = Accumulator()
-    for group in optimizer.param_groups:
-        beta1, beta2 = group["betas"]
-        for p in group["params"]:
-            state = optimizer.state.get(p, {})
-            if "exp_avg" not in state:
-                continue
-            m = state["exp_avg"].detach().float().reshape(-1)
-            v = state["exp_avg_sq"].detach().float().reshape(-1)
+    """Errors of every format on the float32 AdamW states ``optimizer`` holds now, each
+    coded from them (a snapshot)."""
+
+    def tensors():
+        for group in optimizer.param_groups:
+            beta1, beta2 = group["betas"]
             hyper = dict(step=step, beta1=beta1, beta2=beta2, eps=group["eps"])
-            exact = adam_direction(m, v, **hyper)
-            heavy = heavy_groups(v)
-            acc.add("m_norm", m.square().sum())
-            acc.add("v_norm", v.square().sum())
-            acc.add("u_norm", exact.square().sum())
-            acc.add("elements", m.numel())
-            acc.add("heavy_elements", heavy.sum())
-            acc.top("fp32_max_update", exact.abs().max())
-            acc.top("fp32_max_update_heavy", torch.where(heavy, exact.abs(), 0.0).max())
-            for name, codec in CODECS.items():
-                m_hat, v_hat, floor = codec(m, v, step)
-                update = adam_direction(m_hat, v_hat, floor=floor, **hyper)
-                # the variance code's own share: the update from exact m and decoded v
-                update_v = adam_direction(m, v_hat, floor=floor, **hyper)
-                acc.relative(f"{name}_m_rel", m_hat, m)
-                acc.relative(f"{name}_v_rel", v_hat, v)
-                acc.add(f"{name}_m_err", (m_hat - m).square().sum())
-                acc.add(f"{name}_v_err", (v_hat - v).square().sum())
-                acc.add(f"{name}_u_err", (update - exact).square().sum())
-                acc.add(f"{name}_uv_err", (update_v - exact).square().sum())
-                acc.add(f"{name}_zero_v", ((v_hat == 0) & (m_hat != 0)).sum())
-                acc.top(f"{name}_max_update", update.abs().max())
-                acc.top(f"{name}_max_update_heavy", torch.where(heavy, update.abs(), 0.0).max())
+            for p in group["params"]:
+                state = optimizer.state.get(p, {})
+                if "exp_avg" in state:
+                    m = state["exp_avg"].detach().float().reshape(-1)
+                    v = state["exp_avg_sq"].detach().float().reshape(-1)
+                    yield m, v, hyper, {n: c(m, v, step, beta1) for n, c in CODECS.items()}
+
+    return measure_states(tensors(), step)
+
+
+@torch.no_grad()
+def measure_states(tensors, step: int) -> dict:
+    """Errors of decoded states against exact ones: ``tensors`` yields, per param, float32
+    (m, v), its AdamW hyper-parameters and {format: (m_hat, v_hat, floor)}."""
+    acc = Accumulator()
+    for m, v, hyper, decoded in tensors:
+        exact = adam_direction(m, v, **hyper)
+        heavy = heavy_groups(v)
+        acc.add("m_norm", m.square().sum())
+        acc.add("v_norm", v.square().sum())
+        acc.add("u_norm", exact.square().sum())
+        acc.add("elements", m.numel())
+        acc.add("heavy_elements", heavy.sum())
+        acc.top("fp32_max_update", exact.abs().max())
+        acc.top("fp32_max_update_heavy", torch.where(heavy, exact.abs(), 0.0).max())
+        for name, (m_hat, v_hat, floor) in decoded.items():
+            update = adam_direction(m_hat, v_hat, floor=floor, **hyper)
+            # the variance code's own share: the update from exact m and decoded v
+            update_v = adam_direction(m, v_hat, floor=floor, **hyper)
+            acc.relative(f"{name}_m_rel", m_hat, m)
+            acc.relative(f"{name}_v_rel", v_hat, v)
+            acc.add(f"{name}_m_err", (m_hat - m).square().sum())
+            acc.add(f"{name}_v_err", (v_hat - v).square().sum())
+            acc.add(f"{name}_u_err", (update - exact).square().sum())
+            acc.add(f"{name}_uv_err", (update_v - exact).square().sum())
+            acc.add(f"{name}_zero_v", ((v_hat == 0) & (m_hat != 0)).sum())
+            acc.top(f"{name}_max_update", update.abs().max())
+            acc.top(f"{name}_max_update_heavy", torch.where(heavy, update.abs(), 0.0).max())
     out = {
         "step": step,
         "elements": int(acc.sums.get("elements", 0)),

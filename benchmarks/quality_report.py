@@ -259,11 +259,16 @@ def write_report(results_path: Path, plots: Path = PLOTS) -> list[Path]:
             written.append(path)
     probe = next((r for n in runs for r in runs[n] if r.get("state_codes")), None)
     if probe:
-        lines += ["### 8-bit codes on the fp32 reference's AdamW states", ""]
-        lines += code_table(probe["state_codes"])
-        path = plots / f"{tag}_state_codes.png"
-        plot_codes(probe["state_codes"], path, f"8-bit codes on real AdamW states ({tag})")
-        written.append(path)
+        codes = probe["state_codes"]
+        studies = [("", "coded from the fp32 reference's AdamW states", codes)]
+        for i, carried in enumerate(codes[0].get("carried", [])):
+            what = f"carried step by step on the reference's gradients, {carried['betas']}"
+            studies.append((f"_carried{i}", what, [c["carried"][i] for c in codes]))
+        for suffix, what, series in studies:
+            lines += [f"### 8-bit codes {what}", ""] + code_table(series)
+            path = plots / f"{tag}_state_codes{suffix}.png"
+            plot_codes(series, path, f"8-bit codes {what} ({tag})")
+            written.append(path)
     md = Path(results_path).with_suffix(".md")
     md.write_text("\n".join(lines) + "\n")
     return [md, *written]

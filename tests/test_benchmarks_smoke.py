@@ -83,6 +83,44 @@ def test_codes_reconstruct_gaussian_states():
         assert m_err > 1e-4, (name, m_err)
 
 
+def _adamw_steps(params, steps: int, betas, seed: int):
+    """Yield (optimizer, step) with fresh random gradients set, before each torch AdamW step."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(params, lr=1e-3, betas=betas, eps=1e-8, weight_decay=0.0)
+    for step in range(1, steps + 1):
+        for p in params:
+            # heavy-tailed gradients: a few elements a thousand times the rest
+            p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+            p.grad[torch.rand(p.shape, generator=gen) < 0.01] *= 1000
+        yield opt, step
+        opt.step()
+
+
+def test_carried_states_follow_torch_adamw_and_code_every_step():
+    params = [torch.nn.Parameter(torch.zeros(32 * 40)), torch.nn.Parameter(torch.zeros(7, 33))]
+    own = quality_codes.CarriedStates()  # the run's betas: the shadow is torch's states
+    default = quality_codes.CarriedStates((0.9, 0.999))
+    for opt, step in _adamw_steps(params, 12, (0.9, 0.95), seed=3):
+        own.observe(opt, step)
+        default.observe(opt, step)
+    for p in params:
+        m, v, _ = own.states["fp32", id(p)]
+        state = opt.state[p]
+        # the same float32 operations as torch's AdamW: the same bits
+        assert torch.equal(m, state["exp_avg"].reshape(-1))
+        assert torch.equal(v, state["exp_avg_sq"].reshape(-1))
+        assert not torch.equal(default.states["fp32", id(p)][1], v)  # other betas, other v
+    for carried in (own, default):
+        result = carried.measure(opt, 12)
+        assert result["elements"] == sum(p.numel() for p in params)
+        for name in quality_codes.FORMATS:
+            errors = result[name]
+            # carried codes drift from the shadow but stay close; never exact
+            assert 1e-4 < errors["momentum_error"] < 0.2, (carried.label(), name, errors)
+            assert 0 < errors["variance_error"] < 0.3, (carried.label(), name, errors)
+        assert result["slimoptim"]["zero_v_nonzero_m"] == 0
+
+
 def test_flashoptim_fp16_scale_flushes_tiny_states():
     m = torch.full((32,), 1e-9)  # below fp16's smallest subnormal (6e-8)
     v = torch.full((32,), 1e-20)
@@ -122,12 +160,17 @@ def test_quality_study_tiny_runs_merges_and_reports(tmp_path):
     for c in codes:
         assert 0 < c["slimoptim"]["momentum_error"] < 0.1
         assert c["slimoptim"]["max_update_over_lr"] < 10 * max(1.0, c["fp32"]["max_update_over_lr"])
+        # carried with the run's betas and with torch's default ones
+        assert [k["betas"] for k in c["carried"]] == ["group betas", "betas (0.9, 0.999)"]
+        assert all(0 < k["slimoptim"]["momentum_error"] < 0.5 for k in c["carried"])
     saved = json.loads(out.read_text())
     assert saved["environment"]["commit"] and saved["settings"]["steps"] == 4
     report = out.with_suffix(".md").read_text()
     assert "slimoptim AdamW 24/8" in report and "8-bit codes" in report
     assert (plots / "quality_adamw.png").stat().st_size > 1000
     assert (plots / "quality_state_codes.png").exists()
+    assert (plots / "quality_state_codes_carried1.png").exists()
+    assert "carried step by step" in report
 
 
 def test_quality_budget_skips_runs(tmp_path, capsys):
