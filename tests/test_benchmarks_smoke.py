@@ -103,17 +103,21 @@ def test_carried_states_follow_torch_adamw_and_code_every_step():
     for opt, step in _adamw_steps(params, 12, (0.9, 0.95), seed=3):
         own.observe(opt, step)
         default.observe(opt, step)
-    for p in params:
-        m, v, _ = own.states["fp32", id(p)]
-        state = opt.state[p]
+    m, v, _ = own.states["fp32", 0]
+    other_v = default.states["fp32", 0][1]
+    for p, offset, numel in own.slots[0]:
+        state, cut = opt.state[p], slice(offset, offset + numel)
         # the same float32 operations as torch's AdamW: the same bits
-        assert torch.equal(m, state["exp_avg"].reshape(-1))
-        assert torch.equal(v, state["exp_avg_sq"].reshape(-1))
-        assert not torch.equal(default.states["fp32", id(p)][1], v)  # other betas, other v
+        assert torch.equal(m[cut], state["exp_avg"].reshape(-1))
+        assert torch.equal(v[cut], state["exp_avg_sq"].reshape(-1))
+        assert not torch.equal(other_v[cut], v[cut])  # other betas, other v
+    assert own.slots[0][1][1] == 32 * 40  # whole groups of 32 per param
+    assert m.numel() == 32 * 40 + 8 * 32 and (m[32 * 40 + 231 :] == 0).all()  # 7 x 33 padded
     for carried in (own, default):
         result = carried.measure(opt, 12)
         assert result["elements"] == sum(p.numel() for p in params)
-        for name in quality_codes.FORMATS:
+        assert [n for n in quality_codes.FORMATS if n in result] == ["slimoptim", "flashoptim"]
+        for name in quality_codes.CARRIED_FORMATS:
             errors = result[name]
             # carried codes drift from the shadow but stay close; never exact
             assert 1e-4 < errors["momentum_error"] < 0.2, (carried.label(), name, errors)
