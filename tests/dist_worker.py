@@ -158,6 +158,20 @@ def stage_fsdp(rank: int, world: int, workdir: str) -> dict:
     train(model, opt, range(STEPS), rank, world, release=True)
     out["release_grads_freed"] = all(p.grad is None for p in model.parameters())
     out["release"] = snapshot(model, opt)
+
+    # DCP resume under release: DCP initialises a fresh optimizer's state with a step at
+    # lr 0, which release must run (not skip) and whose gradients it must free.
+    path = os.path.join(workdir, f"ckpt_w{world}_release")
+    for seed, steps in ((0, range(SAVE_AT)), (1, range(SAVE_AT, STEPS))):
+        model, opt = fsdp_pair(world, seed=seed)
+        slimoptim.enable_gradient_release(model, opt, bucket_bytes=0)
+        if seed == 1:
+            dcp_load(model, opt, path)
+            out["release_load_grads_freed"] = all(p.grad is None for p in model.parameters())
+        train(model, opt, steps, rank, world, release=True)
+        if seed == 0:
+            dcp_save(model, opt, path)
+    out["release_resumed"] = snapshot(model, opt)
     return {**out, **stage_reshard(rank, world, workdir)}
 
 

@@ -125,6 +125,13 @@ def test_gradient_release_is_bit_identical_and_frees_sharded_grads(runs, world):
     assert_same(fsdp["straight"], fsdp["release"], f"gradient release at world size {world}")
 
 
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_dcp_resume_under_gradient_release_is_bit_identical(runs, world):
+    fsdp = runs[world]["fsdp"]
+    assert fsdp["release_load_grads_freed"]  # DCP's initialising step left no gradient
+    assert_same(fsdp["straight"], fsdp["release_resumed"], f"release resume, world {world}")
+
+
 RESHARDS = [(1, 2), (1, 3), (2, 3), (2, 1), (3, 1)]
 
 
