@@ -161,7 +161,7 @@ class Study:
         if run.finetune:
             heldout = [evaluate(model, self.ft_heldout_windows, size.batch, run.autocast)]
         losses, codes, side = [], [], SideClock(device)
-        carried = [quality_codes.CarriedStates(b) for b in CARRIED_BETAS] if probe else []
+        carried = [quality_codes.CarriedStates(b) for b in CARRIED_BETAS if probe and args.carried]
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         _sync(device)
@@ -172,7 +172,7 @@ class Study:
                 loss = model.loss(tokens)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), Q.GRAD_CLIP)
-            if carried and args.carried:
+            if carried:
                 with side():
                     for states in carried:
                         states.observe(optimizer, step)
@@ -184,7 +184,7 @@ class Study:
             if probe and step % code_every == 0:
                 with side():
                     codes.append(quality_codes.measure_adamw_states(optimizer, step))
-                    if args.carried:
+                    if carried:
                         codes[-1]["carried"] = [c.measure(optimizer, step) for c in carried]
             if step in eval_at:
                 with side():
