@@ -46,6 +46,13 @@ def batch(gen):
     return tokens, torch.randint(VOCAB, (BATCH, SEQ), generator=gen)
 
 
+def reference_step(opt, loss) -> None:
+    """The reference's plain step: backward of ``loss``, ``step()``, ``zero_grad()``."""
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+
 def assert_same(model_a, opt_a, model_b, opt_b, context):
     for (name, a), b in zip(model_a.named_parameters(), model_b.parameters(), strict=True):
         assert a.dtype == b.dtype and torch.equal(a, b), f"{name} differs ({context})"

@@ -20,6 +20,7 @@ from release_common import (
     batch,
     make_models,
     new_seed,
+    reference_step,
     released_buckets,
 )
 
@@ -41,9 +42,7 @@ def test_release_is_bit_identical_to_step(name, kwargs, master_weight_bits, stat
     for step in range(3):
         tokens, targets = batch(gen)
         use_sometimes = step != 1  # `sometimes` gets no gradient in step 1
-        ref_model(tokens, targets, use_sometimes).backward()
-        ref_opt.step()
-        ref_opt.zero_grad()
+        reference_step(ref_opt, ref_model(tokens, targets, use_sometimes))
         model(tokens, targets, use_sometimes).backward()
         assert all(p.grad is None for p in model.parameters())
         assert_same(ref_model, ref_opt, model, opt, f"seed {seed}, bucket {bucket_bytes}")
@@ -102,9 +101,7 @@ def test_step_and_zero_grad_are_noops_that_warn_once_and_remove_restores_them():
     gen = torch.Generator().manual_seed(seed)
     for step in range(3):
         tokens, targets = batch(gen)
-        ref_model(tokens, targets).backward()
-        ref_opt.step()
-        ref_opt.zero_grad()
+        reference_step(ref_opt, ref_model(tokens, targets))
         model(tokens, targets).backward()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

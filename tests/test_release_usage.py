@@ -17,6 +17,7 @@ from release_common import (
     batch,
     make_models,
     new_seed,
+    reference_step,
 )
 from torch import nn
 
@@ -38,9 +39,7 @@ def test_lr_scheduler_drives_the_released_steps(scheduler_first):
         warnings.simplefilter("always")
         for _ in range(4):
             tokens, targets = batch(gen)
-            ref_model(tokens, targets).backward()
-            ref_opt.step()
-            ref_opt.zero_grad()
+            reference_step(ref_opt, ref_model(tokens, targets))
             ref_sched.step()
             model(tokens, targets).backward()
             opt.step()
@@ -172,9 +171,7 @@ def test_fsdp2_single_rank_is_bit_identical(device):
         gen = torch.Generator().manual_seed(seed)
         for _ in range(3):
             x = torch.randn(BATCH, DIM, generator=gen).bfloat16().to(device)
-            ref_model(x).float().square().mean().backward()
-            ref_opt.step()
-            ref_opt.zero_grad()
+            reference_step(ref_opt, ref_model(x).float().square().mean())
             model(x).float().square().mean().backward()
             assert all(p.grad is None for p in model.parameters())
         for a, b in zip(ref_model.parameters(), model.parameters(), strict=True):
@@ -268,9 +265,7 @@ def test_release_through_the_fused_kernels_is_bit_identical(name, kwargs):
     gen = torch.Generator().manual_seed(seed)
     for step in range(3):
         tokens, targets = (t.to(device) for t in batch(gen))
-        ref_model(tokens, targets, step != 1).backward()
-        ref_opt.step()
-        ref_opt.zero_grad()
+        reference_step(ref_opt, ref_model(tokens, targets, step != 1))
         model(tokens, targets, step != 1).backward()
         assert_same(ref_model, ref_opt, model, opt, f"seed {seed}, step {step}")
 
@@ -285,9 +280,7 @@ def test_load_state_dict_while_active_uses_the_new_groups():
                 o.load_state_dict(copy.deepcopy(o.state_dict()))
                 o.param_groups[0]["lr"] = 3e-2
         tokens, targets = batch(gen)
-        ref_model(tokens, targets).backward()
-        ref_opt.step()
-        ref_opt.zero_grad()
+        reference_step(ref_opt, ref_model(tokens, targets))
         model(tokens, targets).backward()
         assert_same(ref_model, ref_opt, model, opt, f"seed {seed}, step {step}")
 
@@ -303,9 +296,7 @@ def test_params_added_after_enable_are_stepped_at_the_end_of_backward():
     gen = torch.Generator().manual_seed(seed)
     for step in range(2):
         tokens, targets = batch(gen)
-        ref_model(tokens, targets).backward()
-        ref_opt.step()
-        ref_opt.zero_grad()
+        reference_step(ref_opt, ref_model(tokens, targets))
         model(tokens, targets).backward()
         assert model.sometimes.weight.grad is None  # no hook, but the end-of-backward sweep
         assert_same(ref_model, ref_opt, model, opt, f"seed {seed}, step {step}")
@@ -323,9 +314,7 @@ def test_dcp_resume_into_an_optimizer_under_release_is_bit_identical(tmp_path):
     batches = [batch(data) for _ in range(6)]
 
     def plain_step(tokens, targets):
-        ref_model(tokens, targets).backward()
-        ref_opt.step()
-        ref_opt.zero_grad()
+        reference_step(ref_opt, ref_model(tokens, targets))
 
     for b in batches[:3]:
         plain_step(*b)
