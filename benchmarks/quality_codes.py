@@ -25,10 +25,9 @@ Two ways to put a format on the same states:
 
 Formats, all with groups of 32:
 
-* ``slimoptim``: the library's codes (``slimoptim.formats``): signed momentum on
-  linear-square or square levels (per group, by the span of its v) and logarithmic
-  variance, bf16 scales, stochastic rounding, and the floor on the decoded sqrt(v)
-  that the optimizer applies.
+* ``slimoptim``: the library's codes (``slimoptim.formats``): signed square-root
+  momentum and logarithmic variance, bf16 scales, stochastic rounding, and the
+  floor on the decoded sqrt(v) that the optimizer applies.
 * ``slimoptim_nearest``: the same codes rounded to nearest (for comparison only).
 * ``linear``: absmax-scaled int8 momentum and max-scaled uint8 variance, float32
   scales, round to nearest (the plain 8-bit baseline).
@@ -80,13 +79,11 @@ def slimoptim_codes(
     noise_m, noise_v = formats.dither(m.numel(), torch.tensor(float(step)), m.device)
     if nearest:
         noise_m, noise_v = torch.full_like(noise_m, formats.DITHER_LEVELS / 2), None
-    code, v_scale = formats.quantize_variance(v, GROUP, noise_v)
-    v_hat = formats.dequantize_variance(code, v_scale, GROUP)
-    # AdamW's momentum levels follow each group's second-moment code (formats.py)
-    levels = "by_variance"
-    code, scale = formats.quantize_momentum(m, GROUP, noise_m, 1 - beta1, levels, None, v_scale)
-    m_hat = formats.dequantize_momentum(code, scale, GROUP, levels, v_scale)
-    return m_hat, v_hat, formats.variance_floor(v_scale, GROUP, v.numel())
+    code, scale = formats.quantize_momentum(m, GROUP, noise_m, 1 - beta1)
+    m_hat = formats.dequantize_momentum(code, scale, GROUP)
+    code, scale = formats.quantize_variance(v, GROUP, noise_v)
+    v_hat = formats.dequantize_variance(code, scale, GROUP)
+    return m_hat, v_hat, formats.variance_floor(scale, GROUP, v.numel())
 
 
 def linear_codes(m: torch.Tensor, v: torch.Tensor, step: int, beta1: float = BETA1):

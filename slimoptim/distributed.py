@@ -257,18 +257,11 @@ def _phases(table: torch.Tensor) -> torch.Tensor:
     return digits[:, 0] * PHASE_BASE + digits[:, 1]
 
 
-def requantize(
-    spec, code, per_element_scale, size, saved_levels, saved_variance_scale=None,
-    variance_scale=None,
-):  # fmt: skip
-    """Decode with the saved per-value scales, re-quantize to this shard's groups (nearest).
-    A momentum whose levels follow the second moment's ("by_variance") reads the saved
-    second moment's per-value scales to decode and its new group scales to code."""
+def requantize(spec, code, per_element_scale, size, saved_levels):
+    """Decode with the saved per-value scales, re-quantize to this shard's groups (nearest)."""
     if spec.signed:
-        values = formats.dequantize_momentum(
-            code, per_element_scale, 1, saved_levels(spec), saved_variance_scale
-        )
-        return formats.quantize_momentum_nearest(values, size, spec.levels, variance_scale)
+        values = formats.dequantize_momentum(code, per_element_scale, 1, saved_levels(spec))
+        return formats.quantize_momentum_nearest(values, size, spec.levels)
     values = formats.dequantize_variance(code, per_element_scale, 1)
     return formats.quantize_variance(values, size)
 
@@ -302,9 +295,7 @@ def flat_state(
             )
         local[name] = part if name in scales else part.reshape(-1)
     own_phase = shard_phases(n_rows, cols, size, local_tensor(p).device)
-    saved_v_scale = None  # per value: the saved second moment's (a momentum may read it)
-    # The second moment first: a momentum's levels may follow its new scales.
-    for spec in sorted(opt._specs_for(group), key=lambda spec: spec.signed):
+    for spec in opt._specs_for(group):
         if spec.scale_name not in scales or spec.scale_name not in local:
             continue
         table = local[spec.scale_name]
@@ -315,16 +306,13 @@ def flat_state(
                 f"[0, {size}): it was not written by slimoptim with group_size={size}."
             )
         same_levels = not spec.signed or saved_levels(spec) == spec.levels
-        per_element = _per_element_scales(table, phase, cols, size)
         if same_levels and torch.equal(phase, own_phase):  # same groups and levels: exact
             local[spec.scale_name] = _gathered_scales(table, phase, n_rows, cols, size)
         elif spec.name in local:
+            per_element = _per_element_scales(table, phase, cols, size)
             local[spec.name], local[spec.scale_name] = requantize(
-                spec, local[spec.name], per_element, size, saved_levels, saved_v_scale,
-                opt._variance_scale(local, group),
-            )  # fmt: skip
-        if not spec.signed:
-            saved_v_scale = per_element
+                spec, local[spec.name], per_element, size, saved_levels
+            )
     return local
 
 

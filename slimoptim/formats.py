@@ -17,9 +17,8 @@ Two formats live here:
   the split and the rebuild are exact float32 arithmetic. Either way
   ``|w - b| <= ulp(b) / 2`` makes the code fit.
 * Group-quantized 8-bit states. Each run of ``group_size`` values shares one
-  bf16 scale. Momentum codes index square (or half-linear, half-square, or per group
-  the one of the two that the group's second moment calls for) levels below the
-  group's absmax, rounded to nearest except where a decaying state could
+  bf16 scale. Momentum codes index square (or half-linear, half-square) levels
+  below the group's absmax, rounded to nearest except where a decaying state could
   freeze (there stochastically and without bias, so it reaches zero as in float32);
   the second moment is a
   logarithmic code, read off its float32 bits, below a power-of-two group scale.
@@ -203,17 +202,9 @@ def _safe_reciprocal(scale: torch.Tensor) -> torch.Tensor:
 # * "linear_square" (offset 127): half linear, half square, levels 1/252 of the scale
 #   apart at zero and 3/254 at the top. For rules whose update is linear in the state
 #   (SGD, Muon) what counts is the error relative to the group: ~15 % less than square.
-# * "by_variance" (AdamW), per group: linear-square where the group's second-moment code
-#   spans at most 16 binades (code shift <= LINEAR_MOMENTUM_MAX_SHIFT), square where it
-#   spans more. Where sqrt(v) varies by at most 2**8 within the group, a momentum rounded
-#   up to the first linear level (1/252 of the scale) divided by the group's smallest
-#   sqrt(v) is at most the group's own largest update; only wider groups need the square
-#   levels' fine start. The decode reads the choice from the stored variance scale, so it
-#   costs no storage (docs/formats.md, "Momentum").
-MOMENTUM_LEVEL_SETS = ("square", "linear_square", "by_variance")  # index: kernels' LEVELS
+MOMENTUM_LEVEL_SETS = ("square", "linear_square")  # index: the kernels' LEVELS constexpr
 _LEVEL_OFFSET = {"square": 0, "linear_square": MOMENTUM_LEVELS}
 _LEVEL_UNITS = {"square": float(MOMENTUM_LEVELS**2), "linear_square": float(2 * MOMENTUM_LEVELS**2)}
-LINEAR_MOMENTUM_MAX_SHIFT = 19
 
 
 MOVEMENT_SLACK = 1 + 2**-12  # see quantize_momentum's movement rule
@@ -222,28 +213,8 @@ MOVEMENT_SLACK = 1 + 2**-12  # see quantize_momentum's movement rule
 MOMENTUM_ROUNDINGS = ("decay", "movement", "stochastic")
 
 
-def _momentum_level(c: torch.Tensor, offset) -> torch.Tensor:
+def _momentum_level(c: torch.Tensor, offset: int) -> torch.Tensor:
     return c * (offset + c)  # exact: integers below 2**15
-
-
-def momentum_offsets(levels: str, group_size: int, numel: int, variance_scale=None):
-    """Per element, the level set's offset (0 square, 127 linear-square) as float32: a
-    number for a fixed set; for "by_variance", read from the group's stored second-moment
-    scale (``variance_scale``, bf16, one per group; see LINEAR_MOMENTUM_MAX_SHIFT)."""
-    if levels != "by_variance":
-        return float(_LEVEL_OFFSET[levels])
-    if variance_scale is None:
-        raise ValueError('momentum levels "by_variance" need the second moment\'s group scales')
-    _, shift = variance_scale_parts(variance_scale)
-    linear = shift <= LINEAR_MOMENTUM_MAX_SHIFT
-    return per_element(torch.where(linear, float(MOMENTUM_LEVELS), 0.0), group_size, numel)
-
-
-def _level_units(offset):
-    """(units, 1/units as float32) of levels with ``offset``: 127**2 or 2 * 127**2."""
-    units = offset * MOMENTUM_LEVELS + float(MOMENTUM_LEVELS**2)  # exact
-    inverse = torch.tensor(1.0 / _LEVEL_UNITS["square"], dtype=torch.float32)
-    return units, torch.where(torch.as_tensor(offset) > 0, inverse * 0.5, inverse)
 
 
 def quantize_momentum(
@@ -253,11 +224,9 @@ def quantize_momentum(
     forget,
     levels: str = "square",
     previous: torch.Tensor | None = None,
-    variance_scale: torch.Tensor | None = None,
 ):
     """Signed 8-bit code c of ``m``, decoding to sign(c) * |c| * (offset + |c|) / units of
-    the group scale (``levels``, see MOMENTUM_LEVEL_SETS; "by_variance" reads each group's
-    choice from ``variance_scale``, the second moment's new group scales).
+    the group scale (``levels``, see MOMENTUM_LEVEL_SETS).
 
     Values round to the nearest level, except where nearest rounding could undo the
     step: where the state's change in one step is under half the gap to the next level,
@@ -274,16 +243,16 @@ def quantize_momentum(
     float32 operations decide the code (the square root is corrected to the exact floor
     level), so every backend gives the same bits with a fast approximate root.
     """
-    offset = momentum_offsets(levels, group_size, m.numel(), variance_scale)
-    units, _ = _level_units(offset)
+    offset, units = _LEVEL_OFFSET[levels], _LEVEL_UNITS[levels]
     scale = group_scale(m.abs(), group_size)
     group_lift = scale_lift(scale)
     lift = per_element(group_lift, group_size, m.numel())
     # 1/scale and the units in one factor per group (its range allows it: the lift keeps
     # 1/scale below 2**70); the lift stays on the values, whose products it keeps normal.
-    factor = per_element(_safe_reciprocal(scale * group_lift), group_size, m.numel()) * units
+    factor = _safe_reciprocal(scale * group_lift) * units
+    factor = per_element(factor, group_size, m.numel())
     # fmin, as the kernels' minimum: a NaN value takes the top level, not a NaN code
-    t = torch.fmin((m * lift).abs() * factor, torch.as_tensor(units))
+    t = torch.fmin((m * lift).abs() * factor, torch.tensor(units))
     # low: the largest c with c * (offset + c) <= t, from the root of c**2 + offset c = t
     low = torch.floor((torch.sqrt(t * 4.0 + offset * offset) - offset) * 0.5)
     low = torch.where(_momentum_level(low, offset) > t, low - 1, low)
@@ -306,29 +275,20 @@ def quantize_momentum(
     return code.to(torch.int8), scale.to(torch.bfloat16)
 
 
-def quantize_momentum_nearest(
-    m: torch.Tensor, group_size: int, levels: str = "square", variance_scale=None
-):
+def quantize_momentum_nearest(m: torch.Tensor, group_size: int, levels: str = "square"):
     """:func:`quantize_momentum` rounding every value to its nearest level (conversions)."""
     noise = torch.full_like(m, DITHER_LEVELS // 2)
-    return quantize_momentum(m, group_size, noise, 1.0, levels, variance_scale=variance_scale)
+    return quantize_momentum(m, group_size, noise, 1.0, levels)
 
 
 def dequantize_momentum(
-    code: torch.Tensor,
-    scale: torch.Tensor,
-    group_size: int,
-    levels: str = "square",
-    variance_scale: torch.Tensor | None = None,
+    code: torch.Tensor, scale: torch.Tensor, group_size: int, levels: str = "square"
 ):
-    """The float32 momentum of ``code`` (``variance_scale``: see quantize_momentum)."""
     y = code.float()
-    offset = momentum_offsets(levels, group_size, code.numel(), variance_scale)
-    _, inverse_units = _level_units(offset)
     return (
         y
-        * (y.abs() + offset)
-        * inverse_units
+        * (y.abs() + _LEVEL_OFFSET[levels])
+        * (1.0 / _LEVEL_UNITS[levels])
         * per_element(scale.float(), group_size, code.numel())
     )
 

@@ -35,10 +35,8 @@ from .formats import local_tensor
 # version 1 and 2 codes (square levels) are converted on loading (below). 4: a bf16
 # param's correction counts float32 steps (formats.split_master); older ones, in units of
 # the param's ulp, are converted against the param's value when the state is applied.
-# 5: AdamW's momentum levels follow its second moment's code group by group
-# ("by_variance", formats.py); its older codes (square levels) are converted on loading.
-FORMAT_VERSION = 5
-READABLE_FORMAT_VERSIONS = (1, 2, 3, 4, 5)
+FORMAT_VERSION = 4
+READABLE_FORMAT_VERSIONS = (1, 2, 3, 4)
 
 HEADER_KEY = "slimoptim"
 _GROUP_MODE_KEYS = ("master_weight_bits", "state_bits", "group_size")
@@ -122,12 +120,8 @@ def _saved_version(sd: dict) -> int:
 
 def _saved_levels(version: int):
     """The level set a state_dict of ``version`` coded a signed state with: versions 1
-    and 2 had square levels for every optimizer, 3 and 4 square levels for AdamW's."""
-    if version < 3:
-        return lambda spec: "square"
-    if version < 5:
-        return lambda spec: "square" if spec.levels == "by_variance" else spec.levels
-    return lambda spec: spec.levels
+    and 2 had square levels for every optimizer."""
+    return (lambda spec: "square") if version < 3 else (lambda spec: spec.levels)
 
 
 def _upgrade_momentum(opt, group: dict, state: dict, saved_levels) -> dict:
@@ -141,14 +135,9 @@ def _upgrade_momentum(opt, group: dict, state: dict, saved_levels) -> dict:
         if spec.signed and spec.name in state and saved_levels(spec) != spec.levels:
             code, scale = state[spec.name], state[spec.scale_name]
             per_value_scale = formats.per_element(scale, size, code.numel())
-            v_scale = opt._variance_scale(state, group)  # the same groups: unchanged
-            per_value_v_scale = None
-            if v_scale is not None:
-                per_value_v_scale = formats.per_element(v_scale, size, code.numel())
             new_code, new_scale = requantize(
-                spec, code.reshape(-1), per_value_scale, size, saved_levels,
-                per_value_v_scale, v_scale,
-            )  # fmt: skip
+                spec, code.reshape(-1), per_value_scale, size, saved_levels
+            )
             state[spec.name] = new_code.view(code.shape)
             state[spec.scale_name] = new_scale.view(scale.shape)
     return state
@@ -283,7 +272,7 @@ def check(opt, state_dict: dict) -> LoadPlan:
     unknown = set(saved) - known
     if unknown:
         _fail(f"state for unknown parameter ids {sorted(unknown, key=str)}.")
-    # Versions 3 and 5 moved signed codes to new levels: older codes convert.
+    # Version 3 moved SGD's and Muon's signed codes to new levels: older codes convert.
     version = _saved_version(state_dict)
     saved_levels = _saved_levels(version)
     rows = saved

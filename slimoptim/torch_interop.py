@@ -134,8 +134,7 @@ def _quantized_state(optimizer, p, group, step: float, values: dict) -> dict:
     if "correction" in optimizer.state.get(p, {}):
         state["correction"].copy_(optimizer.state[p]["correction"])
     size = group["group_size"]
-    # The second moment first: a momentum's levels may follow its scales.
-    for spec in sorted(optimizer._specs_for(group), key=lambda spec: spec.signed):
+    for spec in optimizer._specs_for(group):
         if spec.name not in values:
             continue
         value = values[spec.name]
@@ -143,8 +142,7 @@ def _quantized_state(optimizer, p, group, step: float, values: dict) -> dict:
             state[spec.name].copy_(value)
             continue
         if spec.signed:  # one-off conversion: nearest level (noise = half range), not dithered
-            v_scale = optimizer._variance_scale(state, group)
-            code, scale = formats.quantize_momentum_nearest(value, size, spec.levels, v_scale)
+            code, scale = formats.quantize_momentum_nearest(value, size, spec.levels)
         else:
             code, scale = formats.quantize_variance(value, size)
         state[spec.name].copy_(code)

@@ -16,10 +16,7 @@ def level_position(x: torch.Tensor, levels: str) -> torch.Tensor:
 
 
 def momentum_gap(x: torch.Tensor, levels: str) -> torch.Tensor:
-    """An upper bound on the gap between the two levels around |x|, relative to the scale
-    ("by_variance": the larger of its two sets' gaps, whichever a group picked)."""
-    if levels == "by_variance":
-        return torch.maximum(momentum_gap(x, "square"), momentum_gap(x, "linear_square"))
+    """An upper bound on the gap between the two levels around |x|, relative to the scale."""
     offset, units = formats._LEVEL_OFFSET[levels], formats._LEVEL_UNITS[levels]
     c = torch.floor(level_position(x, levels))
     return (offset + 2 * c + 3) / units  # the gap above the next level: float rounding slack

@@ -223,70 +223,34 @@ def _nan_payloads(n, gen):
 
 @triton.jit
 def _quantize_kernel(
-    m_ptr, previous_ptr, noise_ptr, v_scale_ptr, code_ptr, scale_ptr, decoded_ptr, forget,
-    numel, G: tl.constexpr, ROWS: tl.constexpr, LEVELS: tl.constexpr, ROUNDING: tl.constexpr,
+    m_ptr, previous_ptr, noise_ptr, code_ptr, scale_ptr, decoded_ptr, forget, numel,
+    G: tl.constexpr, ROWS: tl.constexpr, LEVELS: tl.constexpr, ROUNDING: tl.constexpr,
 ):  # fmt: skip
     groups = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     offs = groups[:, None] * G + tl.arange(0, G)[None, :]
     mask = offs < numel
-    group_mask = groups * G < numel
     m = tl.load(m_ptr + offs, mask=mask, other=0.0)
     previous = tl.load(previous_ptr + offs, mask=mask, other=0.0)
     noise = tl.load(noise_ptr + offs, mask=mask, other=0.0)
-    v_scale = kf.bf16_bits_to_float(tl.load(v_scale_ptr + groups, mask=group_mask, other=0))
-    code, scale = kf.quantize_momentum(m, mask, noise, forget, previous, v_scale, LEVELS, ROUNDING)
+    code, scale = kf.quantize_momentum(m, mask, noise, forget, previous, LEVELS, ROUNDING)
     tl.store(code_ptr + offs, code, mask)
-    tl.store(scale_ptr + groups, kf.float_to_bf16_bits(scale), group_mask)
-    tl.store(decoded_ptr + offs, kf.dequantize_momentum(code, scale, v_scale, LEVELS), mask)
+    tl.store(scale_ptr + groups, kf.float_to_bf16_bits(scale), groups * G < numel)
+    tl.store(decoded_ptr + offs, kf.dequantize_momentum(code, scale, LEVELS), mask)
 
 
-def kernel_momentum_code(m, previous, noise, forget, levels: str, rounding: int, v_scale=None):
-    """(int8 codes, bf16 scale bits, decoded values) of ``m`` from the Triton helpers;
-    ``v_scale``: the second moment's bf16 group scales ("by_variance" levels)."""
+def kernel_momentum_code(m, previous, noise, forget, levels: str, rounding: int):
+    """(int8 codes, bf16 scale bits, decoded values) of ``m`` from the Triton helpers."""
     n = m.numel()
-    n_groups = formats.num_groups(n, GROUP)
     code = torch.empty(n, dtype=torch.int8, device=DEVICE)
-    scale = torch.empty(n_groups, dtype=torch.int16, device=DEVICE)
+    scale = torch.empty(formats.num_groups(n, GROUP), dtype=torch.int16, device=DEVICE)
     decoded = torch.empty(n, dtype=torch.float32, device=DEVICE)
-    if v_scale is None:
-        v_scale = torch.zeros(n_groups, dtype=torch.bfloat16)
-    grid = (triton.cdiv(n_groups, ROWS),)
+    grid = (triton.cdiv(formats.num_groups(n, GROUP), ROWS),)
     _quantize_kernel[grid](
-        m.to(DEVICE), previous.to(DEVICE), noise.to(DEVICE),
-        v_scale.view(torch.int16).to(DEVICE), code, scale, decoded,
+        m.to(DEVICE), previous.to(DEVICE), noise.to(DEVICE), code, scale, decoded,
         forget, n, G=GROUP, ROWS=ROWS, LEVELS=formats.MOMENTUM_LEVEL_SETS.index(levels),
         ROUNDING=rounding, enable_fp_fusion=False,
     )  # fmt: skip
     return code, scale, decoded
-
-
-# (fixed level set, coded as "by_variance" with second-moment scales that select it)
-LEVEL_CASES = [(fixed, chosen) for fixed in ("square", "linear_square") for chosen in (0, 1)]
-
-
-def variance_scales_selecting(fixed: str, n_groups: int, gen: torch.Generator):
-    """Random bf16 second-moment scales whose code shift makes "by_variance" levels pick
-    ``fixed`` in every group (shift <= 19 linear-square, 20 square)."""
-    limit = formats.LINEAR_MOMENTUM_MAX_SHIFT
-    if fixed == "linear_square":
-        shift = torch.randint(formats.FINEST_VARIANCE_SHIFT, limit + 1, (n_groups,), generator=gen)
-    else:
-        shift = torch.randint(
-            limit + 1, formats.VARIANCE_CODE_SHIFT + 1, (n_groups,), generator=gen
-        )
-    top = (torch.randint(1, 254, (n_groups,), generator=gen) << 23) | (
-        torch.randint(0, 8, (n_groups,), generator=gen) << 20
-    )
-    bits = (top | ((formats.VARIANCE_CODE_SHIFT - shift) << 16)).to(torch.int32)
-    return bits.view(torch.float32).to(torch.bfloat16)
-
-
-def levels_and_scales(fixed: str, chosen: int, n: int, gen: torch.Generator):
-    """(levels, second-moment scales) that code with ``fixed``'s levels, directly or as
-    "by_variance"'s choice."""
-    if not chosen:
-        return fixed, None
-    return "by_variance", variance_scales_selecting(fixed, formats.num_groups(n, GROUP), gen)
 
 
 def boundary_groups(levels: str, gen: torch.Generator) -> torch.Tensor:
@@ -310,16 +274,15 @@ def boundary_groups(levels: str, gen: torch.Generator) -> torch.Tensor:
     return torch.cat([groups.reshape(-1), heavy.reshape(-1), torch.randn(GROUP - 5)])
 
 
-@pytest.mark.parametrize(("fixed", "chosen"), LEVEL_CASES)
+@pytest.mark.parametrize("levels", formats.MOMENTUM_LEVEL_SETS)
 @pytest.mark.parametrize("rule", ["nearest", "decay", "movement", "stochastic"])
-def test_kernel_momentum_code_matches_the_reference_bit_for_bit(fixed, chosen, rule):
+def test_kernel_momentum_code_matches_the_reference_bit_for_bit(levels, rule):
     gen = torch.Generator().manual_seed(random.randrange(2**31))
-    m = boundary_groups(fixed, gen)
+    m = boundary_groups(levels, gen)
     n = m.numel()
-    levels, v_scale = levels_and_scales(fixed, chosen, n, gen)
     # Every level boundary is hit exactly by some value (the test's point).
-    units = formats._LEVEL_UNITS[fixed]
-    offset = formats._LEVEL_OFFSET[fixed]
+    units = formats._LEVEL_UNITS[levels]
+    offset = formats._LEVEL_OFFSET[levels]
     scale = formats.group_scale(m.abs(), GROUP)
     t = (m * formats.per_element(1 / scale, GROUP, n)).abs() * units
     q = torch.arange(1, formats.MOMENTUM_LEVELS + 1).float()
@@ -339,18 +302,11 @@ def test_kernel_momentum_code_matches_the_reference_bit_for_bit(fixed, chosen, r
     by_movement = rule == "movement"
     rounding = formats.MOMENTUM_ROUNDINGS.index("decay" if rule == "nearest" else rule)
     code, scale = formats.quantize_momentum(
-        m, GROUP, noise, forget, levels, previous if by_movement else None, v_scale
+        m, GROUP, noise, forget, levels, previous if by_movement else None
     )
-    decoded = formats.dequantize_momentum(code, scale, GROUP, levels, v_scale)
-    if chosen:  # "by_variance" coded every group with ``fixed``'s levels
-        fixed_code, _ = formats.quantize_momentum(
-            m, GROUP, noise, forget, fixed, previous if by_movement else None
-        )
-        assert torch.equal(code, fixed_code)
+    decoded = formats.dequantize_momentum(code, scale, GROUP, levels)
 
-    k_code, k_scale, k_decoded = kernel_momentum_code(
-        m, previous, noise, forget, levels, rounding, v_scale
-    )
+    k_code, k_scale, k_decoded = kernel_momentum_code(m, previous, noise, forget, levels, rounding)
     assert torch.equal(k_code.cpu(), code)
     assert torch.equal(k_scale.cpu(), scale.view(torch.int16))
     assert torch.equal(k_decoded.cpu().view(torch.int32), decoded.view(torch.int32))
@@ -381,30 +337,27 @@ def decay_boundary_groups(levels: str, forget: float) -> torch.Tensor:
     return torch.cat([torch.ones(len(x), 1), x], dim=1).reshape(-1)  # each group's max 1
 
 
-@pytest.mark.parametrize(("fixed", "chosen"), LEVEL_CASES)
+@pytest.mark.parametrize("levels", formats.MOMENTUM_LEVEL_SETS)
 @pytest.mark.parametrize("forget", [0.01, 0.02, 0.05, 0.1, 2.0**-3, 0.3, 0.9])
-def test_kernel_momentum_code_matches_where_one_decay_step_is_half_a_gap(fixed, chosen, forget):
-    m = decay_boundary_groups(fixed, forget)
+def test_kernel_momentum_code_matches_where_one_decay_step_is_half_a_gap(levels, forget):
+    m = decay_boundary_groups(levels, forget)
     assert ((m != 1) & (m != 0.25)).sum() >= 7  # at least one level has such values
     gen = torch.Generator().manual_seed(random.randrange(2**31))
     m = torch.where(torch.rand(m.shape, generator=gen) < 0.5, -m, m)
-    levels, v_scale = levels_and_scales(fixed, chosen, m.numel(), gen)
     noise = torch.randint(0, formats.DITHER_LEVELS, m.shape, generator=gen).float()
     noise[::3], noise[1::7] = formats.DITHER_LEVELS // 2, 0.0
     rounding = formats.MOMENTUM_ROUNDINGS.index("decay")
-    code, scale = formats.quantize_momentum(
-        m, GROUP, noise, forget, levels, None, variance_scale=v_scale
-    )
-    k_code, k_scale, _ = kernel_momentum_code(m, m, noise, forget, levels, rounding, v_scale)
+    code, scale = formats.quantize_momentum(m, GROUP, noise, forget, levels, None)
+    k_code, k_scale, _ = kernel_momentum_code(m, m, noise, forget, levels, rounding)
     assert torch.equal(k_code.cpu(), code)
     assert torch.equal(k_scale.cpu(), scale.view(torch.int16))
 
 
 # the interpreter (numpy) warns of the NaN arithmetic these tests are about
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
-@pytest.mark.parametrize(("fixed", "chosen"), LEVEL_CASES)
+@pytest.mark.parametrize("levels", formats.MOMENTUM_LEVEL_SETS)
 @pytest.mark.parametrize("rule", ["decay", "movement", "stochastic"])
-def test_kernel_momentum_code_of_non_finite_states_matches_the_reference(fixed, chosen, rule):
+def test_kernel_momentum_code_of_non_finite_states_matches_the_reference(levels, rule):
     """A momentum turns ±inf or NaN once a param has (an inf weight under coupled decay):
     the group's scale passes NaN over and a NaN takes the top level with its sign bit, in
     the reference as in the kernels (a float max and minimum), so their bits stay equal."""
@@ -420,12 +373,11 @@ def test_kernel_momentum_code_of_non_finite_states_matches_the_reference(fixed, 
     noise = torch.randint(0, formats.DITHER_LEVELS, (n,), generator=gen).float()
     previous = m * 0.9
     forget = 0.0 if rule == "stochastic" else 0.1
-    levels, v_scale = levels_and_scales(fixed, chosen, n, gen)
     code, scale = formats.quantize_momentum(
-        m, GROUP, noise, forget, levels, previous if rule == "movement" else None, v_scale
+        m, GROUP, noise, forget, levels, previous if rule == "movement" else None
     )
     rounding = formats.MOMENTUM_ROUNDINGS.index(rule)
-    k_code, k_scale, _ = kernel_momentum_code(m, previous, noise, forget, levels, rounding, v_scale)
+    k_code, k_scale, _ = kernel_momentum_code(m, previous, noise, forget, levels, rounding)
     assert torch.equal(k_scale.cpu(), scale.view(torch.int16))
     assert torch.equal(k_code.cpu(), code)
     assert torch.isfinite(scale.float()).all()

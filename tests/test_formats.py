@@ -166,7 +166,7 @@ def _heavy_tailed(n, generator=None):
     return sign * torch.exp(2 * torch.randn(n, generator=generator))
 
 
-LEVEL_SETS = ("square", "linear_square")  # the fixed sets; "by_variance": test_adamw_levels.py
+LEVEL_SETS = formats.MOMENTUM_LEVEL_SETS
 
 
 @settings(max_examples=40, deadline=None)

@@ -34,7 +34,7 @@ class AdamWRule:
 
     update = adamw_update
     forget_column = ONE_MINUS_BETA1.value  # 1 - beta of the signed state
-    momentum_levels = "by_variance"  # formats.MOMENTUM_LEVEL_SETS
+    momentum_levels = "square"  # formats.MOMENTUM_LEVEL_SETS
     master_rounding = "nearest"  # SlimOptimizer.master_rounding
     momentum_rounding = "decay"  # StateSpec.rounding of its momentum
     dither = "hashed"  # SlimOptimizer.dither

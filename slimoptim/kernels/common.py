@@ -165,19 +165,16 @@ def store_master(
 
 
 @triton.jit
-def decode_state(
-    x, scale, variance_scale, SIGNED: tl.constexpr, BITS: tl.constexpr, LEVELS: tl.constexpr
-):  # fmt: skip
+def decode_state(x, scale, SIGNED: tl.constexpr, BITS: tl.constexpr, LEVELS: tl.constexpr):
     """(float32 state, its float32 group scale per row) from its codes and bf16 scale bits,
-    or float32 storage. ``variance_scale``: the second moment's float32 scales per row,
-    which momentum levels chosen per group (LEVELS 2) read."""
+    or float32 storage."""
     if BITS == 32:
         x = x.to(tl.float32)
         scale = 0.0
     else:
         scale = kf.bf16_bits_to_float(scale)
         if SIGNED:
-            x = kf.dequantize_momentum(x, scale, variance_scale, LEVELS)
+            x = kf.dequantize_momentum(x, scale, LEVELS)
         else:
             x = kf.dequantize_variance(x, scale)
     return x, scale
@@ -185,24 +182,19 @@ def decode_state(
 
 @triton.jit
 def store_state(
-    sp, scp, offs, mask, groups, x, ok, group_ok, noise, forget, previous, variance_scale,
+    sp, scp, offs, mask, groups, x, ok, group_ok, noise, forget, previous,
     SIGNED: tl.constexpr, BITS: tl.constexpr, LEVELS: tl.constexpr, ROUNDING: tl.constexpr,
 ):  # fmt: skip
-    """Store state ``x``; returns its new float32 group scales (8-bit), else 0."""
-    scale = 0.0
     if BITS == 32:
         tl.store(sp + offs, x, ok)
     else:
         if SIGNED:
-            code, scale = kf.quantize_momentum(
-                x, mask, noise, forget, previous, variance_scale, LEVELS, ROUNDING
-            )
+            code, scale = kf.quantize_momentum(x, mask, noise, forget, previous, LEVELS, ROUNDING)
         else:
             code, scale = kf.quantize_variance(x, mask, noise)
         tl.store(sp + offs, code, ok)
         # Scales are exact bf16 values: their top 16 bits are the bf16 pattern.
         tl.store(scp + groups, kf.float_to_bf16_bits(scale), group_ok)
-    return scale
 
 
 @triton.jit
@@ -227,18 +219,16 @@ def _step_tile(
     )  # fmt: skip
     w0 = decode_master(b, code, PARAM_KIND, CODE_BITS)
     floor = 0.0
-    # The second moment first: a momentum's level set may depend on its scales (LEVELS 2).
+    if N_STATES >= 1:
+        s0, _ = decode_state(s0, s0_scale, True, STATE_BITS, LEVELS)
+    else:
+        s0 = 0.0
     if N_STATES >= 2:
-        s1, s1_scale = decode_state(s1, s1_scale, 0.0, False, STATE_BITS, LEVELS)
+        s1, s1_scale = decode_state(s1, s1_scale, False, STATE_BITS, LEVELS)
         if STATE_BITS == 8:
             floor = kf.variance_floor(s1_scale)[:, None]
     else:
         s1 = 0.0
-        s1_scale = 0.0
-    if N_STATES >= 1:
-        s0, _ = decode_state(s0, s0_scale, s1_scale, True, STATE_BITS, LEVELS)
-    else:
-        s0 = 0.0
 
     s0_before = s0
     w, s0, s1 = RULE(w0, g, s0, s1, floor, k, FLAG0, FLAG1, FLAG2)
@@ -249,18 +239,17 @@ def _step_tile(
     if (N_STATES >= 1 and STATE_BITS == 8) or MASTER_DITHER:
         noise0, noise1 = kf.dither(first, local, k[0], SEQUENCED)
     store_master(pp, cp, offs, mask, w, noise1, PARAM_KIND, CODE_BITS, HW_ROUND, MASTER_DITHER)
-    new_s1_scale = 0.0
-    if N_STATES >= 2:
-        new_s1_scale = store_state(
-            s1p, s1sp, offs, mask, groups, s1, ok, group_ok, noise1, 0.0, 0.0, 0.0,
-            False, STATE_BITS, LEVELS, False,
-        )  # fmt: skip
     if N_STATES >= 1:
         forget = k[FORGET]
         store_state(
-            s0p, s0sp, offs, mask, groups, s0, ok, group_ok, noise0, forget, s0_before,
-            new_s1_scale, True, STATE_BITS, LEVELS, ROUNDING,
+            s0p, s0sp, offs, mask, groups, s0, ok, group_ok, noise0, forget, s0_before, True,
+            STATE_BITS, LEVELS, ROUNDING,
         )  # fmt: skip
+        if N_STATES >= 2:
+            store_state(
+                s1p, s1sp, offs, mask, groups, s1, ok, group_ok, noise1, 0.0, 0.0,
+                False, STATE_BITS, LEVELS, False,
+            )  # fmt: skip
 
 
 @triton.jit

@@ -30,10 +30,9 @@ def _f32(x: float) -> float:
 
 
 # Momentum level sets, by LEVELS = index in ref.MOMENTUM_LEVEL_SETS (0 square, 1 linear-
-# square, 2 one of the two per row, from the second moment's scale): offset 0 or 127,
-# units 127**2 or 2 * 127**2, and 1/units, which halves exactly for the second set.
-# Compile-time arithmetic on the constexpr LEVELS for the fixed sets.
-assert ref.MOMENTUM_LEVEL_SETS == ("square", "linear_square", "by_variance")
+# square): offset LEVELS * 127, units (1 + LEVELS) * 127**2, and 1/units, which halves
+# exactly for the second set. Compile-time arithmetic on the constexpr LEVELS.
+assert ref.MOMENTUM_LEVEL_SETS == ("square", "linear_square")
 assert ref._LEVEL_OFFSET["linear_square"] == ref.MOMENTUM_LEVELS
 assert ref._LEVEL_UNITS["linear_square"] == 2 * ref._LEVEL_UNITS["square"]
 MOMENTUM_LEVELS = tl.constexpr(float(ref.MOMENTUM_LEVELS))
@@ -47,7 +46,6 @@ INV_DITHER_LEVELS = tl.constexpr(1.0 / ref.DITHER_LEVELS)
 SEQUENCE_KEY = tl.constexpr(ref.SEQUENCE_KEY)
 SEQUENCE_WORD = tl.constexpr(ref.SEQUENCE_WORD)
 VARIANCE_LEVELS_INT = tl.constexpr(ref.VARIANCE_LEVELS)
-LINEAR_MOMENTUM_MAX_SHIFT = tl.constexpr(ref.LINEAR_MOMENTUM_MAX_SHIFT)
 VARIANCE_CODE_SHIFT = tl.constexpr(ref.VARIANCE_CODE_SHIFT)
 FINEST_VARIANCE_SHIFT = tl.constexpr(ref.FINEST_VARIANCE_SHIFT)
 VARIANCE_TOP_STEP = tl.constexpr(1 << ref.VARIANCE_CODE_SHIFT)
@@ -251,62 +249,43 @@ def dither(first, local, step, SEQUENCED: tl.constexpr):
 
 
 @triton.jit
-def momentum_level(c, offset, LEVELS: tl.constexpr):
+def momentum_level(c, LEVELS: tl.constexpr):
     """formats._momentum_level, c * (offset + c) for c >= 0: exact (integers < 2**15)."""
     if LEVELS == 0:
         return c * c  # offset 0: 0 + c is c for c >= 0, so the bits are the same
     else:
-        return c * (offset + c)
+        return c * (MOMENTUM_LEVELS + c)
 
 
 @triton.jit
-def momentum_offset(variance_scale_row, LEVELS: tl.constexpr):
-    """formats.momentum_offsets: (offset, units, 1/units), per row ([:, None]) when the set
-    is chosen per group (LEVELS 2, from the second moment's bf16 scale), else constexprs."""
-    if LEVELS == 2:
-        _, shift = variance_scale_parts(variance_scale_row)
-        linear = (shift <= LINEAR_MOMENTUM_MAX_SHIFT)[:, None]
-        offset = tl.where(linear, MOMENTUM_LEVELS, 0.0)
-        units = tl.where(linear, SQUARE_UNITS * 2.0, SQUARE_UNITS)
-        inv_units = tl.where(linear, INV_SQUARE_UNITS * 0.5, INV_SQUARE_UNITS)
-        return offset, units, inv_units
-    else:
-        offset: tl.constexpr = LEVELS * MOMENTUM_LEVELS
-        units: tl.constexpr = SQUARE_UNITS * (1 + LEVELS)
-        inv_units: tl.constexpr = INV_SQUARE_UNITS * (1.0 - 0.5 * LEVELS)
-        return offset, units, inv_units
-
-
-@triton.jit
-def dequantize_momentum(code, scale_row, variance_scale_row, LEVELS: tl.constexpr):
+def dequantize_momentum(code, scale_row, LEVELS: tl.constexpr):
     y = code.to(tl.float32)
-    offset, _, inv_units = momentum_offset(variance_scale_row, LEVELS)
+    inv_units: tl.constexpr = INV_SQUARE_UNITS * (1.0 - 0.5 * LEVELS)
     if LEVELS == 0:
         level = y * tl.abs(y)  # |y| + 0 is |y|: the same bits as the general form
     else:
-        level = y * (tl.abs(y) + offset)
+        level = y * (tl.abs(y) + MOMENTUM_LEVELS)
     return level * inv_units * scale_row[:, None]
 
 
 @triton.jit
 def quantize_momentum(
-    m, mask, noise, forget, previous, variance_scale_row,
-    LEVELS: tl.constexpr, ROUNDING: tl.constexpr,
-):  # fmt: skip
+    m, mask, noise, forget, previous, LEVELS: tl.constexpr, ROUNDING: tl.constexpr
+):
     """(int8 code, bf16 scale as float32 per row) of momentum tile ``m`` as
     formats.quantize_momentum, by the ``ROUNDING`` rule (index in StateSpec.ROUNDINGS):
     0 decay (``forget``), 1 movement (``previous``), 2 stochastic (every value dithered,
-    the decay rule's forget = 0). LEVELS 2 reads each row's level set from
-    ``variance_scale_row`` (the second moment's new scales).
+    the decay rule's forget = 0).
 
     The level is found from a fast approximate ``tl.sqrt`` and one exact comparison (the
     reference corrects an exact root both ways): the same exact floor level, so the same
     bits.
     """
-    offset, units, _ = momentum_offset(variance_scale_row, LEVELS)
+    offset: tl.constexpr = LEVELS * MOMENTUM_LEVELS
+    units: tl.constexpr = SQUARE_UNITS * (1 + LEVELS)
     scale = round_up_to_bf16(tl.max(tl.where(mask, tl.abs(m), 0.0), axis=1))
     row_lift = scale_lift(scale)  # exact power of two: tiny groups' 1/scale would overflow
-    factor = safe_reciprocal(scale * row_lift)[:, None] * units
+    factor = (safe_reciprocal(scale * row_lift) * units)[:, None]
     lift = row_lift[:, None]
     t = tl.minimum(tl.abs(m * lift) * factor, units)
     # The root scaled by ROOT_LOW is below the exact one (the approximate root errs by
@@ -315,10 +294,10 @@ def quantize_momentum(
     if LEVELS == 0:
         low = tl.floor(tl.sqrt(t) * ROOT_LOW)
     else:
-        # c (offset + c) = t at c = sqrt(t + offset**2 / 4) - offset / 2
+        # c (offset + c) = t at c = sqrt(t + offset**2 / 4) - offset / 2 (constexprs)
         low = tl.floor(tl.fma(tl.sqrt(t + offset * offset * 0.25), ROOT_LOW, -offset * 0.5))
     high = low + 1.0
-    low = tl.where(momentum_level(high, offset, LEVELS) <= t, high, low)
+    low = tl.where(momentum_level(high, LEVELS) <= t, high, low)
     # The reference's half_gap and threshold scaled by 2**-15 (1 / HALF_DITHER): every
     # product stays exact (below 2**24 units of 2**-16) and t * forget rounds alike unless
     # it is below 2**-111, far under any half gap, so every comparison is the reference's

@@ -74,9 +74,7 @@ class AdamW(SlimOptimizer):
     kernel_rule = "adamw"
 
     state_specs = (
-        StateSpec(
-            "exp_avg", signed=True, beta=lambda group: group["betas"][0], levels="by_variance"
-        ),
+        StateSpec("exp_avg", signed=True, beta=lambda group: group["betas"][0]),
         StateSpec("exp_avg_sq", signed=False),
     )
     decoupled = True

@@ -183,11 +183,6 @@ class SlimOptimizer(torch.optim.Optimizer):
                 return group
         raise KeyError("this parameter is not managed by the optimizer")
 
-    def _variance_scale(self, state: dict, group: dict):
-        """The second moment's stored group scales (a "by_variance" momentum's levels)."""
-        names = [s.scale_name for s in self._specs_for(group) if not s.signed]
-        return state.get(names[0]) if names else None
-
     def _load_states(self, state: dict, group: dict, numel: int) -> dict[str, torch.Tensor]:
         values = {}
         for spec in self._specs_for(group):
@@ -197,9 +192,8 @@ class SlimOptimizer(torch.optim.Optimizer):
             code, scale = state[spec.name], state[spec.scale_name]
             if spec.signed:
                 values[spec.name] = formats.dequantize_momentum(
-                    code, scale, group["group_size"], spec.levels,
-                    self._variance_scale(state, group),
-                )  # fmt: skip
+                    code, scale, group["group_size"], spec.levels
+                )
             else:
                 values[spec.name] = formats.dequantize_variance(code, scale, group["group_size"])
         return values
@@ -218,23 +212,19 @@ class SlimOptimizer(torch.optim.Optimizer):
         before the step (a signed state rounded by the movement rule compares with it);
         ``noise``: this step's dither (:meth:`_dither`)."""
         size = group["group_size"]
-        # The second moment first: a momentum's levels may follow its new scales.
-        for spec in sorted(self._specs_for(group), key=lambda spec: spec.signed):
+        for spec in self._specs_for(group):
             new = values[spec.name]
             if group["state_bits"] == 32:
                 state[spec.name].copy_(torch.where(ok, new, state[spec.name]))
                 continue
-            v_scale = self._variance_scale(state, group)
             if spec.by_movement:
                 before = previous[spec.name]
                 code, scale = formats.quantize_momentum(
-                    new, size, noise[0], None, spec.levels, before, v_scale
+                    new, size, noise[0], forget=None, levels=spec.levels, previous=before
                 )
             elif spec.signed:
                 forget = spec.forget(group)
-                code, scale = formats.quantize_momentum(
-                    new, size, noise[0], forget, spec.levels, variance_scale=v_scale
-                )
+                code, scale = formats.quantize_momentum(new, size, noise[0], forget, spec.levels)
             else:
                 code, scale = formats.quantize_variance(new, size, noise[1])
             state[spec.name].copy_(torch.where(ok, code, state[spec.name]))
